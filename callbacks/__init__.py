@@ -1,0 +1,1 @@
+"""Training phases that are not the core update: dream generation, distillation, weaning, pictures."""

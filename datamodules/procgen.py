@@ -1,0 +1,322 @@
+"""Procgen as a gymnasium ``VectorEnv``: one call into C++ steps every game of the batch.
+
+Procgen aborts the whole Python process on a bad game name, mode or option type, so every
+argument is checked here, in Python, before procgen is called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv
+
+GAMES = (
+    "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
+    "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot",
+)
+NUM_ACTIONS = 15
+OBS_SHAPE = (64, 64, 3)
+
+_EXTRA_MODES = {
+    "extreme": {"chaser", "dodgeball", "leaper", "starpilot"},
+    "memory": {"caveflyer", "dodgeball", "heist", "jumper", "maze", "miner"},
+    "exploration": {"caveflyer", "climber", "coinrun", "heist", "jumper", "leaper", "maze", "ninja"},
+}
+MODES = {
+    game: ("easy", "hard") + tuple(mode for mode, games in _EXTRA_MODES.items() if game in games)
+    for game in GAMES
+}
+
+# Steps after which procgen ends an episode by timeout (reported by procgen as an ordinary done).
+TIMEOUTS = {game: 1000 for game in GAMES} | {
+    "bigfish": 6000, "bossfight": 4000, "plunder": 4000, "leaper": 500, "maze": 500,
+}
+
+# Procgen options this wrapper passes through, with their types.
+OPTION_TYPES = {
+    "use_backgrounds": bool,
+    "restrict_themes": bool,
+    "use_monochrome_assets": bool,
+    "use_generated_assets": bool,
+    "center_agent": bool,
+    "paint_vel_info": bool,
+    "use_sequential_levels": bool,
+    "num_threads": int,
+}
+
+# Largest level seed procgen accepts (its seeds are signed 32-bit).
+MAX_LEVEL_SEED = 2**31 - 1
+
+
+def _check_int(name: str, value: Any, minimum: int, maximum: int = MAX_LEVEL_SEED) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}], got {value}")
+    return int(value)
+
+
+def validate_procgen_args(
+    game: str,
+    num_envs: int,
+    distribution_mode: str,
+    num_levels: int,
+    start_level: int,
+    seed: int | None,
+    options: dict[str, Any],
+) -> None:
+    """Raise ``ValueError`` naming what is allowed for any argument procgen would abort on."""
+    if not isinstance(game, str) or game not in GAMES:
+        raise ValueError(f"unknown procgen game {game!r}; allowed: {', '.join(GAMES)}")
+    if distribution_mode not in MODES[game]:
+        raise ValueError(
+            f"distribution_mode {distribution_mode!r} is not available for {game}; "
+            f"allowed for {game}: {', '.join(MODES[game])}"
+        )
+    _check_int("num_envs", num_envs, 1, 4096)
+    _check_int("num_levels", num_levels, 0)
+    _check_int("start_level", start_level, 0)
+    if num_levels and start_level + num_levels > MAX_LEVEL_SEED + 1:
+        raise ValueError(
+            f"start_level + num_levels must not exceed 2**31 (procgen's seeds are 32-bit), "
+            f"got {start_level} + {num_levels}"
+        )
+    if distribution_mode == "exploration" and (num_levels or start_level):
+        raise ValueError(
+            "exploration mode plays procgen's single fixed exploration level; "
+            "set num_levels and start_level to 0 with it"
+        )
+    if seed is not None:
+        _check_int("seed", seed, 0)
+    for name, value in options.items():
+        if name not in OPTION_TYPES:
+            raise ValueError(
+                f"unknown procgen option {name!r}; allowed: {', '.join(sorted(OPTION_TYPES))} "
+                "(plus the constructor arguments game, num_envs, distribution_mode, num_levels, "
+                "start_level, seed)"
+            )
+        kind = OPTION_TYPES[name]
+        if kind is bool and not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"procgen option {name} must be true or false, got {value!r}")
+        if kind is int:
+            _check_int(name, value, 1, 64)
+
+
+def _import_procgen():
+    # procgen imports the unmaintained ``gym`` package, which prints a banner to stderr.
+    with contextlib.redirect_stderr(io.StringIO()):
+        import procgen
+    return procgen
+
+
+class ProcgenVectorEnv(VectorEnv):
+    """A batch of ``num_envs`` Procgen games stepped by one call into procgen's C++ (gym3 API).
+
+    Spaces: observations ``uint8 (num_envs, 64, 64, 3)``; actions ``MultiDiscrete([15] * num_envs)``
+    (``single_action_space`` is ``Discrete(15)``); rewards ``float32 (num_envs,)``.
+
+    Episode ends: procgen reports a single ``done``. It becomes ``truncated`` when the episode
+    reached the game's timeout (``TIMEOUTS``) without completing the level, and ``terminated``
+    otherwise (death or level complete).
+
+    Autoreset is ``SAME_STEP``, as procgen does it: the observation returned on the step where an
+    episode ends is already the first frame of the next episode. **The terminal frame is never
+    observable** (procgen does not render it), so unlike gymnasium's other same-step envs there is
+    no ``info["final_obs"]``; ``info["final_info"]`` is not provided either, because the episode's
+    statistics are reported directly in ``info`` on that step:
+
+    - ``info["level_seed"]`` (int, every step): the level each env is playing now;
+    - ``info["prev_level_complete"]`` (bool, every step): the episode that just ended completed
+      its level (meaningful where ``done``);
+    - ``info["episode"]`` = ``{"r": return, "l": length, "level_complete": bool,
+      "level_seed": seed of the finished level}``, arrays valid where ``info["_episode"]`` is true.
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": ["rgb_array"]}
+
+    def __init__(
+        self,
+        game: str,
+        num_envs: int,
+        distribution_mode: str = "easy",
+        num_levels: int = 0,
+        start_level: int = 0,
+        seed: int | None = None,
+        **procgen_options: Any,
+    ) -> None:
+        validate_procgen_args(
+            game, num_envs, distribution_mode, num_levels, start_level, seed, procgen_options
+        )
+        self.game = game
+        self.num_envs = int(num_envs)
+        self.distribution_mode = distribution_mode
+        self.num_levels = int(num_levels)
+        self.start_level = int(start_level)
+        self.procgen_options = dict(procgen_options)
+        self.timeout = TIMEOUTS[game]
+        self.render_mode = "rgb_array"
+
+        self.single_observation_space = gym.spaces.Box(0, 255, OBS_SHAPE, np.uint8)
+        self.single_action_space = gym.spaces.Discrete(NUM_ACTIONS)
+        self.observation_space = gym.spaces.Box(0, 255, (self.num_envs, *OBS_SHAPE), np.uint8)
+        self.action_space = gym.spaces.MultiDiscrete(np.full(self.num_envs, NUM_ACTIONS))
+
+        self._seed_rng = np.random.default_rng(seed)
+        self._env = None
+        self._fresh = False
+        self._make(self._next_seed())
+
+    def _next_seed(self) -> int:
+        return int(self._seed_rng.integers(0, MAX_LEVEL_SEED))
+
+    def _make(self, rand_seed: int) -> None:
+        if self._env is not None:
+            self._env.close()
+        self.rand_seed = rand_seed  # procgen's own seed for this batch of games
+        kwargs = dict(self.procgen_options)
+        if self.distribution_mode != "exploration":
+            kwargs.update(num_levels=self.num_levels, start_level=self.start_level)
+        self._env = _import_procgen().ProcgenGym3Env(
+            num=self.num_envs,
+            env_name=self.game,
+            distribution_mode=self.distribution_mode,
+            rand_seed=rand_seed,
+            **kwargs,
+        )
+        # Read procgen's own buffers (filled in place by libenv_observe) instead of gym3's
+        # get_info(), which builds a Python dict per env on every call.
+        self._c_lib, self._c_env = self._env._c_lib, self._env._c_env
+        self._act_buf = self._env._ac["action"]
+        self._rew_buf, self._first_buf = self._env._rew, self._env._first
+        self._obs_buf = self._env._ob["rgb"]
+        self._seed_buf = self._env._info["level_seed"]
+        self._complete_buf = self._env._info["prev_level_complete"]
+        self._returns = np.zeros(self.num_envs, np.float32)
+        self._lengths = np.zeros(self.num_envs, np.int64)
+        self._fresh = True
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Start new episodes in every env. With ``seed``, the batch is rebuilt from that seed."""
+        if seed is not None:
+            _check_int("seed", seed, 0)
+            self._seed_rng = np.random.default_rng(seed)
+            self._make(self._next_seed())
+        elif not self._fresh:
+            self._make(self._next_seed())
+        self._fresh = False
+        self._c_lib.libenv_observe(self._c_env)
+        return self._obs_buf.copy(), {"level_seed": self._seed_buf.astype(np.int64)}
+
+    def step(
+        self, actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        actions = np.asarray(actions)
+        if actions.shape != (self.num_envs,) or actions.dtype.kind not in "iu":
+            raise ValueError(
+                f"actions must be integers of shape ({self.num_envs},), got "
+                f"{actions.dtype} {actions.shape}"
+            )
+        if actions.min() < 0 or actions.max() >= NUM_ACTIONS:
+            raise ValueError(f"actions must lie in [0, {NUM_ACTIONS - 1}], got {actions}")
+        self._fresh = False
+        seeds_before = self._seed_buf.copy()
+        self._act_buf[:] = actions
+        self._c_lib.libenv_act(self._c_env)
+        self._c_lib.libenv_observe(self._c_env)
+
+        obs = self._obs_buf.copy()
+        rewards = self._rew_buf.astype(np.float32)
+        done = self._first_buf.astype(bool)
+        self._returns += rewards
+        self._lengths += 1
+        info: dict[str, Any] = {
+            "level_seed": self._seed_buf.astype(np.int64),
+            "prev_level_complete": self._complete_buf.astype(bool),
+        }
+        if done.any():
+            complete = info["prev_level_complete"] & done
+            truncated = done & (self._lengths >= self.timeout) & ~complete
+            terminated = done & ~truncated
+            info["episode"] = {
+                "r": np.where(done, self._returns, 0.0).astype(np.float32),
+                "l": np.where(done, self._lengths, 0),
+                "level_complete": complete,
+                "level_seed": seeds_before,
+            }
+            info["_episode"] = done
+            self._returns[done] = 0.0
+            self._lengths[done] = 0
+        else:
+            terminated = truncated = done
+        return obs, rewards, terminated, truncated, info
+
+    def render(self) -> np.ndarray:
+        """The current observation of every env, ``uint8 (num_envs, 64, 64, 3)``."""
+        self._c_lib.libenv_observe(self._c_env)
+        return self._obs_buf.copy()
+
+    def close_extras(self, **kwargs: Any) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+
+@dataclass
+class ProcgenConfig:
+    """Which Procgen levels to train on; the unseen test levels are derived from it."""
+
+    game: str = "coinrun"
+    num_envs: int = 16
+    distribution_mode: str = "easy"
+    num_levels: int = 200
+    start_level: int = 0
+    seed: int = 0
+    test_num_envs: int | None = None
+
+
+def unseen_levels(cfg: ProcgenConfig) -> tuple[int, int]:
+    """``(start_level, num_levels)`` of a level range that never overlaps the training levels.
+
+    Training on ``num_levels = 0`` (the full distribution) leaves no unseen levels; so does
+    exploration mode's single level, for which the unseen levels are the game's ordinary ones.
+    """
+    if cfg.distribution_mode == "exploration":
+        return 0, 0
+    if cfg.num_levels == 0:
+        raise ValueError(
+            "num_levels = 0 trains on every level, so there are no unseen levels to test on; "
+            "set num_levels to a positive number of training levels (Procgen's protocol: 200 "
+            "on easy, 500 on hard)"
+        )
+    start = cfg.start_level + cfg.num_levels
+    if start >= MAX_LEVEL_SEED:
+        raise ValueError("the training levels leave no level seeds above them for testing")
+    return start, MAX_LEVEL_SEED + 1 - start
+
+
+def make_env_pair(
+    cfg: ProcgenConfig, **procgen_options: Any
+) -> tuple[ProcgenVectorEnv, ProcgenVectorEnv]:
+    """Train env on levels ``[start_level, start_level + num_levels)``; test env on levels outside it.
+
+    The test env plays the same game (exploration mode: its ``hard`` levels) from a disjoint seed
+    range above the training levels, with its own env seed.
+    """
+    train = ProcgenVectorEnv(
+        cfg.game, cfg.num_envs, cfg.distribution_mode, cfg.num_levels, cfg.start_level,
+        seed=cfg.seed, **procgen_options,
+    )
+    test_start, test_num = unseen_levels(cfg)
+    test_mode = "hard" if cfg.distribution_mode == "exploration" else cfg.distribution_mode
+    test = ProcgenVectorEnv(
+        cfg.game, cfg.test_num_envs or cfg.num_envs, test_mode, test_num, test_start,
+        seed=cfg.seed + 1_000_003, **procgen_options,
+    )
+    return train, test

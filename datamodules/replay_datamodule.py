@@ -1,0 +1,261 @@
+"""ReplayDataModule: plays Procgen with the current policy and serves replayed sequences to Lightning."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from datamodules.procgen import NUM_ACTIONS, ProcgenConfig, ProcgenVectorEnv, make_env_pair
+from datamodules.replay import SequenceReplay
+
+
+class Policy(Protocol):
+    """What the DataModule acts with (``Dreamer`` implements it).
+
+    ``obs`` is uint8 (N, 64, 64, 3) and ``is_first`` bool (N,), both on the CPU; ``state`` is
+    whatever the policy returned last time (None at the start). It must reset its recurrent state
+    where ``is_first`` is true and return int actions (N,) in [0, 15) and its new state.
+    """
+
+    def act(
+        self, obs: torch.Tensor, is_first: torch.Tensor, state: Any
+    ) -> tuple[torch.Tensor, Any]: ...
+
+
+class RandomPolicy:
+    """Uniformly random actions, seeded."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, obs, is_first, state=None):
+        return torch.from_numpy(self.rng.integers(0, NUM_ACTIONS, size=len(obs))), None
+
+
+class _ForeverBatches(IterableDataset):
+    """Endless iterable of replay batches; each ``next`` first collects what the train ratio allows."""
+
+    def __init__(self, datamodule: "ReplayDataModule") -> None:
+        self.dm = datamodule
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            yield self.dm.next_batch()
+
+
+class ReplayDataModule(pl.LightningDataModule):
+    """Owns the train and test ``ProcgenVectorEnv`` and the ``SequenceReplay``.
+
+    Train ratio (as in DreamerV3) = replayed steps per environment step: batch k is served once
+    ``env_steps >= learning_starts + k * batch_size * seq_len / train_ratio``. Until
+    ``learning_starts`` env steps, and whenever no LightningModule with an ``act`` method is
+    attached, it acts uniformly at random.
+
+    Replay layout: each env writes the step it acts from (frame, action, reward received on
+    arriving there, is_first). Procgen never shows a terminal frame, so when an episode ends one
+    extra step is written for it: the episode's last frame again, with the final reward,
+    ``is_last`` and ``is_terminal`` (false on a timeout), and no action (0). The next episode's
+    first frame follows with ``is_first``.
+    """
+
+    def __init__(
+        self,
+        game: str = "coinrun",
+        num_envs: int = 16,
+        distribution_mode: str = "easy",
+        num_levels: int = 200,
+        start_level: int = 0,
+        seed: int = 0,
+        test_num_envs: int | None = None,
+        procgen_options: dict[str, Any] | None = None,
+        batch_size: int = 16,
+        seq_len: int = 64,
+        train_ratio: float = 64.0,
+        learning_starts: int = 1024,
+        replay_capacity: int = 1_000_000,
+        replay_storage: str = "ram",
+        replay_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        for name in ("batch_size", "seq_len", "replay_capacity"):
+            if int(getattr(self.hparams, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self.hparams, name)}")
+        if not train_ratio > 0:
+            raise ValueError(f"train_ratio must be positive, got {train_ratio}")
+        if learning_starts < 0:
+            raise ValueError(f"learning_starts must be >= 0, got {learning_starts}")
+        if replay_storage not in ("ram", "memmap"):
+            raise ValueError(f"replay_storage must be 'ram' or 'memmap', got {replay_storage!r}")
+        if replay_capacity // num_envs < seq_len:
+            raise ValueError(
+                f"replay_capacity ({replay_capacity}) split over {num_envs} envs leaves "
+                f"{replay_capacity // num_envs} steps per env, fewer than seq_len ({seq_len})"
+            )
+        self.env_config = ProcgenConfig(
+            game, num_envs, distribution_mode, num_levels, start_level, seed, test_num_envs
+        )
+        self.train_env: ProcgenVectorEnv | None = None
+        self.test_env: ProcgenVectorEnv | None = None
+        self.replay: SequenceReplay | None = None
+        self.env_steps = 0
+        self.episodes = 0
+        self.batches_served = 0
+        self.recent_episodes: deque[dict[str, float]] = deque(maxlen=100)
+        self._new_episodes: list[dict[str, float]] = []
+        self._restored = False
+        self._obs: np.ndarray | None = None
+        self._policy_state: Any = None
+
+    # ---------------------------------------------------------------- setup
+    @property
+    def rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def _replay_dir(self) -> Path:
+        base = self.hparams.replay_dir
+        if base is None:
+            root = self.trainer.default_root_dir if self.trainer is not None else os.getcwd()
+            base = os.path.join(root, "replay")
+        return Path(base) / f"rank{self.rank}"
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_env is not None:
+            return
+        cfg = self.env_config
+        # Each DDP rank plays its own envs: different seeds, same levels.
+        cfg = ProcgenConfig(**{**cfg.__dict__, "seed": cfg.seed + 7919 * self.rank})
+        self.train_env, self.test_env = make_env_pair(cfg, **(self.hparams.procgen_options or {}))
+        hp = self.hparams
+        self.replay = SequenceReplay(
+            hp.replay_capacity,
+            cfg.num_envs,
+            storage=hp.replay_storage,
+            directory=self._replay_dir() if hp.replay_storage == "memmap" else None,
+            seed=cfg.seed,
+        )
+        self.random_policy = RandomPolicy(cfg.seed)
+
+    def teardown(self, stage: str | None = None) -> None:
+        if self.replay is not None:
+            self.replay.flush()
+
+    def train_dataloader(self) -> DataLoader:
+        # num_workers=0: a worker would hold a stale copy of the envs and replay.
+        return DataLoader(_ForeverBatches(self), batch_size=None, num_workers=0)
+
+    # ---------------------------------------------------------------- collection
+    def policy(self) -> Policy:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if self.env_steps < self.hparams.learning_starts or not hasattr(module, "act"):
+            return self.random_policy
+        return module
+
+    def env_steps_needed(self, batch_index: int) -> int:
+        """Environment steps that must have been taken before batch ``batch_index`` is served."""
+        hp = self.hparams
+        return hp.learning_starts + int(np.ceil(batch_index * hp.batch_size * hp.seq_len / hp.train_ratio))
+
+    def collect(self, vector_steps: int) -> None:
+        """Step every train env ``vector_steps`` times with the current policy, writing replay."""
+        env, replay = self.train_env, self.replay
+        if not self._restored and self.env_steps == 0 and len(replay):
+            replay.clear()  # a fresh run never trains on a previous run's files
+        self._restored = True
+        n = env.num_envs
+        if self._obs is None:
+            self._obs, _ = env.reset()
+            self._is_first = np.ones(n, bool)
+            self._reward = np.zeros(n, np.float32)
+            self._policy_state = None
+        zeros = np.zeros(n, bool)
+        for _ in range(vector_steps):
+            obs, is_first = self._obs, self._is_first
+            with torch.inference_mode():
+                actions, self._policy_state = self.policy().act(
+                    torch.from_numpy(obs), torch.from_numpy(is_first), self._policy_state
+                )
+            actions = actions.cpu().numpy().astype(np.int64)
+            replay.add(obs, actions, self._reward, is_first, zeros, zeros)
+            next_obs, reward, terminated, truncated, info = env.step(actions)
+            self.env_steps += n
+            done = terminated | truncated
+            if done.any():
+                lanes = np.flatnonzero(done)
+                replay.add(
+                    obs[lanes], np.zeros(len(lanes), np.int64), reward[lanes],
+                    np.zeros(len(lanes), bool), np.ones(len(lanes), bool), terminated[lanes],
+                    lanes=lanes,
+                )
+                self._record_episodes(info["episode"], lanes)
+            self._obs, self._is_first = next_obs, done
+            self._reward = np.where(done, 0.0, reward).astype(np.float32)
+
+    def _record_episodes(self, episode: dict[str, np.ndarray], lanes: np.ndarray) -> None:
+        for i in lanes:
+            stats = {
+                "return": float(episode["r"][i]),
+                "length": int(episode["l"][i]),
+                "level_complete": float(episode["level_complete"][i]),
+                "level_seed": int(episode["level_seed"][i]),
+                "env_steps": self.env_steps,
+            }
+            self.episodes += 1
+            self.recent_episodes.append(stats)
+            self._new_episodes.append(stats)
+
+    def pop_episodes(self) -> list[dict[str, float]]:
+        """Episodes finished since the last call: return, length, level_complete, level_seed, env_steps."""
+        new, self._new_episodes = self._new_episodes, []
+        return new
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """Collect what the train ratio allows, then sample one batch of sequences."""
+        hp = self.hparams
+        n = self.train_env.num_envs
+        needed = self.env_steps_needed(self.batches_served)
+        while self.env_steps < needed or not self.replay.can_sample(hp.seq_len):
+            self.collect(max(1, -(-(needed - self.env_steps) // n)))
+        batch = self.replay.sample(hp.batch_size, hp.seq_len)
+        self.batches_served += 1
+        return {
+            "obs": torch.from_numpy(batch["frames"]),
+            "action": torch.from_numpy(batch["action"]),
+            "reward": torch.from_numpy(batch["reward"]),
+            "is_first": torch.from_numpy(batch["is_first"]),
+            "is_last": torch.from_numpy(batch["is_last"]),
+            "is_terminal": torch.from_numpy(batch["is_terminal"]),
+        }
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "env_steps": self.env_steps,
+            "episodes": self.episodes,
+            "batches_served": self.batches_served,
+            "recent_episodes": list(self.recent_episodes),
+            "replay": self.replay.state_dict() if self.replay is not None else None,
+            "random_policy_rng": self.random_policy.rng.bit_generator.state
+            if self.replay is not None else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.replay is None:
+            self.setup("fit")
+        self.env_steps = int(state_dict["env_steps"])
+        self.episodes = int(state_dict["episodes"])
+        self.batches_served = int(state_dict["batches_served"])
+        self.recent_episodes = deque(state_dict["recent_episodes"], maxlen=100)
+        if state_dict["replay"] is not None:
+            self.replay.load_state_dict(state_dict["replay"])
+            self.random_policy.rng.bit_generator.state = state_dict["random_policy_rng"]
+        self._restored = True
+        # The envs restart from fresh episodes; the next written step carries is_first.
+        self._obs = None
