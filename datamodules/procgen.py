@@ -107,11 +107,20 @@ def validate_procgen_args(
             _check_int(name, value, 1, 64)
 
 
-def _import_procgen():
+def raw_procgen_env(**kwargs: Any):
+    """``procgen.ProcgenGym3Env(**kwargs)``, made safe to garbage-collect at any moment.
+
+    gym3 closes an env from ``__del__`` by looking up ``libenv_close`` on its cffi library, which
+    takes the lock that every gym3 env shares while it is being constructed. A collection that runs
+    inside another env's construction then deadlocks the process. Resolving the name now means the
+    later lookup needs no lock.
+    """
     # procgen imports the unmaintained ``gym`` package, which prints a banner to stderr.
     with contextlib.redirect_stderr(io.StringIO()):
         import procgen
-    return procgen
+    env = procgen.ProcgenGym3Env(**kwargs)
+    env._c_lib.libenv_close  # noqa: B018 (see docstring)
+    return env
 
 
 class ProcgenVectorEnv(VectorEnv):
@@ -131,8 +140,8 @@ class ProcgenVectorEnv(VectorEnv):
     statistics are reported directly in ``info`` on that step:
 
     - ``info["level_seed"]`` (int, every step): the level each env is playing now;
-    - ``info["prev_level_complete"]`` (bool, every step): the episode that just ended completed
-      its level (meaningful where ``done``);
+    - ``info["prev_level_complete"]`` (bool, on steps where an episode ended, valid where
+      ``info["_prev_level_complete"]``): the episode that just ended completed its level;
     - ``info["episode"]`` = ``{"r": return, "l": length, "level_complete": bool,
       "level_seed": seed of the finished level}``, arrays valid where ``info["_episode"]`` is true.
     """
@@ -181,7 +190,7 @@ class ProcgenVectorEnv(VectorEnv):
         kwargs = dict(self.procgen_options)
         if self.distribution_mode != "exploration":
             kwargs.update(num_levels=self.num_levels, start_level=self.start_level)
-        self._env = _import_procgen().ProcgenGym3Env(
+        self._env = raw_procgen_env(
             num=self.num_envs,
             env_name=self.game,
             distribution_mode=self.distribution_mode,
@@ -198,6 +207,8 @@ class ProcgenVectorEnv(VectorEnv):
         self._complete_buf = self._env._info["prev_level_complete"]
         self._returns = np.zeros(self.num_envs, np.float32)
         self._lengths = np.zeros(self.num_envs, np.int64)
+        self._c_lib.libenv_observe(self._c_env)
+        self._seeds = self._seed_buf.astype(np.int64)
         self._fresh = True
 
     def reset(
@@ -212,7 +223,8 @@ class ProcgenVectorEnv(VectorEnv):
             self._make(self._next_seed())
         self._fresh = False
         self._c_lib.libenv_observe(self._c_env)
-        return self._obs_buf.copy(), {"level_seed": self._seed_buf.astype(np.int64)}
+        self._seeds = self._seed_buf.astype(np.int64)
+        return self._obs_buf.copy(), {"level_seed": self._seeds}
 
     def step(
         self, actions: np.ndarray
@@ -223,38 +235,37 @@ class ProcgenVectorEnv(VectorEnv):
                 f"actions must be integers of shape ({self.num_envs},), got "
                 f"{actions.dtype} {actions.shape}"
             )
-        if actions.min() < 0 or actions.max() >= NUM_ACTIONS:
+        # one comparison covers both ends: negative actions become huge unsigned ones
+        if actions.astype(np.uint64).max() >= NUM_ACTIONS:
             raise ValueError(f"actions must lie in [0, {NUM_ACTIONS - 1}], got {actions}")
         self._fresh = False
-        seeds_before = self._seed_buf.copy()
         self._act_buf[:] = actions
         self._c_lib.libenv_act(self._c_env)
         self._c_lib.libenv_observe(self._c_env)
 
         obs = self._obs_buf.copy()
-        rewards = self._rew_buf.astype(np.float32)
+        rewards = self._rew_buf.copy()
         done = self._first_buf.astype(bool)
         self._returns += rewards
         self._lengths += 1
-        info: dict[str, Any] = {
-            "level_seed": self._seed_buf.astype(np.int64),
-            "prev_level_complete": self._complete_buf.astype(bool),
+        seeds_before, self._seeds = self._seeds, self._seed_buf.astype(np.int64)
+        info: dict[str, Any] = {"level_seed": self._seeds}
+        if not done.any():
+            return obs, rewards, done, done.copy(), info
+        complete = self._complete_buf.astype(bool) & done
+        info["prev_level_complete"] = complete
+        info["_prev_level_complete"] = done
+        truncated = done & (self._lengths >= self.timeout) & ~complete
+        terminated = done & ~truncated
+        info["episode"] = {
+            "r": np.where(done, self._returns, 0.0).astype(np.float32),
+            "l": np.where(done, self._lengths, 0),
+            "level_complete": complete,
+            "level_seed": seeds_before,
         }
-        if done.any():
-            complete = info["prev_level_complete"] & done
-            truncated = done & (self._lengths >= self.timeout) & ~complete
-            terminated = done & ~truncated
-            info["episode"] = {
-                "r": np.where(done, self._returns, 0.0).astype(np.float32),
-                "l": np.where(done, self._lengths, 0),
-                "level_complete": complete,
-                "level_seed": seeds_before,
-            }
-            info["_episode"] = done
-            self._returns[done] = 0.0
-            self._lengths[done] = 0
-        else:
-            terminated = truncated = done
+        info["_episode"] = done
+        self._returns[done] = 0.0
+        self._lengths[done] = 0
         return obs, rewards, terminated, truncated, info
 
     def render(self) -> np.ndarray:

@@ -41,7 +41,7 @@ class SequenceReplay:
         storage: str = "ram",
         directory: str | os.PathLike | None = None,
         seed: int | None = None,
-        release_every_bytes: int = 256 << 20,
+        release_every_bytes: int = 64 << 20,
     ) -> None:
         if storage not in ("ram", "memmap"):
             raise ValueError(f"replay storage must be 'ram' or 'memmap', got {storage!r}")
@@ -61,6 +61,8 @@ class SequenceReplay:
         self.rng = np.random.default_rng(seed)
         self._release_every = release_every_bytes
         self._touched = 0
+        self._all_lanes = np.arange(self.num_lanes)
+        self._frame_bytes = int(np.prod(self.obs_shape))
 
         shapes = {
             "frames": ((self.num_lanes, self.lane_capacity, *self.obs_shape), np.uint8),
@@ -166,24 +168,28 @@ class SequenceReplay:
         lanes: np.ndarray | None = None,
     ) -> None:
         """Append one step to each of ``lanes`` (all lanes when None); arrays are per lane."""
-        lanes = np.arange(self.num_lanes) if lanes is None else np.asarray(lanes, np.int64)
-        if len(lanes) == 0:
-            return
-        if len(np.unique(lanes)) != len(lanes):
-            raise ValueError("add() writes one step per lane; lanes must not repeat")
-        heads = self.count[lanes] % self.lane_capacity
+        if lanes is None:
+            lanes = self._all_lanes
+        else:
+            lanes = np.asarray(lanes, np.int64)
+            if len(lanes) == 0:
+                return
+            if len(np.unique(lanes)) != len(lanes):
+                raise ValueError("add() writes one step per lane; lanes must not repeat")
+        count = self.count[lanes]
+        heads = count % self.lane_capacity
         d = self.data
         d["frames"][lanes, heads] = frames
         d["action"][lanes, heads] = action
         d["reward"][lanes, heads] = reward
-        d["flags"][lanes, heads] = (
-            np.asarray(is_first, np.uint8) * FIRST
-            + np.asarray(is_last, np.uint8) * LAST
-            + np.asarray(is_terminal, np.uint8) * TERMINAL
-        )
-        self.count[lanes] += 1
+        flags = np.asarray(is_first, np.uint8) * FIRST
+        flags |= np.asarray(is_last, np.uint8) * LAST
+        flags |= np.asarray(is_terminal, np.uint8) * TERMINAL
+        d["flags"][lanes, heads] = flags
+        self.count[lanes] = count + 1
         self.size[lanes] = np.minimum(self.size[lanes] + 1, self.lane_capacity)
-        self._release_pages(len(lanes) * int(np.prod(self.obs_shape)))
+        if self.storage == "memmap":
+            self._release_pages(len(lanes) * self._frame_bytes)
 
     def clear(self) -> None:
         """Forget every stored step (the storage is kept and overwritten)."""

@@ -178,11 +178,15 @@ class ReplayDataModule(pl.LightningDataModule):
         zeros = np.zeros(n, bool)
         for _ in range(vector_steps):
             obs, is_first = self._obs, self._is_first
-            with torch.inference_mode():
-                actions, self._policy_state = self.policy().act(
-                    torch.from_numpy(obs), torch.from_numpy(is_first), self._policy_state
-                )
-            actions = actions.cpu().numpy().astype(np.int64)
+            policy = self.policy()
+            if policy is self.random_policy:
+                actions = policy.rng.integers(0, NUM_ACTIONS, size=n)
+            else:
+                with torch.inference_mode():
+                    actions, self._policy_state = policy.act(
+                        torch.from_numpy(obs), torch.from_numpy(is_first), self._policy_state
+                    )
+                actions = actions.cpu().numpy().astype(np.int64)
             replay.add(obs, actions, self._reward, is_first, zeros, zeros)
             next_obs, reward, terminated, truncated, info = env.step(actions)
             self.env_steps += n
@@ -196,7 +200,8 @@ class ReplayDataModule(pl.LightningDataModule):
                 )
                 self._record_episodes(info["episode"], lanes)
             self._obs, self._is_first = next_obs, done
-            self._reward = np.where(done, 0.0, reward).astype(np.float32)
+            reward[done] = 0.0
+            self._reward = reward
 
     def _record_episodes(self, episode: dict[str, np.ndarray], lanes: np.ndarray) -> None:
         for i in lanes:

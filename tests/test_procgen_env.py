@@ -1,7 +1,5 @@
 """ProcgenVectorEnv against raw procgen, its episode semantics and its input checks."""
 
-import contextlib
-import io
 import subprocess
 import sys
 
@@ -10,15 +8,13 @@ import pytest
 from gymnasium.vector import AutoresetMode
 
 from datamodules.procgen import (
-    GAMES, MODES, TIMEOUTS, ProcgenConfig, ProcgenVectorEnv, make_env_pair, unseen_levels,
+    GAMES, MODES, TIMEOUTS, ProcgenConfig, ProcgenVectorEnv, make_env_pair, raw_procgen_env,
+    unseen_levels,
 )
-
-with contextlib.redirect_stderr(io.StringIO()):
-    import procgen
 
 
 def raw_env(env: ProcgenVectorEnv):
-    return procgen.ProcgenGym3Env(
+    return raw_procgen_env(
         num=env.num_envs, env_name=env.game, distribution_mode=env.distribution_mode,
         num_levels=env.num_levels, start_level=env.start_level, rand_seed=env.rand_seed,
     )
