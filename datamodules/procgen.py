@@ -331,3 +331,26 @@ def make_env_pair(
         seed=cfg.seed + 1_000_003, **procgen_options,
     )
     return train, test
+
+
+# (R_min, R_max) per game for normalised scores (Cobbe et al. 2020), easy and hard.
+SCORE_RANGES = {
+    "easy": {
+        "bigfish": (1, 40), "bossfight": (0.5, 13), "caveflyer": (3.5, 12), "chaser": (0.5, 13),
+        "climber": (2, 12.6), "coinrun": (5, 10), "dodgeball": (1.5, 19), "fruitbot": (-1.5, 32.4),
+        "heist": (3.5, 10), "jumper": (1, 10), "leaper": (1.5, 10), "maze": (5, 10),
+        "miner": (1.5, 13), "ninja": (3.5, 10), "plunder": (4.5, 30), "starpilot": (2.5, 64),
+    },
+    "hard": {
+        "bigfish": (0, 40), "bossfight": (0.5, 13), "caveflyer": (2, 13.4), "chaser": (0.5, 14.2),
+        "climber": (1, 12.6), "coinrun": (5, 10), "dodgeball": (1.5, 19), "fruitbot": (-0.5, 27.2),
+        "heist": (2, 10), "jumper": (1, 10), "leaper": (1.5, 10), "maze": (4, 10),
+        "miner": (1.5, 20), "ninja": (2, 10), "plunder": (3, 30), "starpilot": (1.5, 35),
+    },
+}
+
+
+def normalized_score(game: str, distribution_mode: str, episode_return: float) -> float:
+    """(R - R_min) / (R_max - R_min); modes other than easy use the hard-mode constants."""
+    lo, hi = SCORE_RANGES["easy" if distribution_mode == "easy" else "hard"][game]
+    return (episode_return - lo) / (hi - lo)

@@ -12,7 +12,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.procgen import NUM_ACTIONS, ProcgenConfig, ProcgenVectorEnv, make_env_pair
+from datamodules.procgen import (
+    NUM_ACTIONS, ProcgenConfig, ProcgenVectorEnv, make_env_pair, normalized_score,
+)
 from datamodules.replay import SequenceReplay
 
 
@@ -82,6 +84,7 @@ class ReplayDataModule(pl.LightningDataModule):
         replay_capacity: int = 1_000_000,
         replay_storage: str = "ram",
         replay_dir: str | None = None,
+        val_episodes: int = 16,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -104,6 +107,7 @@ class ReplayDataModule(pl.LightningDataModule):
         )
         self.train_env: ProcgenVectorEnv | None = None
         self.test_env: ProcgenVectorEnv | None = None
+        self.eval_train_env: ProcgenVectorEnv | None = None
         self.replay: SequenceReplay | None = None
         self.env_steps = 0
         self.episodes = 0
@@ -150,6 +154,52 @@ class ReplayDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # num_workers=0: a worker would hold a stale copy of the envs and replay.
         return DataLoader(_ForeverBatches(self), batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        # one item per level set; the LightningModule's validation_step plays its episodes
+        return DataLoader(["train_levels", "unseen_levels"], batch_size=None, num_workers=0)
+
+    @torch.inference_mode()
+    def evaluate(self, policy: Policy, split: str) -> dict[str, float]:
+        """Play ``val_episodes`` episodes on the training levels or on unseen levels.
+
+        Every env counts the same number of its first episodes, so long episodes are not
+        under-represented. Returns mean return, normalised score, level completion and episodes.
+        """
+        if split not in ("train_levels", "unseen_levels"):
+            raise ValueError(f"split must be 'train_levels' or 'unseen_levels', got {split!r}")
+        cfg = self.env_config
+        if split == "unseen_levels":
+            env = self.test_env
+        else:
+            if self.eval_train_env is None:
+                self.eval_train_env = ProcgenVectorEnv(
+                    cfg.game, env.num_envs if (env := self.test_env) else cfg.num_envs,
+                    cfg.distribution_mode, cfg.num_levels, cfg.start_level,
+                    seed=cfg.seed + 2_000_003 + 7919 * self.rank,
+                    **(self.hparams.procgen_options or {}),
+                )
+            env = self.eval_train_env
+        per_env = -(-self.hparams.val_episodes // env.num_envs)
+        counted = np.zeros(env.num_envs, np.int64)
+        returns, completes = [], []
+        obs, _ = env.reset()
+        is_first, state = np.ones(env.num_envs, bool), None
+        while (counted < per_env).any():
+            actions, state = policy.act(torch.from_numpy(obs), torch.from_numpy(is_first), state)
+            obs, _, terminated, truncated, info = env.step(actions.cpu().numpy().astype(np.int64))
+            is_first = terminated | truncated
+            for i in np.flatnonzero(is_first & (counted < per_env)):
+                returns.append(float(info["episode"]["r"][i]))
+                completes.append(float(info["episode"]["level_complete"][i]))
+                counted[i] += 1
+        mode = env.distribution_mode
+        return {
+            "return": float(np.mean(returns)),
+            "normalized_score": float(np.mean([normalized_score(cfg.game, mode, r) for r in returns])),
+            "level_complete": float(np.mean(completes)),
+            "episodes": float(len(returns)),
+        }
 
     # ---------------------------------------------------------------- collection
     def policy(self) -> Policy:

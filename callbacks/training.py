@@ -1,0 +1,102 @@
+"""Run plumbing on our own counters: env-step checkpoints, the progress bar, config to MLflow."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+
+
+def _env_steps(trainer: pl.Trainer) -> int:
+    dm = trainer.datamodule
+    return int(dm.env_steps) if dm is not None else 0
+
+
+class EnvStepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that saves ``last.ckpt`` every ``every_env_steps`` environment steps and
+    when training ends, writing to a temporary file first so a kill mid-write leaves the previous
+    checkpoint intact. With ``keep_every`` it also keeps ``env_steps=N.ckpt`` snapshots.
+    """
+
+    def __init__(self, every_env_steps: int = 10_000, keep_every: bool = False, **kwargs: Any) -> None:
+        if every_env_steps < 1:
+            raise ValueError(f"every_env_steps must be a positive integer, got {every_env_steps}")
+        kwargs.setdefault("save_last", True)
+        kwargs.setdefault("filename", "env_steps={env_steps}")
+        kwargs.setdefault("auto_insert_metric_name", False)
+        super().__init__(save_top_k=-1 if keep_every else 0, every_n_epochs=0, **kwargs)
+        self.every_env_steps = every_env_steps
+        self._saved_at = 0
+
+    def _save_now(self, trainer: pl.Trainer) -> None:
+        candidates = self._monitor_candidates(trainer)
+        candidates["env_steps"] = _env_steps(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+        self._saved_at = _env_steps(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        steps = _env_steps(trainer)
+        if steps // self.every_env_steps > self._saved_at // self.every_env_steps:
+            self._save_now(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if _env_steps(trainer) != self._saved_at:
+            self._save_now(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        pass  # checkpoints follow env steps, not validation
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        tmp = filepath + ".tmp"
+        trainer.save_checkpoint(tmp, self.save_weights_only)
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        trainer.strategy.barrier("EnvStepCheckpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "saved_at_env_steps": self._saved_at}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._saved_at = state_dict.get("saved_at_env_steps", 0)
+
+
+class EnvStepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar counting environment steps up to ``max_env_steps``, with updates/s
+    and the latest episode return."""
+
+    def _reset_to_env_steps(self, trainer, pl_module) -> None:
+        bar = self.train_progress_bar
+        bar.reset(total=getattr(pl_module.hparams, "max_env_steps", None))
+        bar.unit = " env steps"
+        bar.n = _env_steps(trainer)
+        bar.set_description("training")
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._reset_to_env_steps(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        dm = trainer.datamodule
+        bar.n = _env_steps(trainer)
+        postfix = {"updates": getattr(pl_module, "updates", 0)}
+        ups = trainer.callback_metrics.get("perf/updates_per_s")
+        if ups is not None:
+            postfix["upd/s"] = f"{float(ups):.2f}"
+        if dm is not None and dm.recent_episodes:
+            postfix["return"] = f"{dm.recent_episodes[-1]['return']:.1f}"
+        bar.set_postfix(postfix, refresh=False)
+        if self._should_update(bar.n, bar.total) or batch_idx % self.refresh_rate == 0:
+            bar.refresh()
+
+    def _should_update(self, current: int, total: Any) -> bool:
+        return self.is_enabled and total is not None and current >= total

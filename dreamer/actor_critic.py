@@ -1,0 +1,134 @@
+"""ActorCritic: policy and value learned on imagined trajectories (DreamerV3)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import copy
+
+import pytorch_lightning as pl
+import torch
+
+from dreamer.distributions import TwoHot, categorical_entropy, unimix_logits
+from dreamer.nets import MLP
+
+
+def lambda_returns(
+    reward: torch.Tensor, cont: torch.Tensor, value: torch.Tensor, gamma: float, lam: float
+) -> torch.Tensor:
+    """TD(lambda) returns of an imagined trajectory.
+
+    ``reward`` (H, N) and ``cont`` (H, N) are received / predicted on arriving at steps 1..H,
+    ``value`` (H + 1, N) at steps 0..H. Returns (H, N) for steps 0..H-1:
+    ``R_h = r_{h+1} + gamma c_{h+1} ((1 - lam) v_{h+1} + lam R_{h+1})`` with ``R_H = v_H``.
+    """
+    out = []
+    ret = value[-1]
+    for h in reversed(range(reward.shape[0])):
+        ret = reward[h] + gamma * cont[h] * ((1 - lam) * value[h + 1] + lam * ret)
+        out.append(ret)
+    return torch.stack(out[::-1])
+
+
+class ActorCritic(pl.LightningModule):
+    """Categorical actor (REINFORCE with entropy bonus) and two-hot critic with a slow EMA copy.
+
+    Advantages are scaled by ``max(1, S)`` where ``S = EMA(P95(R)) - EMA(P5(R))`` of the
+    lambda-returns; both losses are weighted by the cumulative product of predicted continues.
+    """
+
+    def __init__(
+        self,
+        feat_dim: int,
+        num_actions: int = 15,
+        units: int = 256,
+        layers: int = 2,
+        horizon: int = 15,
+        gamma: float = 1 - 1 / 333,
+        lam: float = 0.95,
+        entropy: float = 3e-4,
+        unimix: float = 0.01,
+        slow_rate: float = 0.02,
+        slow_reg: float = 1.0,
+        retnorm_decay: float = 0.99,
+    ) -> None:
+        super().__init__()
+        # Plain attributes, not save_hyperparameters(): under LightningCLI that would record the
+        # owning Dreamer's arguments for this nested module.
+        self.hp = SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        self.actor = MLP(feat_dim, units, layers, num_actions)
+        self.critic = MLP(feat_dim, units, layers, 255, zero_init=True)
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.twohot = TwoHot()
+        self.register_buffer("ret_lo", torch.zeros(()))
+        self.register_buffer("ret_hi", torch.zeros(()))
+        self.register_buffer("ret_init", torch.zeros((), dtype=torch.bool))
+
+    def policy_logits(self, feat: torch.Tensor) -> torch.Tensor:
+        return unimix_logits(self.actor(feat), self.hp.unimix)
+
+    def sample(self, feat: torch.Tensor) -> torch.Tensor:
+        probs = self.policy_logits(feat).exp()
+        return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
+
+    def value(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.twohot.mean(self.critic(feat))
+
+    @property
+    def return_scale(self) -> torch.Tensor:
+        return torch.clamp(self.ret_hi - self.ret_lo, min=1.0)
+
+    @torch.no_grad()
+    def update_return_scale(self, returns: torch.Tensor) -> None:
+        flat = returns.detach().flatten().float()
+        lo, hi = torch.quantile(flat, 0.05), torch.quantile(flat, 0.95)
+        d = self.hp.retnorm_decay
+        if not self.ret_init:
+            self.ret_lo.copy_(lo), self.ret_hi.copy_(hi), self.ret_init.fill_(True)
+        else:
+            self.ret_lo.mul_(d).add_((1 - d) * lo)
+            self.ret_hi.mul_(d).add_((1 - d) * hi)
+
+    @torch.no_grad()
+    def update_slow_critic(self) -> None:
+        rate = self.hp.slow_rate
+        for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters()):
+            slow.lerp_(fast, rate)
+
+    def loss(
+        self, feat: torch.Tensor, action: torch.Tensor, reward: torch.Tensor, cont: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Actor + critic loss of an imagined trajectory.
+
+        ``feat`` (H + 1, N, F) detached features of steps 0..H; ``action`` (H, N) taken at 0..H-1;
+        ``reward`` (H, N) predicted on arriving at 1..H; ``cont`` (H + 1, N) continue probabilities
+        of steps 0..H (step 0's from the real data).
+        """
+        hp = self.hp
+        with torch.no_grad():
+            value = self.value(feat)  # (H + 1, N)
+            returns = lambda_returns(reward, cont[1:], value, hp.gamma, hp.lam)  # (H, N)
+            weight = torch.cumprod(cont, 0)[:-1]  # (H, N)
+            self.update_return_scale(returns)
+            advantage = (returns - value[:-1]) / self.return_scale
+            slow_value = self.twohot.mean(self.slow_critic(feat[:-1]))
+
+        logits = self.policy_logits(feat[:-1])  # (H, N, A)
+        logp = logits.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+        entropy = categorical_entropy(logits)
+        actor_loss = -(weight * (logp * advantage + hp.entropy * entropy)).mean()
+
+        critic_logits = self.critic(feat[:-1])
+        critic_loss = self.twohot.loss(critic_logits, returns) + hp.slow_reg * self.twohot.loss(
+            critic_logits, slow_value
+        )
+        critic_loss = (weight * critic_loss).mean()
+        metrics = {
+            "loss/actor": actor_loss.detach(),
+            "loss/critic": critic_loss.detach(),
+            "actor/entropy": entropy.mean().detach(),
+            "actor/return_scale": self.return_scale.detach(),
+            "imagine/return": returns.mean(),
+            "imagine/value": value.mean(),
+        }
+        return actor_loss + critic_loss, metrics

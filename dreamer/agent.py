@@ -1,0 +1,205 @@
+"""Dreamer: the LightningModule that owns the world model and the actor-critic, trains and acts."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from dreamer.actor_critic import ActorCritic
+from dreamer.rssm import State
+from dreamer.world_model import WorldModel
+
+# deter / hidden / stoch (categoricals) / classes / cnn depth / mlp units / mlp layers / gru blocks
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(deter=64, hidden=64, stoch=8, classes=8, depth=4, units=64, layers=1, gru_blocks=1),
+    "small": dict(deter=256, hidden=128, stoch=16, classes=16, depth=8, units=128, layers=1, gru_blocks=1),
+    "12M": dict(deter=2048, hidden=256, stoch=32, classes=16, depth=16, units=256, layers=2, gru_blocks=8),
+    "25M": dict(deter=3072, hidden=384, stoch=32, classes=24, depth=24, units=384, layers=2, gru_blocks=8),
+    "50M": dict(deter=4096, hidden=512, stoch=32, classes=32, depth=32, units=512, layers=2, gru_blocks=8),
+    "100M": dict(deter=6144, hidden=768, stoch=32, classes=48, depth=48, units=768, layers=2, gru_blocks=8),
+    "200M": dict(deter=8192, hidden=1024, stoch=32, classes=64, depth=64, units=1024, layers=2, gru_blocks=8),
+}
+NUM_ACTIONS = 15
+
+
+class Dreamer(pl.LightningModule):
+    """DreamerV3 on Procgen: world model and actor-critic trained together, one backward per update.
+
+    ``size`` picks a preset from ``SIZES``; ``overrides`` replaces single entries of it. Training
+    stops once the DataModule has taken ``max_env_steps`` environment steps; updates and env steps
+    (not Lightning's ``global_step``, which counts every optimiser step) are the x-axis of every
+    logged metric.
+    """
+
+    def __init__(
+        self,
+        size: str = "tiny",
+        overrides: dict[str, int] | None = None,
+        horizon: int = 15,
+        gamma: float = 1 - 1 / 333,
+        lam: float = 0.95,
+        entropy: float = 3e-4,
+        free_bits: float = 1.0,
+        scale_dyn: float = 0.5,
+        scale_rep: float = 0.1,
+        world_model_lr: float = 1e-4,
+        world_model_eps: float = 1e-8,
+        world_model_clip: float = 1000.0,
+        actor_lr: float = 3e-5,
+        critic_lr: float = 3e-5,
+        actor_critic_eps: float = 1e-5,
+        actor_critic_clip: float = 100.0,
+        max_env_steps: int = 100_000,
+    ) -> None:
+        super().__init__()
+        if size not in SIZES:
+            raise ValueError(f"unknown model size {size!r}; allowed: {', '.join(SIZES)}")
+        unknown = set(overrides or {}) - set(SIZES[size])
+        if unknown:
+            raise ValueError(
+                f"unknown size overrides {sorted(unknown)}; allowed: {', '.join(SIZES[size])}"
+            )
+        self.save_hyperparameters()
+        arch = {**SIZES[size], **(overrides or {})}
+        self.world_model = WorldModel(
+            NUM_ACTIONS, **arch, free_bits=free_bits, scale_dyn=scale_dyn, scale_rep=scale_rep
+        )
+        self.actor_critic = ActorCritic(
+            self.world_model.rssm.feat_dim, NUM_ACTIONS, arch["units"], arch["layers"], horizon,
+            gamma, lam, entropy,
+        )
+        self.automatic_optimization = False
+        self.updates = 0
+        self._perf = (time.perf_counter(), 0, 0)
+
+    # ---------------------------------------------------------------- training
+    def configure_optimizers(self):
+        hp = self.hparams
+        return [
+            torch.optim.Adam(self.world_model.parameters(), hp.world_model_lr, eps=hp.world_model_eps),
+            torch.optim.Adam(self.actor_critic.actor.parameters(), hp.actor_lr, eps=hp.actor_critic_eps),
+            torch.optim.Adam(self.actor_critic.critic.parameters(), hp.critic_lr, eps=hp.actor_critic_eps),
+        ]
+
+    def imagine(self, post: State, is_terminal: torch.Tensor):
+        """Imagine ``horizon`` steps from every posterior state (B, T) -> features (H + 1, B * T, F)."""
+        wm, ac = self.world_model, self.actor_critic
+        start = {k: v.detach().reshape(-1, *v.shape[2:]) for k, v in post.items()}  # (B * T, ...)
+        with torch.no_grad():
+            states, actions = wm.rssm.imagine(start, ac.sample, self.hparams.horizon)
+            feat = wm.rssm.features(states)  # (H + 1, N, F)
+            reward = wm.reward(feat[1:])  # (H, N)
+            cont = torch.cat(
+                [1.0 - is_terminal.reshape(1, -1).float(), wm.continue_prob(feat[1:])]
+            )  # (H + 1, N)
+        return feat, actions, reward, cont
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        wm_loss, metrics, post = self.world_model.loss(batch)
+        ac_loss, ac_metrics = self.actor_critic.loss(*self.imagine(post, batch["is_terminal"]))
+        hp = self.hparams
+        optimizers = self.optimizers()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.manual_backward(wm_loss + ac_loss)
+        clips = (hp.world_model_clip, hp.actor_critic_clip, hp.actor_critic_clip)
+        for opt, clip in zip(optimizers, clips):
+            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            opt.step()
+        self.actor_critic.update_slow_critic()
+        self.updates += 1
+        self._log_training({**metrics, **ac_metrics})
+        dm = self.trainer.datamodule
+        if dm is not None and dm.env_steps >= hp.max_env_steps:
+            self.trainer.should_stop = True
+
+    def _log_training(self, metrics: dict[str, torch.Tensor]) -> None:
+        dm = self.trainer.datamodule
+        env_steps = dm.env_steps if dm is not None else 0
+        now = time.perf_counter()
+        t0, u0, e0 = self._perf
+        if now - t0 >= 5.0:
+            metrics["perf/updates_per_s"] = torch.tensor((self.updates - u0) / (now - t0))
+            metrics["perf/env_steps_per_s"] = torch.tensor((env_steps - e0) / (now - t0))
+            self._perf = (now, self.updates, env_steps)
+        episodes = dm.pop_episodes() if dm is not None else []
+        if episodes:
+            for key in ("return", "length", "level_complete"):
+                metrics[f"episode/{key}"] = torch.tensor(np.mean([e[key] for e in episodes]))
+        metrics["counters/updates"] = torch.tensor(float(self.updates))
+        metrics["counters/env_steps"] = torch.tensor(float(env_steps))
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
+        self.log("step", float(env_steps), on_step=True, on_epoch=False)
+
+    # ---------------------------------------------------------------- acting
+    @torch.no_grad()
+    def act(
+        self, obs: torch.Tensor, is_first: torch.Tensor, state: Any = None
+    ) -> tuple[torch.Tensor, Any]:
+        """Sample actions (N,) for uint8 frames (N, 64, 64, 3), carrying (RSSM state, last action).
+
+        The recurrent state and previous action are zeroed where ``is_first``.
+        """
+        obs, is_first = obs.to(self.device), is_first.to(self.device)
+        rssm = self.world_model.rssm
+        if state is None:
+            state = (rssm.initial(len(obs), self.device), torch.zeros(len(obs), dtype=torch.long, device=self.device))
+            is_first = torch.ones_like(is_first)
+        rssm_state, prev_action = state
+        embed = self.world_model.encoder(obs)
+        post, _ = rssm.obs_step(
+            rssm_state, F.one_hot(prev_action, NUM_ACTIONS).float(), embed, is_first.bool()
+        )
+        action = self.actor_critic.sample(rssm.features(post))
+        return action.cpu(), (post, action)
+
+    # ---------------------------------------------------------------- validation
+    def validation_step(self, split: str, batch_idx: int) -> None:
+        dm = self.trainer.datamodule
+        summary = dm.evaluate(self, split)
+        for key, value in summary.items():
+            self.log(f"val/{split}/{key}", value, on_step=False, on_epoch=True, batch_size=1)
+        self.log("step", float(dm.env_steps), on_step=False, on_epoch=True, batch_size=1)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.trainer.callback_metrics
+        rows = []
+        for split in ("train_levels", "unseen_levels"):
+            keys = ("return", "normalized_score", "level_complete", "episodes")
+            vals = [metrics.get(f"val/{split}/{k}") for k in keys]
+            if vals[0] is not None:
+                rows.append(f"{split:<14}" + "".join(f"{float(v):>18.3f}" for v in vals))
+        if rows and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            header = f"{'levels':<14}" + "".join(f"{k:>18}" for k in ("return", "normalized_score", "level_complete", "episodes"))
+            print("\n" + header + "\n" + "\n".join(rows))
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        checkpoint["dreamer"] = {
+            "updates": self.updates,
+            "torch_rng": torch.get_rng_state(),
+            "game": dm.hparams.game if dm is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {})
+        differences = []
+        for key in ("size", "overrides"):
+            if saved.get(key) != self.hparams.get(key):
+                differences.append(f"{key}: checkpoint {saved.get(key)!r}, this run {self.hparams.get(key)!r}")
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        ckpt_game = checkpoint.get("dreamer", {}).get("game")
+        if dm is not None and ckpt_game is not None and ckpt_game != dm.hparams.game:
+            differences.append(f"game: checkpoint {ckpt_game!r}, this run {dm.hparams.game!r}")
+        if differences:
+            raise ValueError("checkpoint does not match this run; " + "; ".join(differences))
+        state = checkpoint.get("dreamer", {})
+        self.updates = int(state.get("updates", 0))
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])

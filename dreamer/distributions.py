@@ -1,0 +1,72 @@
+"""symlog / symexp, two-hot targets over symexp-spaced bins, and categoricals with unimix."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.expm1(x.abs())
+
+
+class TwoHot(torch.nn.Module):
+    """Regression as classification over ``num_bins`` bins at symexp(linspace(low, high)).
+
+    ``loss(logits, y)`` is the cross-entropy against the two-hot encoding of ``y``; ``mean(logits)``
+    the expected value under softmax(logits).
+    """
+
+    def __init__(self, num_bins: int = 255, low: float = -20.0, high: float = 20.0) -> None:
+        super().__init__()
+        self.register_buffer("bins", symexp(torch.linspace(low, high, num_bins)), persistent=False)
+
+    def encode(self, y: torch.Tensor) -> torch.Tensor:
+        """(...,) values -> (..., num_bins) weights on the two bins around each value (sum 1)."""
+        bins = self.bins
+        y = y.clamp(bins[0], bins[-1])
+        above = torch.searchsorted(bins, y.contiguous(), right=True).clamp(1, len(bins) - 1)
+        below = above - 1
+        lo, hi = bins[below], bins[above]
+        w_hi = ((y - lo) / (hi - lo)).clamp(0, 1)
+        target = torch.zeros(*y.shape, len(bins), device=y.device, dtype=y.dtype)
+        target.scatter_(-1, below.unsqueeze(-1), (1 - w_hi).unsqueeze(-1))
+        target.scatter_add_(-1, above.unsqueeze(-1), w_hi.unsqueeze(-1))
+        return target
+
+    def mean(self, logits: torch.Tensor) -> torch.Tensor:
+        return (logits.softmax(-1) * self.bins).sum(-1)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-element cross-entropy, shape of ``y``."""
+        return -(self.encode(y.detach()) * logits.log_softmax(-1)).sum(-1)
+
+
+def unimix_logits(logits: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
+    """Logits of ``(1 - unimix) * softmax(logits) + unimix / K``."""
+    if unimix == 0:
+        return logits.log_softmax(-1)
+    probs = logits.softmax(-1)
+    probs = (1 - unimix) * probs + unimix / logits.shape[-1]
+    return probs.log()
+
+
+def sample_one_hot(logits: torch.Tensor) -> torch.Tensor:
+    """One-hot sample with straight-through gradients to the probabilities."""
+    probs = logits.softmax(-1)
+    index = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
+    sample = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
+    return sample + probs - probs.detach()
+
+
+def categorical_kl(lhs_logits: torch.Tensor, rhs_logits: torch.Tensor) -> torch.Tensor:
+    """KL(lhs || rhs) of categoricals given normalised log-probs, summed over the last axis."""
+    return (lhs_logits.exp() * (lhs_logits - rhs_logits)).sum(-1)
+
+
+def categorical_entropy(logits: torch.Tensor) -> torch.Tensor:
+    return -(logits.exp() * logits).sum(-1)

@@ -1,0 +1,135 @@
+"""Recurrent state-space model: observe with the posterior, imagine with the prior.
+
+A state is a dict: ``deter`` (N, D) GRU state, ``stoch`` (N, S, C) straight-through one-hot
+samples of S categoricals with C classes, ``logits`` (N, S, C) their unimixed log-probabilities.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dreamer.distributions import sample_one_hot, unimix_logits
+from dreamer.nets import MLP, NormGRUCell
+
+State = dict[str, torch.Tensor]
+
+
+class RSSM(nn.Module):
+    """DreamerV3's RSSM with categorical latents and a (block) GRU core.
+
+    ``is_first`` zeroes deter, stoch and the previous action before a step, both while observing
+    training sequences and while acting.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_actions: int,
+        deter: int,
+        hidden: int,
+        stoch: int,
+        classes: int,
+        gru_blocks: int = 1,
+        unimix: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.num_actions, self.deter, self.stoch, self.classes = num_actions, deter, stoch, classes
+        self.unimix = unimix
+        self.img_in = MLP(stoch * classes + num_actions, hidden, 1)
+        self.gru = NormGRUCell(hidden, deter, gru_blocks)
+        self.prior_net = MLP(deter, hidden, 1, stoch * classes)
+        self.post_net = MLP(deter + embed_dim, hidden, 1, stoch * classes)
+
+    @property
+    def feat_dim(self) -> int:
+        return self.deter + self.stoch * self.classes
+
+    def initial(self, n: int, device: torch.device | str) -> State:
+        return {
+            "deter": torch.zeros(n, self.deter, device=device),
+            "stoch": torch.zeros(n, self.stoch, self.classes, device=device),
+            "logits": torch.zeros(n, self.stoch, self.classes, device=device),
+        }
+
+    @staticmethod
+    def features(state: State) -> torch.Tensor:
+        """(..., D + S * C) model features of a state."""
+        stoch = state["stoch"]
+        return torch.cat([state["deter"], stoch.reshape(*stoch.shape[:-2], -1)], -1)
+
+    def _latent(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = unimix_logits(logits.reshape(-1, self.stoch, self.classes), self.unimix)
+        return sample_one_hot(logits), logits
+
+    def img_step(self, state: State, action: torch.Tensor) -> State:
+        """Prior of the next state given the current state and a one-hot action (N, A)."""
+        stoch = state["stoch"].reshape(len(action), -1)
+        x = self.img_in(torch.cat([stoch, action], -1))
+        deter = self.gru(x, state["deter"])
+        stoch, logits = self._latent(self.prior_net(deter))
+        return {"deter": deter, "stoch": stoch, "logits": logits}
+
+    def obs_step(
+        self, state: State, action: torch.Tensor, embed: torch.Tensor, is_first: torch.Tensor
+    ) -> tuple[State, State]:
+        """(posterior, prior) after taking one-hot ``action`` from ``state`` and seeing ``embed``."""
+        keep = (~is_first).to(embed.dtype).unsqueeze(-1)  # (N, 1)
+        state = {
+            "deter": state["deter"] * keep,
+            "stoch": state["stoch"] * keep.unsqueeze(-1),
+            "logits": state["logits"],
+        }
+        prior = self.img_step(state, action * keep)
+        stoch, logits = self._latent(self.post_net(torch.cat([prior["deter"], embed], -1)))
+        return {"deter": prior["deter"], "stoch": stoch, "logits": logits}, prior
+
+    def observe(
+        self,
+        embed: torch.Tensor,
+        action: torch.Tensor,
+        is_first: torch.Tensor,
+        state: State | None = None,
+        prev_action: torch.Tensor | None = None,
+    ) -> tuple[State, State]:
+        """Posterior and prior states (B, T, ...) of sequences.
+
+        ``embed`` (B, T, E); ``action`` (B, T) the actions taken at each step (action[t] leads to
+        step t + 1); ``is_first`` (B, T). Without ``state`` the sequences start from zeros, as if
+        every sequence began an episode.
+        """
+        batch, length = action.shape
+        if state is None:
+            state = self.initial(batch, embed.device)
+            prev_action = torch.zeros(batch, dtype=torch.long, device=embed.device)
+            is_first = is_first.clone()
+            is_first[:, 0] = True
+        onehot = F.one_hot(action, self.num_actions).float()  # (B, T, A)
+        prev = F.one_hot(prev_action, self.num_actions).float()
+        posts, priors = [], []
+        for t in range(length):
+            state, prior = self.obs_step(state, prev, embed[:, t], is_first[:, t])
+            posts.append(state)
+            priors.append(prior)
+            prev = onehot[:, t]
+        stack = lambda states: {k: torch.stack([s[k] for s in states], 1) for k in states[0]}  # noqa: E731
+        return stack(posts), stack(priors)
+
+    def imagine(
+        self, start: State, policy: Callable[[torch.Tensor], torch.Tensor], horizon: int
+    ) -> tuple[State, torch.Tensor]:
+        """Roll the prior ``horizon`` steps from ``start`` (N, ...), acting with ``policy(features)``.
+
+        Returns states (H + 1, N, ...) with the start first, and the actions (H, N) taken.
+        """
+        states, actions = [start], []
+        state = start
+        for _ in range(horizon):
+            action = policy(self.features(state))
+            state = self.img_step(state, F.one_hot(action, self.num_actions).float())
+            states.append(state)
+            actions.append(action)
+        return {k: torch.stack([s[k] for s in states]) for k in start}, torch.stack(actions)

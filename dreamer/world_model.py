@@ -1,0 +1,95 @@
+"""WorldModel: encoder, RSSM, decoder, reward and continue heads, and their loss."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from dreamer.distributions import TwoHot, categorical_kl
+from dreamer.nets import MLP, Decoder, Encoder
+from dreamer.rssm import RSSM, State
+
+
+class WorldModel(pl.LightningModule):
+    """Learns the game from replayed sequences (DreamerV3).
+
+    Loss per step: image MSE summed over pixels and channels, two-hot reward cross-entropy,
+    Bernoulli continue loss with target ``1 - is_terminal``, and the KL terms
+    ``dyn = KL(sg(post) || prior)`` and ``rep = KL(post || sg(prior))``, each summed over the
+    latents and clipped below at ``free_bits``.
+    """
+
+    def __init__(
+        self,
+        num_actions: int = 15,
+        deter: int = 512,
+        hidden: int = 256,
+        stoch: int = 32,
+        classes: int = 16,
+        depth: int = 16,
+        units: int = 256,
+        layers: int = 2,
+        gru_blocks: int = 1,
+        unimix: float = 0.01,
+        free_bits: float = 1.0,
+        scale_image: float = 1.0,
+        scale_reward: float = 1.0,
+        scale_continue: float = 1.0,
+        scale_dyn: float = 0.5,
+        scale_rep: float = 0.1,
+    ) -> None:
+        super().__init__()
+        # Plain attributes, not save_hyperparameters(): under LightningCLI that would record the
+        # owning Dreamer's arguments for this nested module.
+        self.hp = SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        self.encoder = Encoder(depth)
+        self.rssm = RSSM(self.encoder.embed_dim, num_actions, deter, hidden, stoch, classes,
+                         gru_blocks, unimix)
+        feat = self.rssm.feat_dim
+        self.decoder = Decoder(feat, depth)
+        self.reward_head = MLP(feat, units, layers, 255, zero_init=True)
+        self.continue_head = MLP(feat, units, layers, 1)
+        self.twohot = TwoHot()
+
+    def reward(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.twohot.mean(self.reward_head(feat))
+
+    def continue_prob(self, feat: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.continue_head(feat).squeeze(-1))
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], State]:
+        """Total loss (scalar), per-term metrics, and the posterior states (B, T, ...)."""
+        hp = self.hp
+        obs = batch["obs"]  # (B, T, 64, 64, 3) uint8
+        embed = self.encoder(obs)
+        post, prior = self.rssm.observe(embed, batch["action"], batch["is_first"])
+        feat = self.rssm.features(post)  # (B, T, F)
+
+        target = obs.float() / 255.0
+        image = ((self.decoder(feat) - target) ** 2).sum((-3, -2, -1))  # (B, T)
+        reward = self.twohot.loss(self.reward_head(feat), batch["reward"])
+        cont_target = 1.0 - batch["is_terminal"].float()
+        cont = F.binary_cross_entropy_with_logits(
+            self.continue_head(feat).squeeze(-1), cont_target, reduction="none"
+        )
+        post_lp, prior_lp = post["logits"], prior["logits"]
+        dyn = categorical_kl(post_lp.detach(), prior_lp).sum(-1)  # (B, T), summed over latents
+        rep = categorical_kl(post_lp, prior_lp.detach()).sum(-1)
+        dyn_loss = dyn.clamp(min=hp.free_bits)
+        rep_loss = rep.clamp(min=hp.free_bits)
+        total = (
+            hp.scale_image * image + hp.scale_reward * reward + hp.scale_continue * cont
+            + hp.scale_dyn * dyn_loss + hp.scale_rep * rep_loss
+        ).mean()
+        metrics = {
+            "loss/world_model": total.detach(),
+            "loss/image": image.mean().detach(),
+            "loss/reward": reward.mean().detach(),
+            "loss/continue": cont.mean().detach(),
+            "loss/kl_dyn": dyn.mean().detach(),
+            "loss/kl_rep": rep.mean().detach(),
+        }
+        return total, metrics, post
