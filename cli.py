@@ -105,16 +105,16 @@ class DreamerCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> DreamerCLI:
+    defaults = {"default_config_files": [str(ROOT / "configs" / "default.yaml")]}
+    if run:
+        parser_kwargs = {"parser_mode": "omegaconf", **{
+            command: defaults for command in ("fit", "validate", "test", "predict")}}
+    else:
+        parser_kwargs = {"parser_mode": "omegaconf", **defaults}
     return DreamerCLI(
         Dreamer,
         ReplayDataModule,
-        parser_kwargs={
-            "parser_mode": "omegaconf",
-            **{
-                command: {"default_config_files": [str(ROOT / "configs" / "default.yaml")]}
-                for command in ("fit", "validate", "test", "predict")
-            },
-        },
+        parser_kwargs=parser_kwargs,
         save_config_callback=LogConfigToLoggers,
         save_config_kwargs={"overwrite": True},
         args=args,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up the project (virtual environment in .venv, dependencies) and run the main job or the tests.
 
-    python3 run.py train [args]   # the main job: a short CPU run
+    python3 run.py train [args]   # the main job: a short CPU training run (cli.py fit, quickstart)
     python3 run.py test [args]    # the default test suite (pytest args pass through)
 
 Needs only Python >= 3.11. Set DREAMER_TORCH to install another torch (default: torch==2.13.0,
@@ -50,7 +50,7 @@ def main() -> int:
     if command == "setup":
         return 0
     if command == "train":
-        cmd = [str(python), "-m", "datamodules.collect", *args]
+        cmd = [str(python), "cli.py", "fit", "--config", "configs/quickstart.yaml", *args]
     else:
         cmd = [str(python), "-m", "pytest", *args]
     return subprocess.call(cmd, cwd=ROOT)

@@ -23,9 +23,13 @@ class EnvStepCheckpoint(ModelCheckpoint):
     def __init__(self, every_env_steps: int = 10_000, keep_every: bool = False, **kwargs: Any) -> None:
         if every_env_steps < 1:
             raise ValueError(f"every_env_steps must be a positive integer, got {every_env_steps}")
+        # LightningCLI passes every ModelCheckpoint argument, unset ones as None
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         kwargs.setdefault("save_last", True)
         kwargs.setdefault("filename", "env_steps={env_steps}")
         kwargs.setdefault("auto_insert_metric_name", False)
+        for fixed in ("save_top_k", "every_n_epochs", "every_n_train_steps", "train_time_interval"):
+            kwargs.pop(fixed, None)
         super().__init__(save_top_k=-1 if keep_every else 0, every_n_epochs=0, **kwargs)
         self.every_env_steps = every_env_steps
         self._saved_at = 0

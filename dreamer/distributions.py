@@ -23,7 +23,10 @@ class TwoHot(torch.nn.Module):
 
     def __init__(self, num_bins: int = 255, low: float = -20.0, high: float = 20.0) -> None:
         super().__init__()
-        self.register_buffer("bins", symexp(torch.linspace(low, high, num_bins)), persistent=False)
+        if num_bins % 2 != 1 or low != -high:
+            raise ValueError("TwoHot needs an odd number of bins symmetric around 0")
+        half = symexp(torch.linspace(0, high, num_bins // 2 + 1))  # exactly 0 first
+        self.register_buffer("bins", torch.cat([-half[1:].flip(0), half]), persistent=False)
 
     def encode(self, y: torch.Tensor) -> torch.Tensor:
         """(...,) values -> (..., num_bins) weights on the two bins around each value (sum 1)."""
@@ -39,7 +42,12 @@ class TwoHot(torch.nn.Module):
         return target
 
     def mean(self, logits: torch.Tensor) -> torch.Tensor:
-        return (logits.softmax(-1) * self.bins).sum(-1)
+        # Sum mirrored bins pairwise first: the bins reach +-5e8, and a plain float32 sum leaves
+        # rounding errors that do not cancel (uniform logits would not decode to 0).
+        weighted = logits.softmax(-1) * self.bins
+        mid = weighted.shape[-1] // 2
+        pairs = weighted[..., :mid].flip(-1) + weighted[..., mid + 1 :]
+        return pairs.sum(-1) + weighted[..., mid]
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-element cross-entropy, shape of ``y``."""
@@ -60,7 +68,7 @@ def sample_one_hot(logits: torch.Tensor) -> torch.Tensor:
     probs = logits.softmax(-1)
     index = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
     sample = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
-    return sample + probs - probs.detach()
+    return sample + (probs - probs.detach())
 
 
 def categorical_kl(lhs_logits: torch.Tensor, rhs_logits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,118 @@
+"""Updates/s, env steps/s (acting with the agent), peak memory and parameter counts per model size.
+
+    python benchmarks/agent_speed.py [--sizes tiny 12M] [--batch 16] [--seq 64] [--updates 5]
+
+One update = world-model loss on B x T replayed steps, 15-step imagination from every posterior
+state, actor and critic losses, one backward, three optimiser steps (the ``Dreamer.training_step``
+path without Lightning's loop). Acting = ``Dreamer.act`` on 16 procgen envs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datamodules.procgen import ProcgenVectorEnv  # noqa: E402
+from dreamer.agent import Dreamer  # noqa: E402
+
+
+def peak_rss_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def params(module: torch.nn.Module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+def fake_batch(batch: int, seq: int, device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "obs": torch.randint(0, 256, (batch, seq, 64, 64, 3), dtype=torch.uint8, generator=g).to(device),
+        "action": torch.randint(0, 15, (batch, seq), generator=g).to(device),
+        "reward": torch.rand(batch, seq, generator=g).to(device),
+        "is_first": (torch.rand(batch, seq, generator=g) < 0.01).to(device),
+        "is_last": torch.zeros(batch, seq, dtype=torch.bool).to(device),
+        "is_terminal": (torch.rand(batch, seq, generator=g) < 0.01).to(device),
+    }
+
+
+def one_update(model: Dreamer, optimizers, batch) -> None:
+    wm_loss, _, post = model.world_model.loss(batch)
+    ac_loss, _ = model.actor_critic.loss(*model.imagine(post, batch["is_terminal"]))
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    (wm_loss + ac_loss).backward()
+    for opt in optimizers:
+        opt.step()
+    model.actor_critic.update_slow_critic()
+
+
+def bench(size: str, batch: int, seq: int, updates: int, device) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = Dreamer(size=size).to(device)
+    optimizers = model.configure_optimizers()
+    data = fake_batch(batch, seq, device)
+    one_update(model, optimizers, data)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(updates):
+        one_update(model, optimizers, data)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    update_s = (time.perf_counter() - start) / updates
+
+    env = ProcgenVectorEnv("coinrun", 16, num_levels=200, seed=0)
+    obs, _ = env.reset()
+    is_first, state = np.ones(16, bool), None
+    steps = 50
+    start = time.perf_counter()
+    for _ in range(steps):
+        actions, state = model.act(torch.from_numpy(obs), torch.from_numpy(is_first), state)
+        obs, _, term, trunc, _ = env.step(actions.numpy().astype(np.int64))
+        is_first = term | trunc
+    act_steps_s = steps * 16 / (time.perf_counter() - start)
+    return {
+        "updates_per_s": 1 / update_s,
+        "seconds_per_update": update_s,
+        "env_steps_per_s_acting": act_steps_s,
+        "world_model_M": params(model.world_model),
+        "actor_M": params(model.actor_critic.actor),
+        "critic_M": params(model.actor_critic.critic),
+        "peak_rss_gb": peak_rss_gb(),
+        "gpu_peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "12M"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--updates", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"batch {args.batch} x {args.seq}")
+    print(f"{'size':>6} {'upd/s':>8} {'s/upd':>8} {'act steps/s':>12} {'WM M':>7} {'actor M':>8} "
+          f"{'critic M':>9} {'peak RSS GB':>12} {'GPU GB':>7}")
+    for size in args.sizes:
+        r = bench(size, args.batch, args.seq, args.updates, device)
+        print(f"{size:>6} {r['updates_per_s']:>8.3f} {r['seconds_per_update']:>8.3f} "
+              f"{r['env_steps_per_s_acting']:>12.0f} {r['world_model_M']:>7.2f} {r['actor_M']:>8.2f} "
+              f"{r['critic_M']:>9.2f} {r['peak_rss_gb']:>12.2f} {r['gpu_peak_gb']:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The CLI end to end, in subprocesses: fit, MLflow records, SIGKILL and resume, refusals, validate."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+
+def cli(cwd, *args, timeout=300, check=True):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, capture_output=True, text=True,
+        timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"cli {args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return out
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("smoke")
+    out = cli(cwd, "fit", "--config", SMOKE)
+    return cwd, out
+
+
+def test_fit_smoke_writes_checkpoint_mlflow_run_and_config(smoke_run):
+    cwd, out = smoke_run
+    run_dir = cwd / "runs" / "coinrun-tiny-seed0"
+    ckpt = load(run_dir / "checkpoints" / "last.ckpt")
+    assert ckpt["ReplayDataModule"]["env_steps"] == 768
+    assert ckpt["dreamer"]["updates"] > 100
+    assert (run_dir / "config.yaml").exists()
+    assert "MLflow: tracking URI sqlite:///mlflow.db" in out.stdout
+    assert "unseen_levels" in out.stdout  # the validation table
+
+    client = mlflow.MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    (run,) = client.search_runs(client.get_experiment_by_name("procgen-dreamer").experiment_id)
+    assert run.info.run_name == "coinrun-tiny-seed0"
+    assert run.data.tags["game"] == "coinrun" and run.data.tags["size"] == "tiny"
+    assert run.data.params["model.size"] == "tiny" and run.data.params["data.batch_size"] == "4"
+    for key in ("loss/world_model", "loss/image", "loss/reward", "loss/continue", "loss/kl_dyn",
+                "loss/kl_rep", "loss/actor", "loss/critic", "actor/entropy", "actor/return_scale",
+                "val/unseen_levels/return", "val/train_levels/normalized_score"):
+        assert key in run.data.metrics, key
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/world_model")]
+    assert max(steps) <= 768 and max(steps) > 256, "metrics must be logged against env steps"
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "config.yaml" in artifacts and any("checkpoint" in a for a in artifacts)
+
+
+def test_validate_from_checkpoint_alone(smoke_run, tmp_path):
+    cwd, _ = smoke_run
+    ckpt = cwd / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt"
+    out = cli(tmp_path, "validate", "--config", SMOKE, "--ckpt_path", str(ckpt))
+    assert "train_levels" in out.stdout and "unseen_levels" in out.stdout
+    assert "val/unseen_levels/normalized_score" in out.stdout
+
+
+def test_mismatched_checkpoint_is_refused_with_what_differs(smoke_run, tmp_path):
+    cwd, _ = smoke_run
+    ckpt = str(cwd / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt")
+    out = cli(tmp_path, "fit", "--config", SMOKE, "--model.size", "small", "--ckpt_path", ckpt,
+              check=False)
+    assert out.returncode != 0 and "size: checkpoint 'tiny', this run 'small'" in out.stderr
+    out = cli(tmp_path, "fit", "--config", SMOKE, "--data.game", "bigfish", "--ckpt_path", ckpt,
+              check=False)
+    assert out.returncode != 0 and "game: checkpoint 'coinrun', this run 'bigfish'" in out.stderr
+
+
+def test_sigkill_then_resume_continues_counters_and_memmap_replay(tmp_path):
+    args = ["fit", "--config", SMOKE, "--data.replay_storage", "memmap",
+            "--model.max_env_steps", "100000"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "cli.py"), *args], cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    last = tmp_path / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            if last.exists() and load(last)["ReplayDataModule"]["env_steps"] >= 512:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("no checkpoint at 512 env steps within 240 s")
+        time.sleep(2)  # let it run past the checkpoint before the kill
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = load(last)
+    saved_steps = before["ReplayDataModule"]["env_steps"]
+    saved_updates = before["dreamer"]["updates"]
+    saved_count = before["ReplayDataModule"]["replay"]["count"].clone()
+
+    target = saved_steps + 256
+    cli(tmp_path, "fit", "--config", SMOKE, "--data.replay_storage", "memmap",
+        "--model.max_env_steps", str(target), "--ckpt_path", "last")
+    after = load(last)
+    assert after["ReplayDataModule"]["env_steps"] == target
+    assert after["dreamer"]["updates"] > saved_updates
+    count = after["ReplayDataModule"]["replay"]["count"]
+    # every env wrote 64 more acting steps (plus one per finished episode) on top of the checkpoint
+    assert ((count - saved_count) >= 256 // 4).all()
+    assert after["ReplayDataModule"]["episodes"] >= before["ReplayDataModule"]["episodes"]
