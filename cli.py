@@ -8,14 +8,16 @@ directory ``runs/<name>`` (checkpoints, memmap replay, config) and an MLflow run
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
 
 from datamodules.replay_datamodule import ReplayDataModule
-from dreamer.agent import Dreamer
+from dreamer.agent import Dreamer, checkpoint_mismatch
 
 ROOT = Path(__file__).resolve().parent
 
@@ -61,7 +63,32 @@ class LogConfigToLoggers(SaveConfigCallback):
 
 
 class DreamerCLI(LightningCLI):
-    """LightningCLI that names runs and places their files from the resolved config."""
+    """LightningCLI that names runs and places their files from the resolved config.
+
+    Unlike LightningCLI's default, a checkpoint's hyperparameters do not replace the config: the
+    run keeps what it was given (e.g. a larger ``max_env_steps`` to train on), and a checkpoint
+    whose model size or game differs is refused with what differs.
+    """
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        cfg = self.config[subcommand]
+        ckpt_path = cfg.get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+            return
+        if not Path(ckpt_path).is_file():
+            sys.exit(f"error: checkpoint {ckpt_path} does not exist")
+        try:
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
+            sys.exit(f"error: cannot read checkpoint {ckpt_path} ({type(e).__name__}: {e})")
+        differences = checkpoint_mismatch(
+            checkpoint, cfg.model.size, cfg.model.overrides, cfg.data.game
+        )
+        if differences:
+            sys.exit(f"error: checkpoint {ckpt_path} does not match this run; " + "; ".join(differences))
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config

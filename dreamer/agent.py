@@ -27,6 +27,21 @@ SIZES: dict[str, dict[str, int]] = {
 NUM_ACTIONS = 15
 
 
+def checkpoint_mismatch(
+    checkpoint: dict[str, Any], size: str, overrides: dict | None, game: str | None
+) -> list[str]:
+    """What differs between a checkpoint and a run (model size, size overrides, game)."""
+    saved = checkpoint.get("hyper_parameters", {})
+    differences = []
+    for key, value in (("size", size), ("overrides", overrides)):
+        if saved.get(key) != value:
+            differences.append(f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}")
+    ckpt_game = checkpoint.get("dreamer", {}).get("game")
+    if game is not None and ckpt_game is not None and ckpt_game != game:
+        differences.append(f"game: checkpoint {ckpt_game!r}, this run {game!r}")
+    return differences
+
+
 class Dreamer(pl.LightningModule):
     """DreamerV3 on Procgen: world model and actor-critic trained together, one backward per update.
 
@@ -188,15 +203,11 @@ class Dreamer(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters", {})
-        differences = []
-        for key in ("size", "overrides"):
-            if saved.get(key) != self.hparams.get(key):
-                differences.append(f"{key}: checkpoint {saved.get(key)!r}, this run {self.hparams.get(key)!r}")
         dm = self.trainer.datamodule if self._trainer is not None else None
-        ckpt_game = checkpoint.get("dreamer", {}).get("game")
-        if dm is not None and ckpt_game is not None and ckpt_game != dm.hparams.game:
-            differences.append(f"game: checkpoint {ckpt_game!r}, this run {dm.hparams.game!r}")
+        differences = checkpoint_mismatch(
+            checkpoint, self.hparams.size, self.hparams.overrides,
+            dm.hparams.game if dm is not None else None,
+        )
         if differences:
             raise ValueError("checkpoint does not match this run; " + "; ".join(differences))
         state = checkpoint.get("dreamer", {})

@@ -58,7 +58,9 @@ def test_fit_smoke_writes_checkpoint_mlflow_run_and_config(smoke_run):
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/world_model")]
     assert max(steps) <= 768 and max(steps) > 256, "metrics must be logged against env steps"
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
-    assert "config.yaml" in artifacts and any("checkpoint" in a for a in artifacts)
+    assert "config.yaml" in artifacts
+    logged = [a.path for d in artifacts for a in client.list_artifacts(run.info.run_id, d)]
+    assert any(p.endswith(".ckpt") for p in logged), logged
 
 
 def test_validate_from_checkpoint_alone(smoke_run, tmp_path):
@@ -78,6 +80,11 @@ def test_mismatched_checkpoint_is_refused_with_what_differs(smoke_run, tmp_path)
     out = cli(tmp_path, "fit", "--config", SMOKE, "--data.game", "bigfish", "--ckpt_path", ckpt,
               check=False)
     assert out.returncode != 0 and "game: checkpoint 'coinrun', this run 'bigfish'" in out.stderr
+    bad = tmp_path / "corrupt.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    out = cli(tmp_path, "validate", "--config", SMOKE, "--ckpt_path", str(bad), check=False)
+    assert out.returncode != 0 and f"cannot read checkpoint {bad}" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_sigkill_then_resume_continues_counters_and_memmap_replay(tmp_path):
