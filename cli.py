@@ -115,6 +115,16 @@ class DreamerCLI(LightningCLI):
     def before_fit(self) -> None:
         self._print_locations()
 
+    def after_fit(self) -> None:
+        trainer, model, dm = self.trainer, self.model, self.datamodule
+        if not trainer.is_global_zero:
+            return
+        episodes = list(dm.recent_episodes)
+        recent = (f", mean return of the last {len(episodes)} episodes "
+                  f"{sum(e['return'] for e in episodes) / len(episodes):.2f}") if episodes else ""
+        print(f"\ndone: {dm.env_steps} env steps, {model.updates} updates, {dm.episodes} episodes{recent}")
+        self._print_locations()
+
     def before_validate(self) -> None:
         self._print_locations()
 

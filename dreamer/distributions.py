@@ -54,18 +54,24 @@ class TwoHot(torch.nn.Module):
         return -(self.encode(y.detach()) * logits.log_softmax(-1)).sum(-1)
 
 
+def unimix_probs(logits: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
+    """``(1 - unimix) * softmax(logits) + unimix / K``."""
+    probs = logits.softmax(-1)
+    return probs if unimix == 0 else (1 - unimix) * probs + unimix / logits.shape[-1]
+
+
 def unimix_logits(logits: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
-    """Logits of ``(1 - unimix) * softmax(logits) + unimix / K``."""
+    """Normalised log-probabilities of ``unimix_probs``."""
     if unimix == 0:
         return logits.log_softmax(-1)
-    probs = logits.softmax(-1)
-    probs = (1 - unimix) * probs + unimix / logits.shape[-1]
-    return probs.log()
+    return unimix_probs(logits, unimix).log()
 
 
-def sample_one_hot(logits: torch.Tensor) -> torch.Tensor:
-    """One-hot sample with straight-through gradients to the probabilities."""
-    probs = logits.softmax(-1)
+def sample_one_hot(logits: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """One-hot sample with straight-through gradients to the probabilities (``probs`` if given,
+    else ``softmax(logits)``)."""
+    if probs is None:
+        probs = logits.softmax(-1)
     index = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
     sample = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
     return sample + (probs - probs.detach())

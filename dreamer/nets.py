@@ -88,16 +88,20 @@ class NormGRUCell(nn.Module):
             raise ValueError(f"GRU size {size} is not divisible by its {blocks} blocks")
         self.blocks, self.size = blocks, size
         per = size // blocks
-        self.weight = nn.Parameter(torch.empty(blocks, inp + per, 3 * per))
-        bound = (inp + per) ** -0.5
-        nn.init.uniform_(self.weight, -bound, bound)
+        # input weights are dense (every block sees all of x); recurrent weights block-diagonal
+        self.input = nn.Linear(inp, 3 * size, bias=False)
+        self.recurrent = nn.Parameter(torch.empty(blocks, per, 3 * per))
+        nn.init.uniform_(self.recurrent, -per**-0.5, per**-0.5)
         self.norm = nn.LayerNorm(3 * per)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         g = self.blocks
         hb = h.reshape(h.shape[0], g, -1)  # (N, G, D/G)
-        xb = x.unsqueeze(1).expand(-1, g, -1)  # (N, G, inp)
-        parts = torch.einsum("ngi,gio->ngo", torch.cat([xb, hb], -1), self.weight)
+        parts = self.input(x).reshape(h.shape[0], g, -1)  # (N, G, 3D/G)
+        if g == 1:
+            parts = parts + (hb @ self.recurrent[0])
+        else:
+            parts = parts + torch.bmm(hb.transpose(0, 1), self.recurrent).transpose(0, 1)
         reset, cand, update = self.norm(parts).chunk(3, -1)  # each (N, G, D/G)
         reset = torch.sigmoid(reset)
         cand = torch.tanh(reset * cand)

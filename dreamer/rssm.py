@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dreamer.distributions import sample_one_hot, unimix_logits
+from dreamer.distributions import sample_one_hot, unimix_probs
 from dreamer.nets import MLP, NormGRUCell
 
 State = dict[str, torch.Tensor]
@@ -62,8 +62,9 @@ class RSSM(nn.Module):
         return torch.cat([state["deter"], stoch.reshape(*stoch.shape[:-2], -1)], -1)
 
     def _latent(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = unimix_logits(logits.reshape(-1, self.stoch, self.classes), self.unimix)
-        return sample_one_hot(logits), logits
+        """(straight-through one-hot sample, unimixed log-probs), both (N, S, C)."""
+        probs = unimix_probs(logits.reshape(-1, self.stoch, self.classes), self.unimix)
+        return sample_one_hot(None, probs), probs.log()
 
     def img_step(self, state: State, action: torch.Tensor) -> State:
         """Prior of the next state given the current state and a one-hot action (N, A)."""
