@@ -2,9 +2,9 @@
 
     python benchmarks/agent_speed.py [--sizes tiny 12M] [--batch 16] [--seq 64] [--updates 5]
 
-One update = world-model loss on B x T replayed steps, 15-step imagination from every posterior
-state, actor and critic losses, one backward, three optimiser steps (the ``Dreamer.training_step``
-path without Lightning's loop). Acting = ``Dreamer.act`` on 16 procgen envs.
+One update = ``Dreamer.loss`` (world-model loss on B x T replayed steps, 15-step imagination from
+every posterior state, actor and critic losses), one backward, clipping and three optimiser steps:
+``Dreamer.training_step`` without Lightning's loop. Acting = ``Dreamer.act`` on 16 procgen envs.
 """
 
 from __future__ import annotations
@@ -19,15 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.env_replay import peak_rss_gb  # noqa: E402
 from datamodules.procgen import ProcgenVectorEnv  # noqa: E402
 from dreamer.agent import Dreamer  # noqa: E402
-
-
-def peak_rss_gb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 def params(module: torch.nn.Module) -> float:
@@ -47,12 +41,14 @@ def fake_batch(batch: int, seq: int, device) -> dict[str, torch.Tensor]:
 
 
 def one_update(model: Dreamer, optimizers, batch) -> None:
-    wm_loss, _, post = model.world_model.loss(batch)
-    ac_loss, _ = model.actor_critic.loss(*model.imagine(post, batch["is_terminal"]))
+    """``Dreamer.training_step`` without Lightning: the same loss, clipping and steps."""
+    loss, _ = model.loss(batch)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    (wm_loss + ac_loss).backward()
-    for opt in optimizers:
+    loss.backward()
+    hp = model.hparams
+    for opt, clip in zip(optimizers, (hp.world_model_clip, hp.actor_critic_clip, hp.actor_critic_clip)):
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
         opt.step()
     model.actor_critic.update_slow_critic()
 

@@ -99,8 +99,5 @@ class EnvStepProgressBar(TQDMProgressBar):
         if dm is not None and dm.recent_episodes:
             postfix["return"] = f"{dm.recent_episodes[-1]['return']:.1f}"
         bar.set_postfix(postfix, refresh=False)
-        if self._should_update(bar.n, bar.total) or batch_idx % self.refresh_rate == 0:
+        if batch_idx % self.refresh_rate == 0 or (bar.total is not None and bar.n >= bar.total):
             bar.refresh()
-
-    def _should_update(self, current: int, total: Any) -> bool:
-        return self.is_enabled and total is not None and current >= total

@@ -188,8 +188,7 @@ class SequenceReplay:
         d["flags"][lanes, heads] = flags
         self.count[lanes] = count + 1
         self.size[lanes] = np.minimum(self.size[lanes] + 1, self.lane_capacity)
-        if self.storage == "memmap":
-            self._release_pages(len(lanes) * self._frame_bytes)
+        self._release_pages(len(lanes) * self._frame_bytes)
 
     def clear(self) -> None:
         """Forget every stored step (the storage is kept and overwritten)."""

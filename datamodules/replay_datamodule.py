@@ -37,8 +37,11 @@ class RandomPolicy:
     def __init__(self, seed: int | None = None) -> None:
         self.rng = np.random.default_rng(seed)
 
+    def actions(self, n: int) -> np.ndarray:
+        return self.rng.integers(0, NUM_ACTIONS, size=n)
+
     def act(self, obs, is_first, state=None):
-        return torch.from_numpy(self.rng.integers(0, NUM_ACTIONS, size=len(obs))), None
+        return torch.from_numpy(self.actions(len(obs))), None
 
 
 class _ForeverBatches(IterableDataset):
@@ -174,7 +177,7 @@ class ReplayDataModule(pl.LightningDataModule):
         else:
             if self.eval_train_env is None:
                 self.eval_train_env = ProcgenVectorEnv(
-                    cfg.game, env.num_envs if (env := self.test_env) else cfg.num_envs,
+                    cfg.game, cfg.test_num_envs or cfg.num_envs,
                     cfg.distribution_mode, cfg.num_levels, cfg.start_level,
                     seed=cfg.seed + 2_000_003 + 7919 * self.rank,
                     **(self.hparams.procgen_options or {}),
@@ -229,8 +232,8 @@ class ReplayDataModule(pl.LightningDataModule):
         for _ in range(vector_steps):
             obs, is_first = self._obs, self._is_first
             policy = self.policy()
-            if policy is self.random_policy:
-                actions = policy.rng.integers(0, NUM_ACTIONS, size=n)
+            if policy is self.random_policy:  # no torch round trip for random actions
+                actions = policy.actions(n)
             else:
                 with torch.inference_mode():
                     actions, self._policy_state = policy.act(

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import copy
 
 import pytorch_lightning as pl
 import torch
 
 from dreamer.distributions import TwoHot, categorical_entropy, unimix_logits
-from dreamer.nets import MLP
+from dreamer.nets import MLP, init_args
 
 
 def lambda_returns(
@@ -53,9 +51,7 @@ class ActorCritic(pl.LightningModule):
         retnorm_decay: float = 0.99,
     ) -> None:
         super().__init__()
-        # Plain attributes, not save_hyperparameters(): under LightningCLI that would record the
-        # owning Dreamer's arguments for this nested module.
-        self.hp = SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        self.hp = init_args(locals())
         self.actor = MLP(feat_dim, units, layers, num_actions)
         self.critic = MLP(feat_dim, units, layers, 255, zero_init=True)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)

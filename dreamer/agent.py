@@ -114,21 +114,26 @@ class Dreamer(pl.LightningModule):
             )  # (H + 1, N)
         return feat, actions, reward, cont
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """World-model loss on the batch plus actor-critic loss on dreams from its posteriors."""
         wm_loss, metrics, post = self.world_model.loss(batch)
         ac_loss, ac_metrics = self.actor_critic.loss(*self.imagine(post, batch["is_terminal"]))
+        return wm_loss + ac_loss, {**metrics, **ac_metrics}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, metrics = self.loss(batch)
         hp = self.hparams
         optimizers = self.optimizers()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        self.manual_backward(wm_loss + ac_loss)
+        self.manual_backward(loss)
         clips = (hp.world_model_clip, hp.actor_critic_clip, hp.actor_critic_clip)
         for opt, clip in zip(optimizers, clips):
             self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
             opt.step()
         self.actor_critic.update_slow_critic()
         self.updates += 1
-        self._log_training({**metrics, **ac_metrics})
+        self._log_training(metrics)
         dm = self.trainer.datamodule
         if dm is not None and dm.env_steps >= hp.max_env_steps:
             self.trainer.should_stop = True

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import torch
 from torch import nn
+
+
+def init_args(local_vars: dict[str, Any]) -> SimpleNamespace:
+    """A nested module's constructor arguments (pass ``locals()``), as plain attributes.
+
+    Not ``save_hyperparameters()``: under LightningCLI that records the owning Dreamer's arguments
+    for every LightningModule constructed inside it.
+    """
+    return SimpleNamespace(**{k: v for k, v in local_vars.items() if k not in ("self", "__class__")})
 
 
 class MLP(nn.Sequential):

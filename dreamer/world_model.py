@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
 from dreamer.distributions import TwoHot, categorical_kl
-from dreamer.nets import MLP, Decoder, Encoder
+from dreamer.nets import MLP, Decoder, Encoder, init_args
 from dreamer.rssm import RSSM, State
 
 
@@ -42,9 +40,7 @@ class WorldModel(pl.LightningModule):
         scale_rep: float = 0.1,
     ) -> None:
         super().__init__()
-        # Plain attributes, not save_hyperparameters(): under LightningCLI that would record the
-        # owning Dreamer's arguments for this nested module.
-        self.hp = SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        self.hp = init_args(locals())
         self.encoder = Encoder(depth)
         self.rssm = RSSM(self.encoder.embed_dim, num_actions, deter, hidden, stoch, classes,
                          gru_blocks, unimix)
