@@ -22,12 +22,13 @@ class Policy(Protocol):
     """What the DataModule acts with (``Dreamer`` implements it).
 
     ``obs`` is uint8 (N, 64, 64, 3) and ``is_first`` bool (N,), both on the CPU; ``state`` is
-    whatever the policy returned last time (None at the start). It must reset its recurrent state
-    where ``is_first`` is true and return int actions (N,) in [0, 15) and its new state.
+    whatever the policy returned last time (None at the start); ``reward`` (N,) float32 the reward
+    received on arriving at ``obs`` (0 on an episode's first frame). It must reset its recurrent
+    state where ``is_first`` is true and return int actions (N,) in [0, 15) and its new state.
     """
 
     def act(
-        self, obs: torch.Tensor, is_first: torch.Tensor, state: Any
+        self, obs: torch.Tensor, is_first: torch.Tensor, state: Any, reward: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, Any]: ...
 
 
@@ -40,7 +41,7 @@ class RandomPolicy:
     def actions(self, n: int) -> np.ndarray:
         return self.rng.integers(0, NUM_ACTIONS, size=n)
 
-    def act(self, obs, is_first, state=None):
+    def act(self, obs, is_first, state=None, reward=None):
         return torch.from_numpy(self.actions(len(obs))), None
 
 
@@ -188,10 +189,14 @@ class ReplayDataModule(pl.LightningDataModule):
         returns, completes = [], []
         obs, _ = env.reset()
         is_first, state = np.ones(env.num_envs, bool), None
+        reward = np.zeros(env.num_envs, np.float32)
         while (counted < per_env).any():
-            actions, state = policy.act(torch.from_numpy(obs), torch.from_numpy(is_first), state)
-            obs, _, terminated, truncated, info = env.step(actions.cpu().numpy().astype(np.int64))
+            actions, state = policy.act(
+                torch.from_numpy(obs), torch.from_numpy(is_first), state, torch.from_numpy(reward)
+            )
+            obs, reward, terminated, truncated, info = env.step(actions.cpu().numpy().astype(np.int64))
             is_first = terminated | truncated
+            reward = np.where(is_first, 0.0, reward).astype(np.float32)
             for i in np.flatnonzero(is_first & (counted < per_env)):
                 returns.append(float(info["episode"]["r"][i]))
                 completes.append(float(info["episode"]["level_complete"][i]))
@@ -237,7 +242,8 @@ class ReplayDataModule(pl.LightningDataModule):
             else:
                 with torch.inference_mode():
                     actions, self._policy_state = policy.act(
-                        torch.from_numpy(obs), torch.from_numpy(is_first), self._policy_state
+                        torch.from_numpy(obs), torch.from_numpy(is_first), self._policy_state,
+                        torch.from_numpy(self._reward),
                     )
                 actions = actions.cpu().numpy().astype(np.int64)
             replay.add(obs, actions, self._reward, is_first, zeros, zeros)

@@ -11,6 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from dreamer.actor_critic import ActorCritic
+from dreamer.goals import (
+    GoalMatcher, GoalStateModel, GoalTrack, isolated_rng, mixture_probs, sample_actions,
+)
+from dreamer.metrics import GoalSuccess
 from dreamer.rssm import State
 from dreamer.world_model import WorldModel
 
@@ -49,6 +53,14 @@ class Dreamer(pl.LightningModule):
     stops once the DataModule has taken ``max_env_steps`` environment steps; updates and env steps
     (not Lightning's ``global_step``, which counts every optimiser step) are the x-axis of every
     logged metric.
+
+    Goals (see ``dreamer/goals.py``): ``goal_model`` proposes goals with ``goal_strategy``
+    (``value`` or ``replay``; ``goal_rollouts`` imagined rollouts, ``goal_offset`` steps ahead in
+    replay), a state matches its goal at similarity >= ``goal_threshold``, and an unmatched goal
+    is replaced after ``goal_steps`` environment steps. ``goal_matcher`` is trained only by the
+    dream callbacks. Goal success is measured in validation always, and while collecting during
+    fit when ``track_goals`` is set or DreamWeaning mixes the matcher into acting; the
+    measurement draws from its own random stream, so it never changes training.
     """
 
     def __init__(
@@ -70,6 +82,13 @@ class Dreamer(pl.LightningModule):
         actor_critic_eps: float = 1e-5,
         actor_critic_clip: float = 100.0,
         max_env_steps: int = 100_000,
+        goal_strategy: str = "value",
+        goal_threshold: float = 0.7,
+        goal_rollouts: int = 8,
+        goal_offset: int = 8,
+        goal_steps: int = 32,
+        matcher_lr: float = 3e-4,
+        track_goals: bool = False,
     ) -> None:
         super().__init__()
         if size not in SIZES:
@@ -88,6 +107,24 @@ class Dreamer(pl.LightningModule):
             self.world_model.rssm.feat_dim, NUM_ACTIONS, arch["units"], arch["layers"], horizon,
             gamma, lam, entropy,
         )
+        with torch.random.fork_rng(devices=[]):  # plain DreamerV3 keeps its random stream
+            self.goal_matcher = GoalMatcher(
+                self.world_model.rssm.feat_dim, arch["deter"], NUM_ACTIONS, arch["units"],
+                arch["layers"], matcher_lr,
+            )
+        self.goal_model = GoalStateModel(
+            arch["deter"], goal_strategy, goal_threshold, goal_rollouts, horizon, goal_offset,
+            gamma=gamma,
+        )
+        if goal_steps < 1:
+            raise ValueError(f"goal_steps must be >= 1, got {goal_steps}")
+        self.goal_metrics = torch.nn.ModuleDict(
+            {split: GoalSuccess() for split in ("fit", "train_levels", "unseen_levels")}
+        )
+        self.goal_split = "fit"  # which metric acting updates
+        self.mix_weight: float | None = None  # set by DreamWeaning: weight of the matcher
+        self._goal_seed = 0
+        self.last_post: State | None = None  # posteriors of the latest batch, for the callbacks
         self.automatic_optimization = False
         self.updates = 0
         self._perf = (time.perf_counter(), 0, 0)
@@ -99,6 +136,7 @@ class Dreamer(pl.LightningModule):
             torch.optim.Adam(self.world_model.parameters(), hp.world_model_lr, eps=hp.world_model_eps),
             torch.optim.Adam(self.actor_critic.actor.parameters(), hp.actor_lr, eps=hp.actor_critic_eps),
             torch.optim.Adam(self.actor_critic.critic.parameters(), hp.critic_lr, eps=hp.actor_critic_eps),
+            self.goal_matcher.configure_optimizers(),
         ]
 
     def imagine(self, post: State, is_terminal: torch.Tensor):
@@ -117,13 +155,14 @@ class Dreamer(pl.LightningModule):
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """World-model loss on the batch plus actor-critic loss on dreams from its posteriors."""
         wm_loss, metrics, post = self.world_model.loss(batch)
+        self.last_post = {k: v.detach() for k, v in post.items()}
         ac_loss, ac_metrics = self.actor_critic.loss(*self.imagine(post, batch["is_terminal"]))
         return wm_loss + ac_loss, {**metrics, **ac_metrics}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, metrics = self.loss(batch)
         hp = self.hparams
-        optimizers = self.optimizers()
+        optimizers = self.optimizers()[:3]  # world model, actor, critic (the matcher's is the 4th)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
@@ -132,6 +171,9 @@ class Dreamer(pl.LightningModule):
             self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
             opt.step()
         self.actor_critic.update_slow_critic()
+        if hp.goal_strategy == "replay":
+            with isolated_rng(self.device, self.updates):
+                self.goal_model.add_replay(self.last_post, batch["is_first"])
         self.updates += 1
         self._log_training(metrics)
         dm = self.trainer.datamodule
@@ -155,6 +197,12 @@ class Dreamer(pl.LightningModule):
         if episodes:
             for key in ("return", "length", "level_complete"):
                 metrics[f"episode/{key}"] = torch.tensor(np.mean([e[key] for e in episodes]))
+        goal_metric = self.goal_metrics["fit"]
+        if goal_metric.update_called:
+            for key, value in goal_metric.compute().items():
+                if not torch.isnan(value):
+                    metrics[f"goal/{key}"] = value.float()
+            goal_metric.reset()
         metrics["counters/updates"] = torch.tensor(float(self.updates))
         metrics["counters/env_steps"] = torch.tensor(float(env_steps))
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
@@ -163,43 +211,97 @@ class Dreamer(pl.LightningModule):
     # ---------------------------------------------------------------- acting
     @torch.no_grad()
     def act(
-        self, obs: torch.Tensor, is_first: torch.Tensor, state: Any = None
+        self, obs: torch.Tensor, is_first: torch.Tensor, state: Any = None,
+        reward: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """Sample actions (N,) for uint8 frames (N, 64, 64, 3), carrying (RSSM state, last action).
+        """Sample actions (N,) for uint8 frames (N, 64, 64, 3), carrying (RSSM state, last action,
+        goal track). The recurrent state and previous action are zeroed where ``is_first``.
 
-        The recurrent state and previous action are zeroed where ``is_first``.
+        ``reward`` (N,), received on arriving at ``obs``, only feeds the goal metrics.
         """
         obs, is_first = obs.to(self.device), is_first.to(self.device)
         rssm = self.world_model.rssm
         if state is None:
-            state = (rssm.initial(len(obs), self.device), torch.zeros(len(obs), dtype=torch.long, device=self.device))
+            state = (rssm.initial(len(obs), self.device), torch.zeros(len(obs), dtype=torch.long, device=self.device), None)
             is_first = torch.ones_like(is_first)
-        rssm_state, prev_action = state
+        rssm_state, prev_action, track = state
         embed = self.world_model.encoder(obs)
         post, _ = rssm.obs_step(
             rssm_state, F.one_hot(prev_action, NUM_ACTIONS).float(), embed, is_first.bool()
         )
-        action = self.actor_critic.sample(rssm.features(post))
-        return action.cpu(), (post, action)
+        feat = rssm.features(post)
+        if self.mix_weight is None and not self.hparams.track_goals and self.goal_split == "fit":
+            action = self.actor_critic.sample(feat)
+            return action.cpu(), (post, action, None)
+        if reward is None:
+            reward = torch.zeros(len(obs))
+        track = self._pursue_goals(post, is_first.bool(), reward.to(self.device), track)
+        if not self.mix_weight:
+            action = self.actor_critic.sample(feat)
+        else:
+            matcher_logits = self.goal_matcher.policy_logits(feat, post["deter"], track.goal)
+            probs = mixture_probs(self.actor_critic.policy_logits(feat), matcher_logits, self.mix_weight)
+            action = sample_actions(probs)
+        return action.cpu(), (post, action, track)
+
+    def _pursue_goals(
+        self, post: State, is_first: torch.Tensor, reward: torch.Tensor, track: GoalTrack | None
+    ) -> GoalTrack:
+        """Score the current states against their goals, then give new goals where needed."""
+        gm, metric = self.goal_model, self.goal_metrics[self.goal_split]
+        if track is None:
+            track = GoalTrack.empty(len(reward), post["deter"].shape[-1], self.device)
+        ended = is_first & track.in_episode
+        if ended.any():
+            metric.update(episode_matches=track.matches[ended])
+        track.matches[is_first] = 0
+        track.active &= ~is_first
+        track.in_episode[:] = True
+        if track.active.any():
+            active = track.active.clone()
+            matched = gm.matched(track.goal, post) & active
+            metric.update(matched=matched[active], reward=reward[active])
+            track.matches += matched.long()
+            track.age += active.long()
+            track.active &= ~matched & (track.age < self.hparams.goal_steps)
+        need = ~track.active
+        if need.any():
+            self._goal_seed += 1
+            with isolated_rng(self.device, self._goal_seed):
+                goal = gm.propose({k: v[need] for k, v in post.items()}, self.world_model, self.actor_critic)
+            track.goal[need] = goal
+            track.active[need] = True
+            track.age[need] = 0
+        return track
 
     # ---------------------------------------------------------------- validation
     def validation_step(self, split: str, batch_idx: int) -> None:
         dm = self.trainer.datamodule
-        summary = dm.evaluate(self, split)
+        metric = self.goal_metrics[split]
+        metric.reset()
+        self.goal_split = split
+        try:
+            summary = dm.evaluate(self, split)
+        finally:
+            self.goal_split = "fit"
+        for key, value in metric.compute().items():
+            summary[f"goal/{key}"] = float(value)
         for key, value in summary.items():
             self.log(f"val/{split}/{key}", value, on_step=False, on_epoch=True, batch_size=1)
         self.log("step", float(dm.env_steps), on_step=False, on_epoch=True, batch_size=1)
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.trainer.callback_metrics
+        keys = ("return", "normalized_score", "level_complete", "episodes", "goal/step_success",
+                "goal/episode_success")
         rows = []
         for split in ("train_levels", "unseen_levels"):
-            keys = ("return", "normalized_score", "level_complete", "episodes")
             vals = [metrics.get(f"val/{split}/{k}") for k in keys]
             if vals[0] is not None:
-                rows.append(f"{split:<14}" + "".join(f"{float(v):>18.3f}" for v in vals))
+                rows.append(f"{split:<14}" + "".join(
+                    f"{float(v) if v is not None else float('nan'):>18.3f}" for v in vals))
         if rows and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            header = f"{'levels':<14}" + "".join(f"{k:>18}" for k in ("return", "normalized_score", "level_complete", "episodes"))
+            header = f"{'levels':<14}" + "".join(f"{k.replace('goal/', 'goal_'):>18}" for k in keys)
             print("\n" + header + "\n" + "\n".join(rows))
 
     # ---------------------------------------------------------------- checkpoints

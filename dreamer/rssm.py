@@ -61,6 +61,12 @@ class RSSM(nn.Module):
         stoch = state["stoch"]
         return torch.cat([state["deter"], stoch.reshape(*stoch.shape[:-2], -1)], -1)
 
+    def state_from_features(self, feat: torch.Tensor) -> State:
+        """The state (N, ...) whose features are ``feat`` (N, F); its logits are left uniform (they
+        only describe how the stored sample was drawn, and stepping from a state never reads them)."""
+        stoch = feat[..., self.deter :].reshape(*feat.shape[:-1], self.stoch, self.classes)
+        return {"deter": feat[..., : self.deter], "stoch": stoch, "logits": torch.zeros_like(stoch)}
+
     def _latent(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(straight-through one-hot sample, unimixed log-probs), both (N, S, C)."""
         probs = unimix_probs(logits.reshape(-1, self.stoch, self.classes), self.unimix)

@@ -296,7 +296,7 @@ def test_act_resets_state_at_is_first():
 
     def act(is_first, state):
         torch.manual_seed(123)
-        action, (post, _) = agent.act(obs, torch.tensor(is_first), state)
+        action, (post, *_) = agent.act(obs, torch.tensor(is_first), state)
         return action, post
 
     fresh_action, fresh = act([False] * 3, None)

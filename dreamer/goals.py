@@ -1,0 +1,216 @@
+"""Goals in latent space: the state model that proposes them, the matcher that reaches them, and
+the per-environment bookkeeping that measures goal success while acting.
+
+A goal is a vector in the world model's deterministic state space (``deter``, D values).
+``cosine_max(g, s) = g.s / max(|g|, |s|)^2`` is 1 only when ``s == g``; a state matches its goal
+when the similarity reaches ``threshold``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from dreamer.distributions import unimix_logits
+from dreamer.nets import MLP, init_args
+from dreamer.rssm import State
+
+STRATEGIES = ("value", "replay")
+
+
+def cosine_max(goal: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """``g.s / max(|g|, |s|)^2`` over the last axis (1 only for identical vectors)."""
+    norm = torch.maximum(goal.norm(dim=-1), state.norm(dim=-1)).clamp(min=1e-8)
+    return (goal * state).sum(-1) / norm**2
+
+
+@contextlib.contextmanager
+def isolated_rng(device: torch.device, seed: int):
+    """Run a block on its own random stream, leaving the caller's RNG exactly as it was.
+
+    Goal bookkeeping in a run without dream callbacks must not change what plain DreamerV3 does.
+    """
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
+def step_optimizer(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params, clip: float) -> None:
+    """One optimiser step on ``loss`` for ``params`` only, outside Lightning's training step.
+
+    Under torch.distributed the gradients are averaged over ranks first (the dream callbacks run
+    outside the DDP-wrapped forward, so DDP would not synchronise them).
+    """
+    params = list(params)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(world)
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+
+
+class GoalMatcher(pl.LightningModule):
+    """Goal-conditioned policy ``pi_g(a | s, g)`` over the 15 actions, with its own Adam optimiser.
+
+    Input: the state's model features and the goal's offset from the state's deter, ``g - deter``.
+    """
+
+    def __init__(
+        self, feat_dim: int, goal_dim: int, num_actions: int = 15, units: int = 256,
+        layers: int = 2, lr: float = 3e-4, eps: float = 1e-5, clip: float = 100.0,
+        unimix: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.hp = init_args(locals())
+        self.policy = MLP(feat_dim + goal_dim, units, layers, num_actions)
+
+    def policy_logits(self, feat: torch.Tensor, deter: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        """Normalised log-probabilities (..., A) for states (feat, deter) and goals (..., D)."""
+        return unimix_logits(self.policy(torch.cat([feat, goal - deter], -1)), self.hp.unimix)
+
+    def loss(self, feat, deter, goal, action) -> torch.Tensor:
+        """Cross-entropy of the actions that reached ``goal`` (goal-conditioned supervised learning)."""
+        logits = self.policy_logits(feat, deter, goal)
+        return -logits.gather(-1, action.unsqueeze(-1)).squeeze(-1).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), self.hp.lr, eps=self.hp.eps)
+
+
+class GoalStateModel(nn.Module):
+    """Proposes goals for states: ``propose(state, world_model, actor_critic) -> goal``.
+
+    Strategies:
+      - ``value``: imagine ``rollouts`` trajectories of ``horizon`` steps with the actor from the
+        state; the goal is the end state of the one with the highest predicted return
+        (discounted predicted rewards, weighted by predicted continuation, plus the end value).
+      - ``replay``: real experience. A bank holds pairs (posterior state, the posterior state
+        ``offset`` steps later in the same episode) from replayed batches; the goal is the later
+        state of the pair whose start is most similar to the state. Until the bank has pairs,
+        proposals fall back to ``value``.
+    ``heldout(post, is_first)`` gives evaluation pairs from real experience, goals the matcher
+    never generated (it trains on goals relabelled inside its own dreams).
+    """
+
+    def __init__(
+        self, goal_dim: int, strategy: str = "value", threshold: float = 0.7, rollouts: int = 8,
+        horizon: int = 15, offset: int = 8, bank_size: int = 4096, gamma: float = 1 - 1 / 333,
+    ) -> None:
+        super().__init__()
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown goal strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"goal threshold must be in (0, 1], got {threshold}")
+        if rollouts < 1 or horizon < 1 or offset < 1 or bank_size < 1:
+            raise ValueError("goal rollouts, horizon, offset and bank_size must be >= 1")
+        self.hp = init_args(locals())
+        self.register_buffer("bank_start", torch.zeros(bank_size, goal_dim))
+        self.register_buffer("bank_goal", torch.zeros(bank_size, goal_dim))
+        self.register_buffer("bank_count", torch.zeros((), dtype=torch.long))
+
+    @staticmethod
+    def goal_of(state: State) -> torch.Tensor:
+        return state["deter"]
+
+    def similarity(self, goal: torch.Tensor, state: State) -> torch.Tensor:
+        return cosine_max(goal, self.goal_of(state))
+
+    def matched(self, goal: torch.Tensor, state: State) -> torch.Tensor:
+        return self.similarity(goal, state) >= self.hp.threshold
+
+    # ------------------------------------------------------------- real experience
+    def real_pairs(self, post: State, is_first: torch.Tensor) -> tuple[State, torch.Tensor]:
+        """(start states (M, ...), goals (M, D)): states of (B, T) posteriors and the state
+        ``offset`` steps later when no episode starts in between."""
+        k = self.hp.offset
+        if post["deter"].shape[1] <= k:
+            raise ValueError(f"goal offset {k} needs sequences longer than {k} steps")
+        # a new episode at any of t+1..t+k breaks the pair (B, T - k)
+        starts = is_first[:, 1:].float().unfold(1, k, 1).sum(-1) == 0
+        start = {key: v[:, :-k][starts] for key, v in post.items()}
+        return start, self.goal_of(post)[:, k:][starts]
+
+    @torch.no_grad()
+    def add_replay(self, post: State, is_first: torch.Tensor) -> None:
+        """Store real (start, goal) pairs in the ring bank used by the ``replay`` strategy."""
+        start, goal = self.real_pairs(post, is_first)
+        n, size = len(goal), self.hp.bank_size
+        if n == 0:
+            return
+        if n > size:
+            keep = torch.randperm(n, device=goal.device)[:size]
+            start, goal, n = {k: v[keep] for k, v in start.items()}, goal[keep], size
+        idx = (self.bank_count + torch.arange(n, device=goal.device)) % size
+        self.bank_start[idx] = self.goal_of(start)
+        self.bank_goal[idx] = goal
+        self.bank_count += n
+
+    def heldout(self, post: State, is_first: torch.Tensor, n: int) -> tuple[State, torch.Tensor]:
+        """Up to ``n`` real (state, goal ``offset`` steps later) pairs for evaluation."""
+        start, goal = self.real_pairs(post, is_first)
+        pick = torch.randperm(len(goal), device=goal.device)[:n]
+        return {k: v[pick] for k, v in start.items()}, goal[pick]
+
+    # ------------------------------------------------------------- proposals
+    @torch.no_grad()
+    def propose(self, state: State, world_model, actor_critic) -> torch.Tensor:
+        """Goals (N, D) for states (N, ...)."""
+        filled = int(min(self.bank_count.item(), self.hp.bank_size))
+        if self.hp.strategy == "replay" and filled > 0:
+            sim = cosine_max(
+                self.goal_of(state)[:, None, :], self.bank_start[None, :filled, :]
+            )  # (N, filled)
+            return self.bank_goal[sim.argmax(-1)]
+        return self._best_imagined_end(state, world_model, actor_critic)
+
+    def _best_imagined_end(self, state: State, world_model, actor_critic) -> torch.Tensor:
+        hp = self.hp
+        n, r = len(state["deter"]), hp.rollouts
+        start = {k: v.repeat_interleave(r, 0) for k, v in state.items()}  # (N * R, ...)
+        states, _ = world_model.rssm.imagine(start, actor_critic.sample, hp.horizon)
+        feat = world_model.rssm.features(states)  # (H + 1, N * R, F)
+        reward = world_model.reward(feat[1:])  # (H, N * R)
+        alive = torch.cumprod(world_model.continue_prob(feat[1:]), 0)
+        disc = hp.gamma ** torch.arange(1, hp.horizon + 1, device=reward.device).unsqueeze(-1)
+        score = (disc * alive * reward).sum(0) + disc[-1] * alive[-1] * actor_critic.value(feat[-1])
+        best = score.reshape(n, r).argmax(-1)  # (N,)
+        ends = self.goal_of(states)[-1].reshape(n, r, -1)
+        return ends[torch.arange(n, device=best.device), best]
+
+
+@dataclass
+class GoalTrack:
+    """Per-environment acting state of goal pursuit (all tensors (N,) or (N, D))."""
+
+    goal: torch.Tensor
+    active: torch.Tensor
+    age: torch.Tensor
+    in_episode: torch.Tensor
+    matches: torch.Tensor
+
+    @classmethod
+    def empty(cls, n: int, goal_dim: int, device) -> "GoalTrack":
+        z = torch.zeros(n, dtype=torch.long, device=device)
+        f = torch.zeros(n, dtype=torch.bool, device=device)
+        return cls(torch.zeros(n, goal_dim, device=device), f, z, f.clone(), z.clone())
+
+
+def mixture_probs(actor_logits: torch.Tensor, matcher_logits: torch.Tensor, weight: float) -> torch.Tensor:
+    """``w * pi_g + (1 - w) * pi_actor`` from normalised log-probabilities (..., A)."""
+    return weight * matcher_logits.exp() + (1.0 - weight) * actor_logits.exp()
+
+
+def sample_actions(probs: torch.Tensor) -> torch.Tensor:
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
+
