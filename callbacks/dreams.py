@@ -47,12 +47,11 @@ class DreamBuffer:
         return 0 if self.quality is None else len(self.quality)
 
     def add(self, feat: torch.Tensor, action: torch.Tensor, quality: torch.Tensor) -> None:
-        if self.quality is None:
-            self.feat, self.action, self.quality = feat, action, quality
-        else:
-            self.feat = torch.cat([self.feat, feat])[-self.capacity:]
-            self.action = torch.cat([self.action, action])[-self.capacity:]
-            self.quality = torch.cat([self.quality, quality])[-self.capacity:]
+        if self.quality is not None:
+            feat, action = torch.cat([self.feat, feat]), torch.cat([self.action, action])
+            quality = torch.cat([self.quality, quality])
+        self.feat, self.action = feat[-self.capacity :], action[-self.capacity :]
+        self.quality = quality[-self.capacity :]
 
     def hindsight(self, n: int, deter_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``n`` samples (feat, deter, goal, action): a step t of a dream, the action taken there,

@@ -124,6 +124,7 @@ class ActorCritic(pl.LightningModule):
             "loss/critic": critic_loss.detach(),
             "actor/entropy": entropy.mean().detach(),
             "actor/return_scale": self.return_scale.detach(),
+            "actor/advantage_abs": advantage.abs().mean(),
             "imagine/return": returns.mean(),
             "imagine/value": value.mean(),
         }

@@ -171,6 +171,7 @@ class Dreamer(pl.LightningModule):
             self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
             opt.step()
         self.actor_critic.update_slow_critic()
+        self.goal_model.update_statistics(self.last_post)
         if hp.goal_strategy == "replay":
             with isolated_rng(self.device, self.updates):
                 self.goal_model.add_replay(self.last_post, batch["is_first"])

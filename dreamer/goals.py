@@ -2,8 +2,11 @@
 the per-environment bookkeeping that measures goal success while acting.
 
 A goal is a vector in the world model's deterministic state space (``deter``, D values).
-``cosine_max(g, s) = g.s / max(|g|, |s|)^2`` is 1 only when ``s == g``; a state matches its goal
-when the similarity reaches ``threshold``.
+Similarity is ``cosine_max(g, s) = g.s / max(|g|, |s|)^2`` (1 only when ``s == g``) of goal and
+state standardised by running statistics of replayed posterior states; a state matches its goal
+when the similarity reaches ``threshold``. Standardising matters: raw GRU states share a large
+common component, so any two states of a game score above 0.7 and every goal would count as
+reached.
 """
 
 from __future__ import annotations
@@ -118,13 +121,29 @@ class GoalStateModel(nn.Module):
         self.register_buffer("bank_start", torch.zeros(bank_size, goal_dim))
         self.register_buffer("bank_goal", torch.zeros(bank_size, goal_dim))
         self.register_buffer("bank_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mean", torch.zeros(goal_dim))
+        self.register_buffer("var", torch.ones(goal_dim))
+        self.register_buffer("stats_seen", torch.zeros((), dtype=torch.bool))
 
     @staticmethod
     def goal_of(state: State) -> torch.Tensor:
         return state["deter"]
 
+    @torch.no_grad()
+    def update_statistics(self, post: State, decay: float = 0.99) -> None:
+        """EMA of the mean and variance of replayed posterior goal vectors (no randomness used)."""
+        flat = self.goal_of(post).reshape(-1, self.mean.shape[0]).float()
+        mean, var = flat.mean(0), flat.var(0, unbiased=False)
+        if not self.stats_seen:
+            self.mean.copy_(mean), self.var.copy_(var), self.stats_seen.fill_(True)
+        else:
+            self.mean.lerp_(mean, 1 - decay), self.var.lerp_(var, 1 - decay)
+
+    def standardize(self, goal: torch.Tensor) -> torch.Tensor:
+        return (goal - self.mean) / (self.var + 1e-6).sqrt()
+
     def similarity(self, goal: torch.Tensor, state: State) -> torch.Tensor:
-        return cosine_max(goal, self.goal_of(state))
+        return cosine_max(self.standardize(goal), self.standardize(self.goal_of(state)))
 
     def matched(self, goal: torch.Tensor, state: State) -> torch.Tensor:
         return self.similarity(goal, state) >= self.hp.threshold
@@ -169,7 +188,8 @@ class GoalStateModel(nn.Module):
         filled = int(min(self.bank_count.item(), self.hp.bank_size))
         if self.hp.strategy == "replay" and filled > 0:
             sim = cosine_max(
-                self.goal_of(state)[:, None, :], self.bank_start[None, :filled, :]
+                self.standardize(self.goal_of(state))[:, None, :],
+                self.standardize(self.bank_start[None, :filled, :]),
             )  # (N, filled)
             return self.bank_goal[sim.argmax(-1)]
         return self._best_imagined_end(state, world_model, actor_critic)

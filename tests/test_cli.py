@@ -123,3 +123,23 @@ def test_sigkill_then_resume_continues_counters_and_memmap_replay(tmp_path):
     # every env wrote 64 more acting steps (plus one per finished episode) on top of the checkpoint
     assert ((count - saved_count) >= 256 // 4).all()
     assert after["ReplayDataModule"]["episodes"] >= before["ReplayDataModule"]["episodes"]
+
+
+def test_fit_with_dreams_logs_dream_goal_and_weaning_metrics(tmp_path):
+    out = cli(tmp_path, "fit", "--config", SMOKE, "--config", str(ROOT / "configs" / "dreams.yaml"),
+              "--model.max_env_steps", "512")
+    assert "goal_step_success" in out.stdout  # the validation table has goal columns
+    ckpt = load(tmp_path / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt")
+    (buffer,) = [v["buffer"] for k, v in ckpt["callbacks"].items() if k.startswith("DreamGeneration")]
+    assert buffer["feat"].shape[0] > 0, "the dream buffer is saved for resume"
+    assert len(ckpt["optimizer_states"]) == 4  # world model, actor, critic, goal matcher
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs(client.get_experiment_by_name("procgen-dreamer").experiment_id)
+    for key in ("dream/quality", "dream/count", "goal_matcher/loss", "goal_matcher/dream_success",
+                "goal_matcher/actor_dream_success", "bridge/kl", "bridge/transferred",
+                "weaning/weight", "goal/step_success", "val/unseen_levels/goal/step_success",
+                "val/train_levels/goal/episode_success"):
+        assert key in run.data.metrics, key
+    weights = [m.value for m in client.get_metric_history(run.info.run_id, "weaning/weight")]
+    assert weights[0] > weights[-1] and all(0.0 <= w <= 1.0 for w in weights)

@@ -1,0 +1,115 @@
+"""Plain DreamerV3 against DreamerV3 with dreams, same game, seeds and budget; prints one table.
+
+    python scripts/goal_ablation.py --config configs/learn_bigfish.yaml --seeds 0 1 --max-env-steps 40000
+
+Each arm trains with ``cli.py fit`` (the dreams arm adds ``configs/dreams.yaml``), then validates
+on training and unseen levels. Both arms measure goal success the same way (``model.track_goals``,
+goals from the same state model). For the dreams arm it also measures the goal matcher on held-out
+real goals in dreams against the goal-blind actor on the same goals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from callbacks.dreams import DreamGeneration  # noqa: E402
+from cli import main  # noqa: E402
+
+ROWS = [
+    ("goal step success", "goal/step_success"),
+    ("goal episode success", "goal/episode_success"),
+    ("goal matches / episode", "goal/matches_per_episode"),
+    ("goal-game alignment", "goal/alignment"),
+    ("return", "return"),
+    ("level completion", "level_complete"),
+]
+
+
+def held_out_dream_success(cli, batches: int = 8) -> dict[str, float]:
+    """Matcher vs actor on real held-out goals, in dreams from replayed posterior states."""
+    gen = next((c for c in cli.trainer.callbacks if isinstance(c, DreamGeneration)), None)
+    if gen is None:
+        return {}
+    model, dm = cli.model, cli.datamodule
+    totals: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for _ in range(batches):
+            sample = dm.replay.sample(dm.hparams.batch_size, dm.hparams.seq_len)
+            batch = {"obs": torch.from_numpy(sample["frames"]), "action": torch.from_numpy(sample["action"]),
+                     "reward": torch.from_numpy(sample["reward"]),
+                     "is_first": torch.from_numpy(sample["is_first"]),
+                     "is_terminal": torch.from_numpy(sample["is_terminal"])}
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            _, _, post = model.world_model.loss(batch)
+            for key, value in gen.evaluate(model, post, batch["is_first"]).items():
+                totals.setdefault(key, []).append(value)
+    return {k: sum(v) / len(v) for k, v in totals.items()}
+
+
+def run_arm(arm: str, config: list[str], seed: int, steps: int, extra: list[str]) -> dict[str, float]:
+    args = ["fit"]
+    for c in config + (["configs/dreams.yaml"] if arm == "dreams" else []):
+        args += ["--config", str(ROOT / c) if not Path(c).is_absolute() else c]
+    args += ["--seed_everything", str(seed), "--data.seed", str(seed),
+             "--model.max_env_steps", str(steps), "--model.track_goals", "true",
+             "--trainer.default_root_dir", f"runs/ablation/{arm}-seed{seed}",
+             "--trainer.logger.init_args.run_name", f"ablation-{arm}-seed{seed}", *extra]
+    cli = main(args)
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+    metrics.update(held_out_dream_success(cli))
+    return metrics
+
+
+def mean(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def table(results: dict[str, list[dict[str, float]]]) -> str:
+    arms = list(results)
+    lines = [f"{'metric':<34}" + "".join(f"{a:>14}" for a in arms)]
+    for split in ("train_levels", "unseen_levels"):
+        for label, key in ROWS:
+            cells = [mean([r.get(f"val/{split}/{key}", float("nan")) for r in results[a]]) for a in arms]
+            lines.append(f"{label + ' (' + split.split('_')[0] + ')':<34}" + "".join(f"{c:>14.3f}" for c in cells))
+    for label, key in (("matcher success on held-out goals", "goal_matcher/dream_success"),
+                       ("actor success on the same goals", "goal_matcher/actor_dream_success")):
+        cells = [mean([r.get(key, float("nan")) for r in results[a]]) for a in arms]
+        lines.append(f"{label + ' (dreams)':<34}" + "".join(f"{c:>14.3f}" for c in cells))
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", default=None,
+                        help="base config(s) shared by both arms (default: configs/learn_bigfish.yaml)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--max-env-steps", type=int, default=40_000)
+    parser.add_argument("--arms", nargs="+", default=["plain", "dreams"], choices=["plain", "dreams"])
+    args, extra = parser.parse_known_args(argv)
+    if args.max_env_steps < 1:
+        parser.error("--max-env-steps must be >= 1")
+    args.config = args.config or ["configs/learn_bigfish.yaml"]
+    return args, extra
+
+
+def run(argv: list[str] | None = None) -> str:
+    args, extra = parse(argv)
+    results = {arm: [run_arm(arm, args.config, s, args.max_env_steps, extra) for s in args.seeds]
+               for arm in args.arms}
+    text = table(results)
+    print(f"\nablation: {', '.join(args.config)}, seeds {args.seeds}, {args.max_env_steps} env steps each\n{text}")
+    return text
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,578 @@
+"""Goal framework against hand-computed values: hindsight relabelling, DreamWeaning's weight,
+the acting mixture, bridge distillation, the GoalSuccess metric, goal bookkeeping while acting,
+cosine_max, input validation, and plain DreamerV3 left exactly as it was before goals existed."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from callbacks.dreams import BridgeDistillation, DreamBuffer, DreamGeneration, DreamWeaning
+from dreamer.agent import NUM_ACTIONS, Dreamer
+from dreamer.goals import GoalStateModel, cosine_max, mixture_probs
+from dreamer.metrics import GoalSuccess
+
+DETER, STOCH, CLASSES = 64, 8, 8  # the tiny preset
+
+
+def _batch(seed=0, b=2, t=10):
+    g = torch.Generator().manual_seed(seed)
+    batch = {
+        "obs": torch.randint(0, 256, (b, t, 64, 64, 3), generator=g, dtype=torch.uint8),
+        "action": torch.randint(0, 15, (b, t), generator=g),
+        "reward": torch.randn(b, t, generator=g),
+        "is_first": torch.zeros(b, t, dtype=torch.bool),
+        "is_last": torch.zeros(b, t, dtype=torch.bool),
+        "is_terminal": torch.zeros(b, t, dtype=torch.bool),
+    }
+    batch["is_first"][1, 4] = True
+    batch["is_terminal"][1, 3] = True
+    batch["is_last"][1, 3] = True
+    return batch
+
+
+def _frames(seed, n=3, steps=6):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n, 64, 64, 3), generator=g, dtype=torch.uint8) for _ in range(steps)]
+
+
+# --------------------------------------------------------------------------- 1. hindsight
+def _identifiable_buffer(capacity, first, second, horizon, feat_dim):
+    """Dreams whose every feature entry k of step s of dream d is 1000 k + 100 d + s, and whose
+    action at step s is 10000 + 100 d + s. Added in two chunks (dream ids 0..first-1, then
+    first..first+second-1), so the FIFO drops the oldest when capacity is exceeded."""
+    def dreams(ids):
+        d = torch.tensor(ids, dtype=torch.float32)[:, None, None]
+        s = torch.arange(horizon + 1, dtype=torch.float32)[None, :, None]
+        k = torch.arange(feat_dim, dtype=torch.float32)[None, None, :]
+        feat = 1000 * k + 100 * d + s  # (n, H + 1, F)
+        action = 10000 + 100 * torch.tensor(ids)[:, None] + torch.arange(horizon)[None, :]
+        return feat, action, torch.rand(len(ids))
+
+    buffer = DreamBuffer(capacity)
+    buffer.add(*dreams(list(range(first))))
+    if second:
+        buffer.add(*dreams(list(range(first, first + second))))
+    return buffer
+
+
+def test_hindsight_goal_is_a_later_state_of_the_same_dream():
+    torch.manual_seed(0)
+    horizon, feat_dim, deter_dim = 5, 6, 4
+    buffer = _identifiable_buffer(capacity=3, first=2, second=2, horizon=horizon, feat_dim=feat_dim)
+    assert len(buffer) == 3  # dream 0 dropped, dreams 1, 2, 3 kept
+
+    n = 20000
+    feat, deter, goal, action = buffer.hindsight(n, deter_dim)
+    assert feat.shape == (n, feat_dim) and deter.shape == (n, deter_dim)
+    assert goal.shape == (n, deter_dim) and action.shape == (n,)
+
+    # decode (dream, step) of the sample's state and of the goal
+    d = (feat[:, 0] // 100).long()
+    t = (feat[:, 0] % 100).long()
+    gd = (goal[:, 0] // 100).long()
+    j = (goal[:, 0] % 100).long()
+    k = torch.arange(feat_dim, dtype=torch.float32)
+    assert torch.equal(feat, 1000 * k + (100 * d + t).float()[:, None])  # a real stored row
+    assert torch.equal(deter, feat[:, :deter_dim])
+    assert torch.equal(goal, 1000 * k[:deter_dim] + (100 * gd + j).float()[:, None])  # deter only
+    assert torch.equal(action, 10000 + 100 * d + t)  # the action taken at the sample's step
+    assert torch.equal(gd, d)  # same dream
+    assert set(d.tolist()) == {1, 2, 3}
+    assert (t >= 0).all() and (t < horizon).all()
+    assert (j > t).all() and (j <= horizon).all()  # strictly later, never past the dream's end
+    for step in range(horizon):
+        drawn = set(j[t == step].tolist())
+        assert drawn == set(range(step + 1, horizon + 1)), (step, drawn)
+
+
+def test_dream_buffer_first_add_respects_capacity():
+    # One add larger than the buffer (num_dreams * keep_fraction > buffer_size) keeps the newest.
+    buffer = _identifiable_buffer(capacity=2, first=5, second=0, horizon=3, feat_dim=4)
+    assert len(buffer) <= 2
+    assert buffer.feat.shape[0] == buffer.action.shape[0] == len(buffer)
+
+
+# --------------------------------------------------------------------------- 2. weaning
+@pytest.mark.parametrize(
+    "w_min, expected",
+    [(0.0, [1.0, 0.5, 0.1, 0.0, 0.0]), (0.2, [1.0, 0.5, 0.2, 0.2, 0.2])],
+)
+def test_weaning_weight_falls_linearly_to_w_min(w_min, expected):
+    weaning = DreamWeaning(anneal_env_steps=1000, w_min=w_min)
+    got = [weaning.weight(t) for t in (0, 500, 900, 1000, 2000)]
+    assert got == pytest.approx(expected, abs=1e-12)
+
+    # the callback hooks write the weight of the datamodule's env steps into the model
+    model = SimpleNamespace(mix_weight=None, logged={})
+    model.log_dict = lambda metrics, **kwargs: model.logged.update(metrics)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(env_steps=500))
+    weaning.on_fit_start(trainer, model)
+    assert model.mix_weight == pytest.approx(0.5)
+    trainer.datamodule.env_steps = 2000
+    weaning.on_train_batch_end(trainer, model, None, None, 0)
+    assert model.mix_weight == pytest.approx(w_min)
+    assert model.logged == {"weaning/weight": pytest.approx(w_min)}
+
+
+@pytest.mark.parametrize("kwargs", [{"anneal_env_steps": 0}, {"w_min": -0.1}, {"w_min": 1.5}])
+def test_weaning_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        DreamWeaning(**kwargs)
+
+
+# --------------------------------------------------------------------------- 3. mixture
+def test_mixture_probs_hand_computed():
+    torch.manual_seed(0)
+    actor = torch.randn(7, NUM_ACTIONS).log_softmax(-1)
+    matcher = (torch.randn(7, NUM_ACTIONS) * 3).log_softmax(-1)
+    assert torch.equal(mixture_probs(actor, matcher, 0.0), actor.exp())
+    assert torch.equal(mixture_probs(actor, matcher, 1.0), matcher.exp())
+    for w in (0.0, 0.3, 0.8, 1.0):
+        probs = mixture_probs(actor, matcher, w)
+        assert (probs >= 0).all()
+        torch.testing.assert_close(probs.sum(-1), torch.ones(7), rtol=0, atol=1e-6)
+    expected = [[0.3 * math.exp(m) + 0.7 * math.exp(a) for a, m in zip(ra, rm)]
+                for ra, rm in zip(actor.tolist(), matcher.tolist())]
+    torch.testing.assert_close(mixture_probs(actor, matcher, 0.3), torch.tensor(expected))
+
+
+def _act_sequence(model, seed, frames, firsts):
+    torch.manual_seed(seed)
+    state, actions = None, []
+    for obs, first in zip(frames, firsts):
+        action, state = model.act(obs, torch.tensor(first), state, torch.ones(len(obs)))
+        actions.append(action.tolist())
+    return actions, state, torch.get_rng_state()
+
+
+FIRSTS = [[False] * 3, [False] * 3, [True, False, False], [False] * 3, [False, True, True],
+          [False] * 3]
+
+
+def test_act_with_zero_mix_weight_acts_like_the_plain_actor():
+    torch.manual_seed(0)
+    model = Dreamer(size="tiny")
+    frames = _frames(1)
+    plain, plain_state, plain_rng = _act_sequence(model, 7, frames, FIRSTS)
+    assert plain_state[2] is None  # the plain path keeps no goal track
+
+    model.mix_weight = 0.0
+    mixed, mixed_state, mixed_rng = _act_sequence(model, 7, frames, FIRSTS)
+    assert mixed_state[2] is not None and mixed_state[2].active.all()  # goals were pursued
+    assert mixed == plain
+    assert torch.equal(mixed_rng, plain_rng)
+    assert torch.equal(mixed_state[0]["deter"], plain_state[0]["deter"])
+
+
+def test_act_samples_from_the_weighted_mixture():
+    torch.manual_seed(0)
+    model = Dreamer(size="tiny")
+    target = 7
+    one_hot = torch.full((NUM_ACTIONS,), -math.inf)
+    one_hot[target] = 0.0  # the matcher always picks action 7
+    model.goal_matcher.policy_logits = lambda feat, deter, goal: one_hot.expand(len(feat), -1)
+    model.goal_model.propose = lambda state, wm, ac: torch.zeros(len(state["deter"]), DETER)
+
+    n = 2000
+    obs = _frames(2, n=1, steps=1)[0].expand(n, -1, -1, -1)
+    first = torch.ones(n, dtype=torch.bool)
+    model.mix_weight = 1.0
+    action, _ = model.act(obs, first)
+    assert (action == target).all()
+
+    model.mix_weight = 0.8
+    torch.manual_seed(3)
+    action, (post, _, _) = model.act(obs, first)
+    actor_p = model.actor_critic.policy_logits(model.world_model.rssm.features(post)).exp()[:, target]
+    expected = (0.8 + 0.2 * actor_p).mean().item()  # weights swapped would give about 0.25
+    assert (action == target).float().mean().item() == pytest.approx(expected, abs=0.03)
+
+
+def test_bridge_coef_schedules():
+    constant = BridgeDistillation(coef=0.5, schedule="constant", decay_env_steps=1000)
+    assert [constant.coef_at(t) for t in (0, 500, 5000)] == [0.5, 0.5, 0.5]
+    linear = BridgeDistillation(coef=0.5, schedule="linear", decay_env_steps=1000)
+    assert [linear.coef_at(t) for t in (0, 250, 1000, 5000)] == pytest.approx([0.5, 0.375, 0.0, 0.0])
+
+
+# --------------------------------------------------------------------------- 4. distillation
+def _hand_log_probs(logits):
+    """unimix 1% log-probabilities, computed here from raw network outputs."""
+    return (0.99 * logits.softmax(-1) + 0.01 / logits.shape[-1]).log()
+
+
+def _hand_kl(model, feat, goal):
+    with torch.no_grad():
+        deter = feat[:, :DETER]
+        matcher = _hand_log_probs(model.goal_matcher.policy(torch.cat([feat, goal - deter], -1)))
+        actor = _hand_log_probs(model.actor_critic.actor(feat))
+        return (matcher.exp() * (matcher - actor)).sum(-1).mean().item()
+
+
+def test_bridge_distillation_moves_only_the_actor_toward_the_matcher():
+    torch.manual_seed(0)
+    model = Dreamer(size="tiny")
+    optimizers = model.configure_optimizers()
+    model.optimizers = lambda: optimizers
+    batch = _batch()
+    model.loss(batch)
+    generation = DreamGeneration(num_dreams=16, horizon=6, matcher_updates=2, matcher_batch=32,
+                                 eval_goals=4)
+    generation.generate(model, model.last_post, batch["is_first"])
+    assert len(generation.buffer) == 8
+    feat = generation.buffer.states(64)
+
+    proposed = []
+    propose = model.goal_model.propose
+
+    def recording_propose(*args):
+        proposed.append(propose(*args))
+        return proposed[-1]
+
+    model.goal_model.propose = recording_propose
+    # stale gradients elsewhere (as a training step leaves them) must be neither read, clipped,
+    # zeroed nor added to
+    is_actor = {n: n.startswith("actor_critic.actor.") for n, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.grad = None if is_actor[name] else torch.full_like(p, 1e4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+
+    metrics = BridgeDistillation().distil(model, feat, 1.0)
+
+    assert len(proposed) == 1 and proposed[0].shape == (64, DETER)
+    goal = proposed[0]
+    after_params = {k: v.clone() for k, v in model.state_dict().items()}
+    kl_after = _hand_kl(model, feat, goal)
+    model.load_state_dict(before)
+    kl_before = _hand_kl(model, feat, goal)
+    assert metrics["bridge/kl"] == pytest.approx(kl_before, rel=1e-5)
+    assert kl_after < kl_before
+    assert metrics["bridge/transferred"] == pytest.approx(kl_before - kl_after, rel=1e-3)
+    assert metrics["bridge/coef"] == 1.0
+
+    changed = {k for k in before if not torch.equal(before[k], after_params[k])}
+    actor = {k for k in before if k.startswith("actor_critic.actor.")}
+    assert actor and changed == actor  # every actor tensor moved, nothing else did
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+    for name, p in model.named_parameters():
+        if is_actor[name]:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert (p.grad == 1e4).all(), name
+
+
+# --------------------------------------------------------------------------- 5. GoalSuccess
+def test_goal_success_hand_computed():
+    metric = GoalSuccess()
+    metric.update(matched=torch.tensor([True, False, True, False]),
+                  reward=torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    metric.update(episode_matches=torch.tensor([0, 2, 1]))
+    metric.update(matched=torch.tensor([[False], [False]]), reward=torch.tensor([[-1.0], [5.0]]),
+                  episode_matches=torch.tensor([0]))
+    out = metric.compute()
+    assert out["step_success"].item() == pytest.approx(2 / 6)
+    assert out["episode_success"].item() == pytest.approx(2 / 4)
+    assert out["matches_per_episode"].item() == pytest.approx(3 / 4)
+    # matched steps got 1 and 3; all active steps 1 + 2 + 3 + 4 - 1 + 5 = 14 over 6
+    assert out["alignment"].item() == pytest.approx((1 + 3) / 2 - 14 / 6)
+
+    none_matched = GoalSuccess()
+    none_matched.update(matched=torch.tensor([False, False]), reward=torch.tensor([1.0, 2.0]))
+    out = none_matched.compute()
+    assert out["step_success"].item() == 0.0
+    assert math.isnan(out["alignment"].item())
+    assert math.isnan(out["episode_success"].item())
+    assert math.isnan(out["matches_per_episode"].item())
+
+    episodes_only = GoalSuccess()
+    episodes_only.update(episode_matches=torch.tensor([0, 0, 3]))
+    out = episodes_only.compute()
+    assert out["episode_success"].item() == pytest.approx(1 / 3)
+    assert out["matches_per_episode"].item() == pytest.approx(1.0)
+    assert math.isnan(out["step_success"].item()) and math.isnan(out["alignment"].item())
+
+
+# --------------------------------------------------------------------------- 6. _pursue_goals
+def _e(i, scale=1.0):
+    v = torch.zeros(DETER)
+    v[i] = scale
+    return v
+
+
+def _post(*deters):
+    n = len(deters)
+    return {"deter": torch.stack(deters), "stoch": torch.zeros(n, STOCH, CLASSES),
+            "logits": torch.zeros(n, STOCH, CLASSES)}
+
+
+def test_pursue_goals_bookkeeping_hand_made():
+    model = Dreamer(size="tiny", goal_steps=3, goal_threshold=0.7)
+    metric = model.goal_metrics["fit"]
+    calls, queue = [], []
+
+    def propose(state, world_model, actor_critic):
+        calls.append(state["deter"].clone())
+        return queue.pop(0)  # IndexError when a goal is proposed that the test did not expect
+
+    model.goal_model.propose = propose
+
+    def step(deters, is_first, reward, track, new_goals, proposed_for):
+        post = _post(*deters)
+        queue[:] = [torch.stack(new_goals)] if new_goals else []
+        n_calls = len(calls)
+        track = model._pursue_goals(post, torch.tensor(is_first), torch.tensor(reward), track)
+        assert not queue
+        if proposed_for:
+            assert len(calls) == n_calls + 1
+            assert torch.equal(calls[-1], post["deter"][proposed_for])
+        else:
+            assert len(calls) == n_calls
+        return track
+
+    A, B, C = _e(0, 2.0), _e(1, 3.0), _e(2, 3.0)
+    D2, E, F, G0, G1, H = (_e(i, 3.0) for i in (3, 4, 5, 6, 7, 8))
+
+    # step 0: every env starts; all get goals, nothing is scored
+    track = step([_e(10), _e(11), _e(12)], [True] * 3, [9.0, 9.0, 9.0], None, [A, A, C], [0, 1, 2])
+    assert torch.equal(track.goal, torch.stack([A, A, C]))
+    assert track.active.all() and (track.age == 0).all() and (track.matches == 0).all()
+    assert track.in_episode.all()
+    assert not metric.update_called
+
+    # step 1: env0 reaches A exactly (similarity 1), env1 is at A / 2 (0.5 < 0.7), env2 at
+    # 0.8 C (0.8 >= 0.7): env0 and env2 matched and get new goals
+    track = step([A, 0.5 * A, 0.8 * C], [False] * 3, [1.0, 2.0, 4.0], track, [B, D2], [0, 2])
+    assert track.matches.tolist() == [1, 0, 1]
+    assert torch.equal(track.goal, torch.stack([B, A, D2]))
+    assert track.age.tolist() == [0, 1, 0]
+    assert metric.steps.item() == 3 and metric.matched.item() == 2
+    assert metric.reward.item() == 7.0 and metric.matched_reward.item() == 5.0
+    assert metric.episodes.item() == 0
+
+    # step 2: env2's episode ends (1 match); its goal is dropped and its step not scored
+    track = step([_e(20), _e(21), _e(22)], [False, False, True], [10.0, 20.0, 40.0], track, [E], [2])
+    assert metric.episodes.item() == 1 and metric.matches.item() == 1
+    assert metric.episodes_matched.item() == 1
+    assert metric.steps.item() == 5 and metric.reward.item() == 37.0
+    assert track.matches.tolist() == [1, 0, 0]
+    assert track.age.tolist() == [1, 2, 0]
+
+    # step 3: env1's goal A has now been pursued for goal_steps = 3 steps: replaced
+    track = step([_e(23), _e(24), _e(25)], [False] * 3, [100.0, 200.0, 400.0], track, [F], [1])
+    assert torch.equal(track.goal, torch.stack([B, F, E]))
+    assert track.age.tolist() == [2, 0, 1]
+    assert metric.steps.item() == 8 and metric.matched.item() == 2
+
+    # step 4: env0's episode ends with 1 match (its first state of the next episode happens to
+    # be its old goal B: not a match, that goal belonged to the finished episode); env1 reaches F
+    track = step([B, F, _e(27)], [True, False, False], [1000.0, 2000.0, 4000.0], track,
+                 [G0, G1], [0, 1])
+    assert metric.episodes.item() == 2 and metric.matches.item() == 2
+    assert metric.steps.item() == 10 and metric.matched.item() == 3
+    assert metric.matched_reward.item() == 2005.0
+    assert track.matches.tolist() == [0, 1, 0]
+    assert torch.equal(track.goal, torch.stack([G0, G1, E]))
+
+    # step 5: env2's goal E (set at step 2) expires
+    track = step([_e(30), _e(31), _e(32)], [False] * 3, [0.5, 0.25, 0.125], track, [H], [2])
+    assert track.age.tolist() == [1, 1, 0]
+
+    # step 6: env2's second episode ends without a match
+    track = step([_e(40), _e(41), _e(42)], [False, False, True], [0.0, 0.0, 0.0], track,
+                 [_e(9, 3.0)], [2])
+
+    out = metric.compute()
+    steps, rewards = 15, 1 + 2 + 4 + 10 + 20 + 100 + 200 + 400 + 2000 + 4000 + 0.875
+    assert metric.steps.item() == steps and metric.reward.item() == rewards
+    assert out["step_success"].item() == pytest.approx(3 / steps)
+    assert out["episode_success"].item() == pytest.approx(2 / 3)
+    assert out["matches_per_episode"].item() == pytest.approx(2 / 3)
+    assert out["alignment"].item() == pytest.approx((1 + 4 + 2000) / 3 - rewards / steps)
+
+
+# --------------------------------------------------------------------------- 7. cosine_max
+def test_cosine_max_hand_computed():
+    torch.manual_seed(0)
+    g = torch.randn(5, DETER)
+    torch.testing.assert_close(cosine_max(g, g), torch.ones(5))
+    torch.testing.assert_close(cosine_max(g, 2 * g), torch.full((5,), 0.5))
+    torch.testing.assert_close(cosine_max(2 * g, g), torch.full((5,), 0.5))
+    assert (cosine_max(g, 1.01 * g) < 1).all() and (cosine_max(g, 0.99 * g) < 1).all()
+
+    g3 = torch.tensor([1.0, 2.0, 2.0])  # |g| = 3
+    assert cosine_max(g3, torch.tensor([2.0, 0.0, 0.0])).item() == pytest.approx(2 / 9)
+    assert cosine_max(g3, torch.tensor([3.0, 0.0, 4.0])).item() == pytest.approx(11 / 25)
+    assert cosine_max(g3, -g3).item() == pytest.approx(-1.0)
+    assert cosine_max(torch.zeros(3), torch.zeros(3)).item() == 0.0
+
+    s = torch.randn(5, DETER) * torch.rand(5, 1) * 3
+    expected = [
+        sum(a * b for a, b in zip(gi, si)) / max(sum(a * a for a in gi), sum(b * b for b in si))
+        for gi, si in zip(g.double().tolist(), s.double().tolist())
+    ]
+    torch.testing.assert_close(cosine_max(g, s), torch.tensor(expected, dtype=torch.float32))
+    # broadcasting as the replay strategy uses it: (N, 1, D) x (1, M, D)
+    pairwise = cosine_max(g[:, None, :], s[None, :, :])
+    assert pairwise.shape == (5, 5)
+    torch.testing.assert_close(pairwise.diagonal(), torch.tensor(expected, dtype=torch.float32))
+
+    exact = torch.tensor([3.0, 4.0])  # |exact| = 5, so g.(2g) / |2g|^2 is exactly 0.5
+    assert cosine_max(exact, 2 * exact).item() == 0.5
+    state = {"deter": (2 * exact)[None]}
+    assert GoalStateModel(2, threshold=0.5).matched(exact[None], state).item()
+    assert not GoalStateModel(2, threshold=0.7).matched(exact[None], state).item()
+
+
+def test_replay_strategy_pairs_and_proposals():
+    gm = GoalStateModel(6, strategy="replay", offset=2, bank_size=8)
+    deter = torch.stack([_e(t, 2.0)[:6] for t in range(6)])[None]  # (1, T=6, 6), step t along e_t
+    is_first = torch.zeros(1, 6, dtype=torch.bool)
+    is_first[0, 3] = True  # pairs (1, 3) and (2, 4) cross an episode start; (0, 2), (3, 5) do not
+    start, goal = gm.real_pairs({"deter": deter}, is_first)
+    assert torch.equal(start["deter"], deter[0, [0, 3]])
+    assert torch.equal(goal, deter[0, [2, 5]])
+
+    gm.add_replay({"deter": deter}, is_first)
+    assert gm.bank_count.item() == 2
+    query = {"deter": torch.stack([deter[0, 3] * 0.9, deter[0, 0] * 1.1])}
+    assert torch.equal(gm.propose(query, None, None), deter[0, [5, 2]])
+
+
+# --------------------------------------------------------------------------- 8. plain DreamerV3
+def test_goal_tracking_leaves_acting_and_training_unchanged():
+    frames = _frames(4)
+    runs = []
+    for track_goals in (False, True):
+        torch.manual_seed(0)
+        model = Dreamer(size="tiny", track_goals=track_goals)
+        actions, state, rng = _act_sequence(model, 11, frames, FIRSTS)
+        torch.manual_seed(5)
+        loss, metrics = model.loss(_batch(seed=3))
+        runs.append((model, actions, state, rng, loss, metrics))
+    (_, a0, s0, rng0, l0, m0), (tracked, a1, s1, rng1, l1, m1) = runs
+    assert s0[2] is None and s1[2] is not None  # only the second pursued goals
+    assert tracked.goal_metrics["fit"].update_called
+    assert a0 == a1
+    assert torch.equal(rng0, rng1)
+    assert torch.equal(l0, l1)
+    assert all(torch.equal(m0[k], m1[k]) for k in m0)
+
+
+def golden_run(**kwargs):
+    """Losses of 2 hand-made training steps and 10 acting steps of a tiny Dreamer, all seeded.
+
+    The same function (acting with ``act(obs, is_first, state)``, which both versions accept)
+    gave GOLDEN when run on commit 1bccd7a, before the goal framework existed.
+    """
+    torch.manual_seed(0)
+    model = Dreamer(size="tiny", **kwargs)
+    g = torch.Generator().manual_seed(1234)
+    b, t = 2, 10
+    batch = {
+        "obs": torch.randint(0, 256, (b, t, 64, 64, 3), generator=g, dtype=torch.uint8),
+        "action": torch.randint(0, 15, (b, t), generator=g),
+        "reward": torch.randn(b, t, generator=g),
+        "is_first": torch.zeros(b, t, dtype=torch.bool),
+        "is_last": torch.zeros(b, t, dtype=torch.bool),
+        "is_terminal": torch.zeros(b, t, dtype=torch.bool),
+    }
+    batch["is_first"][1, 4] = True
+    batch["is_terminal"][1, 3] = True
+    batch["is_last"][1, 3] = True
+    hp = model.hparams
+    optimizers = model.configure_optimizers()[:3]  # world model, actor, critic
+    clips = (hp.world_model_clip, hp.actor_critic_clip, hp.actor_critic_clip)
+    losses = []
+    for _ in range(2):  # what training_step does
+        loss, _ = model.loss(batch)
+        losses.append(loss.item())
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt, clip in zip(optimizers, clips):
+            params = [p for group in opt.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+        model.actor_critic.update_slow_critic()
+    with torch.no_grad():
+        losses.append(model.loss(batch)[0].item())
+    param_sum = sum(p.double().sum().item() for p in model.world_model.parameters())
+    param_sum += sum(p.double().sum().item() for p in model.actor_critic.parameters())
+    actions = []
+    state = None
+    for i in range(10):
+        obs = torch.randint(0, 256, (3, 64, 64, 3), generator=g, dtype=torch.uint8)
+        action, state = model.act(obs, torch.tensor([i == 4, False, i == 7]), state)
+        actions.append(action.tolist())
+    final_draw = torch.randint(0, 2**31 - 1, (1,)).item()
+    return losses, param_sum, actions, final_draw
+
+
+GOLDEN_LOSSES = [1099.4354248046875, 1096.6563720703125, 1096.8450927734375]
+GOLDEN_PARAM_SUM = 817.3131369021876
+GOLDEN_ACTIONS = [[9, 9, 3], [9, 9, 1], [3, 5, 3], [10, 1, 6], [9, 7, 2], [5, 6, 1], [8, 3, 4],
+                  [14, 9, 2], [13, 3, 0], [11, 14, 6]]
+GOLDEN_FINAL_DRAW = 1820723911
+
+
+@pytest.mark.parametrize("track_goals", [False, True])
+def test_plain_dreamer_matches_the_code_before_goals(track_goals):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the golden numbers were recorded single-threaded
+    try:
+        losses, param_sum, actions, final_draw = golden_run(track_goals=track_goals)
+    finally:
+        torch.set_num_threads(threads)
+    # recorded at commit 1bccd7a (torch 2.13.0 CPU); a relative 1e-6 allows another CPU's rounding
+    assert losses == pytest.approx(GOLDEN_LOSSES, rel=1e-6)
+    assert param_sum == pytest.approx(GOLDEN_PARAM_SUM, rel=1e-6)
+    assert actions == GOLDEN_ACTIONS
+    assert final_draw == GOLDEN_FINAL_DRAW  # the global random stream advanced exactly alike
+
+
+# --------------------------------------------------------------------------- 9. validation
+def test_goal_configuration_is_validated():
+    with pytest.raises(ValueError, match="allowed: value, replay"):
+        GoalStateModel(DETER, strategy="curiosity")
+    for threshold in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            GoalStateModel(DETER, threshold=threshold)
+    assert GoalStateModel(DETER, threshold=1.0).hp.threshold == 1.0
+    with pytest.raises(ValueError, match="allowed: value, replay"):
+        Dreamer(size="tiny", goal_strategy="curiosity")
+    with pytest.raises(ValueError, match="goal_steps"):
+        Dreamer(size="tiny", goal_steps=0)
+    with pytest.raises(ValueError, match="keep_fraction"):
+        DreamGeneration(keep_fraction=0.0)
+    with pytest.raises(ValueError, match="keep_fraction"):
+        DreamGeneration(keep_fraction=1.5)
+    DreamGeneration(keep_fraction=1.0)
+    with pytest.raises(ValueError, match="'constant' or 'linear'"):
+        BridgeDistillation(schedule="cosine")
+    with pytest.raises(ValueError):
+        BridgeDistillation(coef=-1.0)
+
+
+def test_similarity_is_measured_on_standardised_states():
+    """Raw GRU states share a common component; standardising by replay statistics removes it."""
+    gm = GoalStateModel(goal_dim=4, threshold=0.7)
+    common = torch.tensor([5.0, 5.0, 5.0, 5.0])
+    deter = common + torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [-1.0, 0, 0, 0], [0, -1.0, 0, 0]])
+    a, b = deter[0], deter[1]
+    assert cosine_max(a, b).item() > 0.9  # raw: two different states look alike
+
+    gm.update_statistics({"deter": deter.reshape(2, 2, 4)})
+    torch.testing.assert_close(gm.mean, deter.mean(0))
+    torch.testing.assert_close(gm.var, deter.var(0, unbiased=False))
+    state = lambda d: {"deter": d.unsqueeze(0)}  # noqa: E731
+    assert not gm.matched(a.unsqueeze(0), state(b)).item()
+    assert gm.similarity(a.unsqueeze(0), state(a)).item() == pytest.approx(1.0)
+    # (a - mean) / std = (1, 0, 0, 0) / sqrt(0.5 + 1e-6) and likewise for b: orthogonal
+    assert gm.similarity(a.unsqueeze(0), state(b)).item() == pytest.approx(0.0, abs=1e-6)
+
+    shifted = deter + 2.0  # later statistics move by an EMA with decay 0.99
+    gm.update_statistics({"deter": shifted.reshape(2, 2, 4)})
+    torch.testing.assert_close(gm.mean, deter.mean(0) + 0.02)
