@@ -300,9 +300,9 @@ class Dreamer(pl.LightningModule):
             vals = [metrics.get(f"val/{split}/{k}") for k in keys]
             if vals[0] is not None:
                 rows.append(f"{split:<14}" + "".join(
-                    f"{float(v) if v is not None else float('nan'):>18.3f}" for v in vals))
+                    f"{float(v) if v is not None else float('nan'):>22.3f}" for v in vals))
         if rows and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            header = f"{'levels':<14}" + "".join(f"{k.replace('goal/', 'goal_'):>18}" for k in keys)
+            header = f"{'levels':<14}" + "".join(f"{k.replace('goal/', 'goal_'):>22}" for k in keys)
             print("\n" + header + "\n" + "\n".join(rows))
 
     # ---------------------------------------------------------------- checkpoints

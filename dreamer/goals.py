@@ -97,7 +97,8 @@ class GoalStateModel(nn.Module):
     Strategies:
       - ``value``: imagine ``rollouts`` trajectories of ``horizon`` steps with the actor from the
         state; the goal is the end state of the one with the highest predicted return
-        (discounted predicted rewards, weighted by predicted continuation, plus the end value).
+        (discounted predicted rewards, weighted by predicted continuation, plus the end value)
+        among those whose end the state does not already match.
       - ``replay``: real experience. A bank holds pairs (posterior state, the posterior state
         ``offset`` steps later in the same episode) from replayed batches; the goal is the later
         state of the pair whose start is most similar to the state. Until the bank has pairs,
@@ -176,8 +177,11 @@ class GoalStateModel(nn.Module):
         self.bank_count += n
 
     def heldout(self, post: State, is_first: torch.Tensor, n: int) -> tuple[State, torch.Tensor]:
-        """Up to ``n`` real (state, goal ``offset`` steps later) pairs for evaluation."""
+        """Up to ``n`` real (state, goal ``offset`` steps later) pairs for evaluation, leaving out
+        pairs whose start already matches the goal (they would count as reached at no effort)."""
         start, goal = self.real_pairs(post, is_first)
+        open_ = ~self.matched(goal, start)
+        start, goal = {k: v[open_] for k, v in start.items()}, goal[open_]
         pick = torch.randperm(len(goal), device=goal.device)[:n]
         return {k: v[pick] for k, v in start.items()}, goal[pick]
 
@@ -204,8 +208,13 @@ class GoalStateModel(nn.Module):
         alive = torch.cumprod(world_model.continue_prob(feat[1:]), 0)
         disc = hp.gamma ** torch.arange(1, hp.horizon + 1, device=reward.device).unsqueeze(-1)
         score = (disc * alive * reward).sum(0) + disc[-1] * alive[-1] * actor_critic.value(feat[-1])
-        best = score.reshape(n, r).argmax(-1)  # (N,)
-        ends = self.goal_of(states)[-1].reshape(n, r, -1)
+        ends = self.goal_of(states)[-1].reshape(n, r, -1)  # (N, R, D)
+        # a goal the state already matches is not worth proposing: rank only the others, and
+        # where every rollout ends there, take the least similar end
+        sim = self.similarity(ends, {"deter": self.goal_of(state).unsqueeze(1)})  # (N, R)
+        already = sim >= hp.threshold
+        score = score.reshape(n, r).masked_fill(already, float("-inf"))
+        best = torch.where(already.all(-1), sim.argmin(-1), score.argmax(-1))  # (N,)
         return ends[torch.arange(n, device=best.device), best]
 
 

@@ -576,3 +576,48 @@ def test_similarity_is_measured_on_standardised_states():
     shifted = deter + 2.0  # later statistics move by an EMA with decay 0.99
     gm.update_statistics({"deter": shifted.reshape(2, 2, 4)})
     torch.testing.assert_close(gm.mean, deter.mean(0) + 0.02)
+
+
+def _fake_models(ends, scores, horizon):
+    """World model / actor-critic stand-ins whose rollouts end at ``ends`` (N*R, D) with predicted
+    returns ``scores`` (N*R,) (all of it as the last step's reward)."""
+    n, d = ends.shape
+
+    def imagine(start, policy, steps):
+        deter = torch.stack([start["deter"]] * steps + [ends])  # (H + 1, N*R, D)
+        return {"deter": deter}, torch.zeros(steps, n, dtype=torch.long)
+
+    def reward(feat):
+        out = torch.zeros(feat.shape[:-1])
+        out[-1] = scores
+        return out
+
+    wm = SimpleNamespace(rssm=SimpleNamespace(imagine=imagine, features=lambda s: s["deter"]),
+                         reward=reward, continue_prob=lambda feat: torch.ones(feat.shape[:-1]))
+    ac = SimpleNamespace(sample=None, value=lambda feat: torch.zeros(feat.shape[:-1]))
+    return wm, ac
+
+
+def test_value_proposals_skip_goals_the_state_already_matches():
+    gm = GoalStateModel(goal_dim=4, rollouts=3, horizon=2, threshold=0.7, gamma=1.0)
+    start = {"deter": torch.stack([_e(0)[:4], _e(0)[:4]])}
+    ends = torch.stack([
+        _e(0)[:4], _e(1)[:4], _e(2)[:4],   # state 0: best rollout ends where it already is
+        _e(0)[:4], 0.9 * _e(0)[:4] + 0.1 * _e(3)[:4], _e(0)[:4] * 1.1,  # state 1: all near the start
+    ])
+    scores = torch.tensor([9.0, 5.0, 1.0, 9.0, 8.0, 7.0])
+    goals = gm.propose(start, *_fake_models(ends, scores, horizon=2))
+    assert torch.equal(goals[0], _e(1)[:4])  # the best goal not already reached
+    sims = cosine_max(ends[3:], start["deter"][1])
+    assert sims.min() >= 0.7 and torch.equal(goals[1], ends[3 + int(sims.argmin())])
+
+
+def test_heldout_goals_leave_out_pairs_already_matched():
+    gm = GoalStateModel(goal_dim=4, offset=2, threshold=0.7)
+    # one sequence of 5 steps: states 0 and 1 differ from the states 2 steps later, state 2 not
+    deter = torch.stack([_e(0)[:4], _e(1)[:4], _e(2)[:4], _e(3)[:4], _e(2)[:4]]).unsqueeze(0)
+    post = {"deter": deter, "stoch": torch.zeros(1, 5, 2, 2), "logits": torch.zeros(1, 5, 2, 2)}
+    start, goal = gm.heldout(post, torch.zeros(1, 5, dtype=torch.bool), n=10)
+    assert len(goal) == 2
+    pairs = {(int(s.argmax()), int(g.argmax())) for s, g in zip(start["deter"], goal)}
+    assert pairs == {(0, 2), (1, 3)}
