@@ -621,3 +621,36 @@ def test_heldout_goals_leave_out_pairs_already_matched():
     assert len(goal) == 2
     pairs = {(int(s.argmax()), int(g.argmax())) for s, g in zip(start["deter"], goal)}
     assert pairs == {(0, 2), (1, 3)}
+
+
+def _ddp_goal_success(rank, world, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    metric = GoalSuccess()
+    if rank == 0:
+        metric.update(matched=torch.tensor([True, False]), reward=torch.tensor([2.0, 0.0]),
+                      episode_matches=torch.tensor([1]))
+    else:
+        metric.update(matched=torch.tensor([False, False, True, False]),
+                      reward=torch.tensor([0.0, 1.0, 4.0, 1.0]), episode_matches=torch.tensor([0, 3]))
+    out[rank] = {k: float(v) for k, v in metric.compute().items()}
+    dist.destroy_process_group()
+
+
+def test_goal_success_reduces_exactly_across_ddp_ranks():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_goal_success, args=(2, port, out), nprocs=2, join=True)
+    pooled = {  # all six steps and three episodes of both ranks together
+        "step_success": 2 / 6, "episode_success": 2 / 3, "matches_per_episode": 4 / 3,
+        "alignment": (2 + 4) / 2 - 8 / 6,
+    }
+    for rank in (0, 1):
+        assert out[rank] == pytest.approx(pooled), rank
