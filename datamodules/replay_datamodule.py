@@ -192,7 +192,7 @@ class ReplayDataModule(pl.LightningDataModule):
         reward = np.zeros(env.num_envs, np.float32)
         while (counted < per_env).any():
             actions, state = policy.act(
-                torch.from_numpy(obs), torch.from_numpy(is_first), state, torch.from_numpy(reward)
+                torch.from_numpy(obs), torch.from_numpy(is_first), state, reward=torch.from_numpy(reward)
             )
             obs, reward, terminated, truncated, info = env.step(actions.cpu().numpy().astype(np.int64))
             is_first = terminated | truncated
@@ -243,7 +243,7 @@ class ReplayDataModule(pl.LightningDataModule):
                 with torch.inference_mode():
                     actions, self._policy_state = policy.act(
                         torch.from_numpy(obs), torch.from_numpy(is_first), self._policy_state,
-                        torch.from_numpy(self._reward),
+                        reward=torch.from_numpy(self._reward),
                     )
                 actions = actions.cpu().numpy().astype(np.int64)
             replay.add(obs, actions, self._reward, is_first, zeros, zeros)

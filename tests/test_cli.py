@@ -143,3 +143,19 @@ def test_fit_with_dreams_logs_dream_goal_and_weaning_metrics(tmp_path):
         assert key in run.data.metrics, key
     weights = [m.value for m in client.get_metric_history(run.info.run_id, "weaning/weight")]
     assert weights[0] > weights[-1] and all(0.0 <= w <= 1.0 for w in weights)
+
+
+def test_world_model_probe_reads_a_checkpoint_and_its_replay(smoke_run, tmp_path):
+    cwd, _ = smoke_run
+    ckpt = cwd / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt"
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "world_model_probe.py"), str(ckpt),
+                          "--batches", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "real reward" in out.stdout and "continue probability" in out.stdout
+    rows = [line.split() for line in out.stdout.splitlines()[1:] if line and line[0] in " -0123456789"]
+    assert sum(int(r[1]) for r in rows if len(r) == 3) == 2 * 16 * 32  # every sampled step counted
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "world_model_probe.py"), str(bad)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "not a readable Dreamer checkpoint" in out.stderr

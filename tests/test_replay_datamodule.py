@@ -90,7 +90,7 @@ class ConstantActor(pl.LightningModule):
         self.batches = []
         self.automatic_optimization = False
 
-    def act(self, obs, is_first, state):
+    def act(self, obs, is_first, state, reward=None):
         assert obs.dtype == torch.uint8 and obs.shape[1:] == (64, 64, 3)
         assert state is None or state == len(self.calls) - 1
         self.calls.append(is_first.clone())

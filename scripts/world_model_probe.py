@@ -1,0 +1,88 @@
+"""Does the world model see the game's rewards and episode ends? Reads a checkpoint and its replay.
+
+    python scripts/world_model_probe.py runs/<name>/checkpoints/last.ckpt [--batches 20]
+
+On replayed sequences it prints the reward the world model predicts from the posterior, grouped by
+the real reward, and its continue probability on terminal and other steps. A model that predicts
+the same reward everywhere cannot teach the actor anything, whatever the actor-critic does.
+Needs a checkpoint with an in-RAM replay, or a memory-mapped one whose files are still in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from datamodules.replay import SequenceReplay  # noqa: E402
+from dreamer.agent import Dreamer  # noqa: E402
+
+
+def load(path: str) -> tuple[Dreamer, SequenceReplay]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        hp = ckpt["hyper_parameters"]
+        replay_state = ckpt["ReplayDataModule"]["replay"]
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
+        sys.exit(f"error: {path} is not a readable Dreamer checkpoint with a replay ({type(e).__name__}: {e})")
+    model = Dreamer(**{k: v for k, v in hp.items() if k != "_instantiator"})
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    lanes, per_lane = replay_state["num_lanes"], replay_state["lane_capacity"]
+    directory = None
+    if replay_state["storage"] == "memmap":  # rank 0's files, where the run wrote them
+        directory = Path(ckpt.get("datamodule_hyper_parameters", {}).get("replay_dir") or "replay") / "rank0"
+    replay = SequenceReplay(per_lane * lanes, lanes, storage=replay_state["storage"], directory=directory, seed=0)
+    replay.load_state_dict(replay_state)
+    return model, replay
+
+
+@torch.no_grad()
+def probe(model: Dreamer, replay: SequenceReplay, batches: int = 20, batch_size: int = 16,
+          seq_len: int = 32) -> dict[str, dict[float, tuple[int, float]] | tuple[float, float]]:
+    """{"reward": {real reward: (steps, mean predicted)}, "continue": (at terminals, elsewhere)}."""
+    wm = model.world_model
+    real, pred, term, cont = [], [], [], []
+    for _ in range(batches):
+        b = replay.sample(batch_size, seq_len)
+        batch = {"obs": torch.from_numpy(b["frames"]), "action": torch.from_numpy(b["action"]).long(),
+                 "reward": torch.from_numpy(b["reward"]), "is_first": torch.from_numpy(b["is_first"]),
+                 "is_terminal": torch.from_numpy(b["is_terminal"])}
+        _, _, post = wm.loss(batch)
+        feat = wm.rssm.features(post)
+        real.append(batch["reward"].flatten())
+        pred.append(wm.reward(feat).flatten())
+        term.append(batch["is_terminal"].flatten())
+        cont.append(wm.continue_prob(feat).flatten())
+    real, pred, term, cont = map(torch.cat, (real, pred, term, cont))
+    rewards = {float(v): (int((real == v).sum()), float(pred[real == v].mean())) for v in real.unique()}
+    nan = float("nan")
+    return {
+        "reward": rewards,
+        "continue": (float(cont[term].mean()) if term.any() else nan,
+                     float(cont[~term].mean()) if (~term).any() else nan),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--batches", type=int, default=20)
+    args = parser.parse_args(argv)
+    if args.batches < 1:
+        parser.error("--batches must be >= 1")
+    model, replay = load(args.checkpoint)
+    out = probe(model, replay, args.batches)
+    print(f"{'real reward':>12} {'steps':>8} {'predicted':>10}")
+    for value, (n, mean) in sorted(out["reward"].items()):
+        print(f"{value:>12.3f} {n:>8} {mean:>10.3f}")
+    at_end, elsewhere = out["continue"]
+    print(f"continue probability: {at_end:.3f} on terminal steps, {elsewhere:.3f} elsewhere")
+
+
+if __name__ == "__main__":
+    main()
