@@ -17,16 +17,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from dreamer.distributions import categorical_entropy
-from dreamer.goals import sample_actions, step_optimizer
+from callbacks.training import env_steps_of
+from dreamer.distributions import categorical_entropy, sample_actions
+from dreamer.goals import imagined_return, step_optimizer
 from dreamer.rssm import State
 
 MATCHER_OPTIMIZER, ACTOR_OPTIMIZER = 3, 1
-
-
-def _env_steps(trainer: pl.Trainer) -> int:
-    dm = trainer.datamodule
-    return int(dm.env_steps) if dm is not None else 0
 
 
 def _log(pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:
@@ -162,16 +158,13 @@ class DreamGeneration(pl.Callback):
     def quality(self, pl_module, states: State, feat: torch.Tensor) -> torch.Tensor:
         """(N,) quality of dreams given their states (H + 1, N, ...) and features."""
         wm, ac = pl_module.world_model, pl_module.actor_critic
-        cont = wm.continue_prob(feat[1:])  # (H, N)
-        alive = torch.cumprod(cont, 0)
+        continuation = torch.prod(wm.continue_prob(feat[1:]), 0)  # (N,)
         classes = states["logits"].shape[-1]
         entropy = categorical_entropy(states["logits"][1:]) / torch.log(torch.tensor(float(classes)))
         confidence = 1.0 - entropy.mean((0, 2))  # mean over steps and latents
-        gamma = ac.hp.gamma
-        disc = gamma ** torch.arange(1, len(cont) + 1, device=cont.device).unsqueeze(-1)
-        ret = (disc * alive * wm.reward(feat[1:])).sum(0) + disc[-1] * alive[-1] * ac.value(feat[-1])
+        ret = imagined_return(wm, ac, feat, ac.hp.gamma)
         ret01 = ((ret - ac.ret_lo) / ac.return_scale).clamp(0, 1)
-        terms = torch.stack([alive[-1], confidence, ret01], -1)  # (N, 3)
+        terms = torch.stack([continuation, confidence, ret01], -1)  # (N, 3)
         return terms @ self.weights.to(terms.device)
 
     @torch.no_grad()
@@ -238,7 +231,7 @@ class BridgeDistillation(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         buffer = self.generation.buffer
-        coef = self.coef_at(_env_steps(trainer))
+        coef = self.coef_at(env_steps_of(trainer))
         if len(buffer) and coef > 0 and pl_module.updates % self.every_n_updates == 0:
             self.metrics = self.distil(pl_module, buffer.states(self.batch_size), coef)
         _log(pl_module, self.metrics)
@@ -284,7 +277,7 @@ class DreamWeaning(pl.Callback):
         return max(self.w_min, 1.0 - env_steps / self.anneal_env_steps)
 
     def _apply(self, trainer, pl_module) -> float:
-        pl_module.mix_weight = self.weight(_env_steps(trainer))
+        pl_module.mix_weight = self.weight(env_steps_of(trainer))
         return pl_module.mix_weight
 
     def on_fit_start(self, trainer, pl_module) -> None:

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
 
-def _env_steps(trainer: pl.Trainer) -> int:
+def env_steps_of(trainer: pl.Trainer) -> int:
     dm = trainer.datamodule
     return int(dm.env_steps) if dm is not None else 0
 
@@ -36,18 +36,18 @@ class EnvStepCheckpoint(ModelCheckpoint):
 
     def _save_now(self, trainer: pl.Trainer) -> None:
         candidates = self._monitor_candidates(trainer)
-        candidates["env_steps"] = _env_steps(trainer)
+        candidates["env_steps"] = env_steps_of(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
-        self._saved_at = _env_steps(trainer)
+        self._saved_at = env_steps_of(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        steps = _env_steps(trainer)
+        steps = env_steps_of(trainer)
         if steps // self.every_env_steps > self._saved_at // self.every_env_steps:
             self._save_now(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if _env_steps(trainer) != self._saved_at:
+        if env_steps_of(trainer) != self._saved_at:
             self._save_now(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -81,7 +81,7 @@ class EnvStepProgressBar(TQDMProgressBar):
         bar = self.train_progress_bar
         bar.reset(total=getattr(pl_module.hparams, "max_env_steps", None))
         bar.unit = " env steps"
-        bar.n = _env_steps(trainer)
+        bar.n = env_steps_of(trainer)
         bar.set_description("training")
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -91,7 +91,7 @@ class EnvStepProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         bar = self.train_progress_bar
         dm = trainer.datamodule
-        bar.n = _env_steps(trainer)
+        bar.n = env_steps_of(trainer)
         postfix = {"updates": getattr(pl_module, "updates", 0)}
         ups = trainer.callback_metrics.get("perf/updates_per_s")
         if ups is not None:

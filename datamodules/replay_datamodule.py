@@ -32,6 +32,19 @@ class Policy(Protocol):
     ) -> tuple[torch.Tensor, Any]: ...
 
 
+def replay_batch(sample: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A ``SequenceReplay.sample`` as the model's batch: obs, action, reward, is_first, is_last,
+    is_terminal, each (B, T, ...)."""
+    return {
+        "obs": torch.from_numpy(sample["frames"]),
+        "action": torch.from_numpy(sample["action"]),
+        "reward": torch.from_numpy(sample["reward"]),
+        "is_first": torch.from_numpy(sample["is_first"]),
+        "is_last": torch.from_numpy(sample["is_last"]),
+        "is_terminal": torch.from_numpy(sample["is_terminal"]),
+    }
+
+
 class RandomPolicy:
     """Uniformly random actions, seeded."""
 
@@ -289,14 +302,7 @@ class ReplayDataModule(pl.LightningDataModule):
             self.collect(max(1, -(-(needed - self.env_steps) // n)))
         batch = self.replay.sample(hp.batch_size, hp.seq_len)
         self.batches_served += 1
-        return {
-            "obs": torch.from_numpy(batch["frames"]),
-            "action": torch.from_numpy(batch["action"]),
-            "reward": torch.from_numpy(batch["reward"]),
-            "is_first": torch.from_numpy(batch["is_first"]),
-            "is_last": torch.from_numpy(batch["is_last"]),
-            "is_terminal": torch.from_numpy(batch["is_terminal"]),
-        }
+        return replay_batch(batch)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from dreamer.actor_critic import ActorCritic
-from dreamer.goals import (
-    GoalMatcher, GoalStateModel, GoalTrack, isolated_rng, mixture_probs, sample_actions,
-)
+from dreamer.distributions import sample_actions
+from dreamer.goals import GoalMatcher, GoalStateModel, GoalTrack, isolated_rng, mixture_probs
 from dreamer.metrics import GoalSuccess
 from dreamer.rssm import State
 from dreamer.world_model import WorldModel

@@ -77,6 +77,11 @@ def sample_one_hot(logits: torch.Tensor, probs: torch.Tensor | None = None) -> t
     return sample + (probs - probs.detach())
 
 
+def sample_actions(probs: torch.Tensor) -> torch.Tensor:
+    """Integer samples (...,) of categoricals with probabilities (..., K)."""
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
+
+
 def categorical_kl(lhs_logits: torch.Tensor, rhs_logits: torch.Tensor) -> torch.Tensor:
     """KL(lhs || rhs) of categoricals given normalised log-probs, summed over the last axis."""
     return (lhs_logits.exp() * (lhs_logits - rhs_logits)).sum(-1)

@@ -25,6 +25,14 @@ from dreamer.rssm import State
 STRATEGIES = ("value", "replay")
 
 
+def imagined_return(world_model, actor_critic, feat: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(N,) predicted return of imagined trajectories with features (H + 1, N, F): discounted
+    predicted rewards of steps 1..H weighted by predicted continuation, plus the end value."""
+    alive = torch.cumprod(world_model.continue_prob(feat[1:]), 0)  # (H, N)
+    disc = gamma ** torch.arange(1, len(alive) + 1, device=alive.device).unsqueeze(-1)
+    return (disc * alive * world_model.reward(feat[1:])).sum(0) + disc[-1] * alive[-1] * actor_critic.value(feat[-1])
+
+
 def cosine_max(goal: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     """``g.s / max(|g|, |s|)^2`` over the last axis (1 only for identical vectors)."""
     norm = torch.maximum(goal.norm(dim=-1), state.norm(dim=-1)).clamp(min=1e-8)
@@ -204,10 +212,7 @@ class GoalStateModel(nn.Module):
         start = {k: v.repeat_interleave(r, 0) for k, v in state.items()}  # (N * R, ...)
         states, _ = world_model.rssm.imagine(start, actor_critic.sample, hp.horizon)
         feat = world_model.rssm.features(states)  # (H + 1, N * R, F)
-        reward = world_model.reward(feat[1:])  # (H, N * R)
-        alive = torch.cumprod(world_model.continue_prob(feat[1:]), 0)
-        disc = hp.gamma ** torch.arange(1, hp.horizon + 1, device=reward.device).unsqueeze(-1)
-        score = (disc * alive * reward).sum(0) + disc[-1] * alive[-1] * actor_critic.value(feat[-1])
+        score = imagined_return(world_model, actor_critic, feat, hp.gamma)  # (N * R,)
         ends = self.goal_of(states)[-1].reshape(n, r, -1)  # (N, R, D)
         # a goal the state already matches is not worth proposing: rank only the others, and
         # where every rollout ends there, take the least similar end
@@ -240,6 +245,4 @@ def mixture_probs(actor_logits: torch.Tensor, matcher_logits: torch.Tensor, weig
     return weight * matcher_logits.exp() + (1.0 - weight) * actor_logits.exp()
 
 
-def sample_actions(probs: torch.Tensor) -> torch.Tensor:
-    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
 

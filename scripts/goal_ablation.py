@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from callbacks.dreams import DreamGeneration  # noqa: E402
 from cli import main  # noqa: E402
+from datamodules.replay_datamodule import replay_batch  # noqa: E402
 
 ROWS = [
     ("goal step success", "goal/step_success"),
@@ -42,11 +43,7 @@ def held_out_dream_success(cli, batches: int = 8) -> dict[str, float]:
     totals: dict[str, list[float]] = {}
     with torch.no_grad():
         for _ in range(batches):
-            sample = dm.replay.sample(dm.hparams.batch_size, dm.hparams.seq_len)
-            batch = {"obs": torch.from_numpy(sample["frames"]), "action": torch.from_numpy(sample["action"]),
-                     "reward": torch.from_numpy(sample["reward"]),
-                     "is_first": torch.from_numpy(sample["is_first"]),
-                     "is_terminal": torch.from_numpy(sample["is_terminal"])}
+            batch = replay_batch(dm.replay.sample(dm.hparams.batch_size, dm.hparams.seq_len))
             batch = {k: v.to(model.device) for k, v in batch.items()}
             _, _, post = model.world_model.loss(batch)
             for key, value in gen.evaluate(model, post, batch["is_first"]).items():

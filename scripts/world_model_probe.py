@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datamodules.replay import SequenceReplay  # noqa: E402
+from datamodules.replay_datamodule import replay_batch  # noqa: E402
 from dreamer.agent import Dreamer  # noqa: E402
 
 
@@ -48,10 +49,7 @@ def probe(model: Dreamer, replay: SequenceReplay, batches: int = 20, batch_size:
     wm = model.world_model
     real, pred, term, cont = [], [], [], []
     for _ in range(batches):
-        b = replay.sample(batch_size, seq_len)
-        batch = {"obs": torch.from_numpy(b["frames"]), "action": torch.from_numpy(b["action"]).long(),
-                 "reward": torch.from_numpy(b["reward"]), "is_first": torch.from_numpy(b["is_first"]),
-                 "is_terminal": torch.from_numpy(b["is_terminal"])}
+        batch = replay_batch(replay.sample(batch_size, seq_len))
         _, _, post = wm.loss(batch)
         feat = wm.rssm.features(post)
         real.append(batch["reward"].flatten())

@@ -16,8 +16,8 @@ from dreamer.metrics import GoalSuccess
 DETER, STOCH, CLASSES = 64, 8, 8  # the tiny preset
 
 
-def _batch(seed=0, b=2, t=10):
-    g = torch.Generator().manual_seed(seed)
+def _batch(seed=0, b=2, t=10, generator=None):
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
     batch = {
         "obs": torch.randint(0, 256, (b, t, 64, 64, 3), generator=g, dtype=torch.uint8),
         "action": torch.randint(0, 15, (b, t), generator=g),
@@ -470,18 +470,7 @@ def golden_run(**kwargs):
     torch.manual_seed(0)
     model = Dreamer(size="tiny", **kwargs)
     g = torch.Generator().manual_seed(1234)
-    b, t = 2, 10
-    batch = {
-        "obs": torch.randint(0, 256, (b, t, 64, 64, 3), generator=g, dtype=torch.uint8),
-        "action": torch.randint(0, 15, (b, t), generator=g),
-        "reward": torch.randn(b, t, generator=g),
-        "is_first": torch.zeros(b, t, dtype=torch.bool),
-        "is_last": torch.zeros(b, t, dtype=torch.bool),
-        "is_terminal": torch.zeros(b, t, dtype=torch.bool),
-    }
-    batch["is_first"][1, 4] = True
-    batch["is_terminal"][1, 3] = True
-    batch["is_last"][1, 3] = True
+    batch = _batch(generator=g)  # g goes on to draw the acting frames below
     hp = model.hparams
     optimizers = model.configure_optimizers()[:3]  # world model, actor, critic
     clips = (hp.world_model_clip, hp.actor_critic_clip, hp.actor_critic_clip)
