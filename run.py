@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,23 @@ def setup() -> Path:
     return python
 
 
+def ensure_chromium() -> None:
+    """The web demo's browser test drives Debian's Chromium (/usr/bin/chromium, or DREAMER_CHROMIUM);
+    install it with apt when it is missing and this user can."""
+    if os.path.exists(os.environ.get("DREAMER_CHROMIUM", "/usr/bin/chromium")):
+        return
+    if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if subprocess.call(install, env=env) != 0:
+            subprocess.call(["apt-get", "update"], env=env)
+            subprocess.call(install, env=env)
+    if not os.path.exists(os.environ.get("DREAMER_CHROMIUM", "/usr/bin/chromium")):
+        print("warning: no Chromium found, so the web demo's browser test will fail; install "
+              "Debian's `chromium` package or set DREAMER_CHROMIUM to a Chromium binary",
+              file=sys.stderr)
+
+
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in ("train", "test", "setup"):
         print(__doc__)
@@ -52,6 +70,7 @@ def main() -> int:
     if command == "train":
         cmd = [str(python), "cli.py", "fit", "--config", "configs/quickstart.yaml", *args]
     else:
+        ensure_chromium()
         cmd = [str(python), "-m", "pytest", *args]
     return subprocess.call(cmd, cwd=ROOT)
 

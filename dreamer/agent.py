@@ -219,17 +219,10 @@ class Dreamer(pl.LightningModule):
 
         ``reward`` (N,), received on arriving at ``obs``, only feeds the goal metrics.
         """
-        obs, is_first = obs.to(self.device), is_first.to(self.device)
-        rssm = self.world_model.rssm
-        if state is None:
-            state = (rssm.initial(len(obs), self.device), torch.zeros(len(obs), dtype=torch.long, device=self.device), None)
-            is_first = torch.ones_like(is_first)
-        rssm_state, prev_action, track = state
-        embed = self.world_model.encoder(obs)
-        post, _ = rssm.obs_step(
-            rssm_state, F.one_hot(prev_action, NUM_ACTIONS).float(), embed, is_first.bool()
-        )
-        feat = rssm.features(post)
+        is_first = is_first.to(self.device) if state is not None else torch.ones_like(is_first, device=self.device)
+        track = state[2] if state is not None else None
+        post = self.observe_step(obs, is_first, state)
+        feat = self.world_model.rssm.features(post)
         if self.mix_weight is None and not self.hparams.track_goals and self.goal_split == "fit":
             action = self.actor_critic.sample(feat)
             return action.cpu(), (post, action, None)
@@ -243,6 +236,22 @@ class Dreamer(pl.LightningModule):
             probs = mixture_probs(self.actor_critic.policy_logits(feat), matcher_logits, self.mix_weight)
             action = sample_actions(probs)
         return action.cpu(), (post, action, track)
+
+    @torch.no_grad()
+    def observe_step(self, obs: torch.Tensor, is_first: torch.Tensor, state: Any = None) -> State:
+        """Posterior (N, ...) after seeing uint8 frames ``obs`` (N, 64, 64, 3); ``state`` starts with
+        (previous posterior, previous action) or is None at the start (every lane then begins)."""
+        obs, is_first = obs.to(self.device), is_first.to(self.device).bool()
+        rssm = self.world_model.rssm
+        if state is None:
+            prev = rssm.initial(len(obs), self.device)
+            prev_action = torch.zeros(len(obs), dtype=torch.long, device=self.device)
+            is_first = torch.ones_like(is_first)
+        else:
+            prev, prev_action = state[0], state[1]
+        embed = self.world_model.encoder(obs)
+        post, _ = rssm.obs_step(prev, F.one_hot(prev_action, NUM_ACTIONS).float(), embed, is_first)
+        return post
 
     def _pursue_goals(
         self, post: State, is_first: torch.Tensor, reward: torch.Tensor, track: GoalTrack | None

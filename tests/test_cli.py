@@ -5,35 +5,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "smoke.yaml")
-
-
-def cli(cwd, *args, timeout=300, check=True):
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, capture_output=True, text=True,
-        timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    if check and out.returncode != 0:
-        raise AssertionError(f"cli {args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
-    return out
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("smoke")
-    out = cli(cwd, "fit", "--config", SMOKE)
-    return cwd, out
+from clirun import ROOT, SMOKE, cli, load
 
 
 def test_fit_smoke_writes_checkpoint_mlflow_run_and_config(smoke_run):
@@ -62,6 +38,19 @@ def test_fit_smoke_writes_checkpoint_mlflow_run_and_config(smoke_run):
     logged = [a.path for d in artifacts for a in client.list_artifacts(run.info.run_id, d)]
     assert any(p.endswith(".ckpt") for p in logged), logged
 
+    # DreamVisualizer: pictures every 100 updates and at the end, in the run dir and in MLflow
+    final = run_dir / "dreams" / "dream_vs_reality_768.png"
+    assert f"dream picture: {final.relative_to(cwd)}" in out.stdout
+    dreams = {a.path for a in client.list_artifacts(run.info.run_id, "dreams")}
+    for name in ("dream_vs_reality", "actor_dream", "dream_error", "value_trace"):
+        assert f"dreams/{name}_768.png" in dreams, (name, dreams)
+    assert "dreams/dream_768.gif" in dreams
+    assert len(dreams) >= 3 * 5, "pictures also during training, not only at the end"
+    for k in (1, 8, 15):
+        history = client.get_metric_history(run.info.run_id, f"dream/error_h{k}")
+        assert history and history[-1].step == 768 and 0.0 <= history[-1].value <= 1.0
+        assert f"dream/baseline_psnr_h{k}" in run.data.metrics
+
 
 def test_validate_from_checkpoint_alone(smoke_run, tmp_path):
     cwd, _ = smoke_run
@@ -69,6 +58,8 @@ def test_validate_from_checkpoint_alone(smoke_run, tmp_path):
     out = cli(tmp_path, "validate", "--config", SMOKE, "--ckpt_path", str(ckpt))
     assert "train_levels" in out.stdout and "unseen_levels" in out.stdout
     assert "val/unseen_levels/normalized_score" in out.stdout
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("dream picture: ")]
+    assert (tmp_path / line.removeprefix("dream picture: ")).is_file()
 
 
 def test_mismatched_checkpoint_is_refused_with_what_differs(smoke_run, tmp_path):

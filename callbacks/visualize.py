@@ -1,0 +1,149 @@
+"""DreamVisualizer: pictures of what the agent imagines, logged to MLflow and saved with the run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from pytorch_lightning.loggers import MLFlowLogger
+
+from callbacks.training import env_steps_of
+from datamodules.procgen import ProcgenVectorEnv, unseen_levels
+from dreamer import visuals
+from dreamer.goals import isolated_rng
+
+
+class DreamVisualizer(pl.Callback):
+    """Every ``every_n_updates`` updates, when training ends and at ``validate``, on rank 0:
+
+    - plays ``lanes`` fresh episodes on unseen levels (the same levels each time) for
+      ``context + max(horizon, gif_steps)`` steps with the agent's actor;
+    - dream vs reality: observes ``context`` real frames, imagines ``horizon`` steps with the real
+      actions and draws real, imagined and difference rows (``dream_vs_reality_<env steps>.png``);
+      a second picture imagines with the actor's own actions (``actor_dream_...png``); an animated
+      GIF shows a ``gif_steps``-step dream beside reality (``dream_...gif``);
+    - dream error by horizon over all lanes against the copy-the-last-frame baseline, logged as
+      ``dream/error_h{k}``, ``dream/psnr_h{k}``, ``dream/baseline_error_h{k}``,
+      ``dream/baseline_psnr_h{k}`` and plotted (``dream_error_...png``);
+    - a value trace over one whole unseen-level episode (at most ``trace_steps`` steps) with its
+      rewards marked (``value_trace_...png``).
+
+    Files go to ``<run dir>/dreams/`` and into the MLflow run's ``dreams/`` artifacts. It draws on
+    its own random stream, so training is the same with or without it.
+    """
+
+    def __init__(
+        self, every_n_updates: int = 1000, context: int = 5, horizon: int = 15, gif_steps: int = 48,
+        lanes: int = 8, trace_steps: int = 1000, scale: int = 2, seed: int = 12345,
+    ) -> None:
+        for name, value in (("every_n_updates", every_n_updates), ("context", context),
+                            ("horizon", horizon), ("gif_steps", gif_steps), ("lanes", lanes),
+                            ("trace_steps", trace_steps), ("scale", scale)):
+            if int(value) < 1:
+                raise ValueError(f"DreamVisualizer: {name} must be a positive integer, got {value}")
+        self.every, self.context, self.horizon, self.gif_steps = every_n_updates, context, horizon, gif_steps
+        self.lanes, self.trace_steps, self.scale, self.seed = lanes, trace_steps, scale, seed
+        self.last_files: dict[str, Path] = {}
+        self._done_at: int | None = None
+
+    # ------------------------------------------------------------- hooks
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.updates % self.every == 0:
+            self.visualize(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.visualize(trainer, pl_module)
+        if trainer.is_global_zero and "dream_vs_reality" in self.last_files:
+            print(f"dream picture: {self.last_files['dream_vs_reality']}")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":
+            self.visualize(trainer, pl_module)
+            if trainer.is_global_zero and "dream_vs_reality" in self.last_files:
+                print(f"dream picture: {self.last_files['dream_vs_reality']}")
+
+    # ------------------------------------------------------------- work
+    def _env(self, trainer, num_envs: int, seed: int) -> ProcgenVectorEnv:
+        cfg = trainer.datamodule.env_config
+        start, count = unseen_levels(cfg)
+        mode = "hard" if cfg.distribution_mode == "exploration" else cfg.distribution_mode
+        options = trainer.datamodule.hparams.procgen_options or {}
+        return ProcgenVectorEnv(cfg.game, num_envs, mode, count, start, seed=seed, **options)
+
+    def visualize(self, trainer: pl.Trainer, pl_module) -> dict[str, Path]:
+        """Make and log every picture and metric now; returns the files written."""
+        step = env_steps_of(trainer)
+        if not trainer.is_global_zero or trainer.datamodule is None or self._done_at == step:
+            return {}
+        self._done_at = step
+        out_dir = Path(trainer.default_root_dir) / "dreams"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with isolated_rng(pl_module.device, self.seed), torch.no_grad():
+                files, metrics = self._make(trainer, pl_module, out_dir, step)
+        finally:
+            pl_module.train(was_training)
+        self._log(trainer, files, metrics, step)
+        self.last_files = files
+        return files
+
+    def _make(self, trainer, agent, out_dir: Path, step: int):
+        length = self.context + max(self.horizon, self.gif_steps)
+        env = self._env(trainer, self.lanes, self.seed)
+        try:
+            played = visuals.play(env, agent, length)
+        finally:
+            env.close()
+        obs, action, is_first = played["obs"], played["action"], played["is_first"]
+        dream = visuals.open_loop(agent, obs, action, is_first, self.context, self.horizon)
+        lane = int(np.argmax(dream["valid"].sum(1)))  # a lane whose episode lasts longest
+        errors = visuals.horizon_errors(dream["real"], dream["pred"], dream["last"], dream["valid"])
+        own = visuals.open_loop(agent, obs[lane : lane + 1], action[lane : lane + 1],
+                                is_first[lane : lane + 1], self.context, self.horizon, own_actions=True)
+        long = visuals.open_loop(agent, obs[lane : lane + 1], action[lane : lane + 1],
+                                 is_first[lane : lane + 1], self.context, self.gif_steps)
+        trace_env = self._env(trainer, 1, self.seed + 1)
+        try:
+            trace = visuals.episode_trace(visuals.play(trace_env, agent, self.trace_steps))
+        finally:
+            trace_env.close()
+
+        files = {
+            "dream_vs_reality": self._png(out_dir / f"dream_vs_reality_{step}.png",
+                                          visuals.dream_vs_reality(dream, lane, self.scale)),
+            "actor_dream": self._png(out_dir / f"actor_dream_{step}.png",
+                                     visuals.own_dream(own, 0, self.scale)),
+            "dream_error": self._png(out_dir / f"dream_error_{step}.png", visuals.error_plot(errors)),
+            "value_trace": self._png(
+                out_dir / f"value_trace_{step}.png",
+                visuals.value_trace_plot(trace["value"], trace["reward"],
+                                         f"value over an unseen-level episode ({len(trace['value'])} steps)"),
+            ),
+            "dream_gif": visuals.save_gif(out_dir / f"dream_{step}.gif", long, 0, self.scale),
+        }
+        metrics = {}
+        for k in range(self.horizon):
+            if errors["count"][k] > 0:
+                for name in ("error", "psnr", "baseline_error", "baseline_psnr"):
+                    metrics[f"dream/{name}_h{k + 1}"] = float(errors[name][k])
+        metrics["dream/trace_return"] = float(trace["reward"].sum())
+        return files, metrics
+
+    @staticmethod
+    def _png(path: Path, image: np.ndarray) -> Path:
+        Image.fromarray(image).save(path)
+        return path
+
+    @staticmethod
+    def _log(trainer, files: dict[str, Path], metrics: dict[str, float], step: int) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            if isinstance(logger, MLFlowLogger) and logger.run_id is not None:
+                for path in files.values():
+                    logger.experiment.log_artifact(logger.run_id, os.fspath(path), artifact_path="dreams")

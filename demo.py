@@ -1,0 +1,305 @@
+"""Web demo: watch a trained agent play a Procgen level beside what it imagines.
+
+    python demo.py runs/<name>/checkpoints/last.ckpt            # http://127.0.0.1:7860
+    python demo.py --host 0.0.0.0 --port 8000 CKPT               # reachable from other machines
+    python demo.py --share CKPT                                   # also a public gradio.live link
+
+Pick a game and a level (training or unseen), step or auto-play, and see the real frame, a
+filmstrip of the imagined future from the current state, the value estimate over the episode,
+and, with goals shown, the active goal decoded to an image with its similarity to the state.
+Checkpoints are read with ``torch.load(weights_only=True)``: a file can hold tensors and plain
+containers only, never code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from datamodules.procgen import GAMES, ProcgenConfig, ProcgenVectorEnv, unseen_levels
+from dreamer import visuals
+from dreamer.agent import Dreamer
+
+SPLITS = ("training", "unseen")
+DREAM_STEPS = 8
+
+
+class DemoError(Exception):
+    """A problem the user can fix (wrong file, bad level); its message says what and how."""
+
+
+@dataclass
+class LoadedAgent:
+    """A Dreamer restored from a checkpoint and the training setup it came from."""
+
+    agent: Dreamer
+    path: str
+    game: str
+    levels: ProcgenConfig
+    dreams_on: bool
+
+
+def load_agent(path: str | os.PathLike) -> LoadedAgent:
+    """Restore a Dreamer from a Lightning checkpoint written by ``cli.py fit``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DemoError(f"no checkpoint at {path}: give the path of a .ckpt file written by "
+                        "`cli.py fit` (runs/<name>/checkpoints/last.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
+        raise DemoError(f"{path} is not a checkpoint that can be read safely: torch.load with "
+                        f"weights_only=True refused it ({type(e).__name__}); expected a .ckpt "
+                        "written by `cli.py fit`") from None
+    if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters"} <= set(ckpt):
+        raise DemoError(f"{path} is not a Dreamer checkpoint: it has no state_dict and "
+                        "hyper_parameters (write one with `cli.py fit`)")
+    allowed = inspect.signature(Dreamer.__init__).parameters
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k in allowed}
+    try:
+        agent = Dreamer(**hparams)
+        agent.load_state_dict(ckpt["state_dict"])
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise DemoError(f"{path} does not hold a Dreamer this code can restore: "
+                        f"{str(e).splitlines()[0][:300]}") from None
+    agent.eval()
+    data = ckpt.get("datamodule_hyper_parameters") or {}
+    game = (ckpt.get("dreamer") or {}).get("game") or data.get("game") or "coinrun"
+    levels = ProcgenConfig(game=game, num_envs=1,
+                           distribution_mode=data.get("distribution_mode", "easy"),
+                           num_levels=int(data.get("num_levels", 200)),
+                           start_level=int(data.get("start_level", 0)))
+    callbacks = " ".join(ckpt.get("callbacks", {}))
+    dreams_on = "DreamGeneration" in callbacks or bool(hparams.get("track_goals"))
+    return LoadedAgent(agent, str(path), game, levels, dreams_on)
+
+
+def level_seed(levels: ProcgenConfig, split: str, index: int) -> int:
+    """The procgen level seed of level ``index`` in the training or unseen range of a run."""
+    if split not in SPLITS:
+        raise DemoError(f"levels must be one of {', '.join(SPLITS)}, got {split!r}")
+    if index < 0:
+        raise DemoError(f"level index must be >= 0, got {index}")
+    if split == "training":
+        if levels.num_levels == 0:
+            return index
+        return levels.start_level + index % levels.num_levels
+    start, count = unseen_levels(levels)
+    if count == 0:
+        raise DemoError("this run has no unseen levels (exploration mode)")
+    return start + index % count
+
+
+@dataclass
+class DemoSession:
+    """One episode played by a loaded agent, one step at a time, and what it imagines."""
+
+    loaded: LoadedAgent
+    game: str = ""
+    split: str = "training"
+    index: int = 0
+    show_goals: bool = False
+    seed: int = 0
+    env: Any = None
+    obs: np.ndarray | None = None
+    state: Any = None
+    values: list[float] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    similarities: list[float] = field(default_factory=list)
+    episode_return: float = 0.0
+    done: bool = False
+
+    def start(self, game: str, split: str, index: int, show_goals: bool) -> None:
+        """Start a fresh episode on level ``index`` of the training or unseen levels of ``game``."""
+        if game not in GAMES:
+            raise DemoError(f"unknown game {game!r}; allowed: {', '.join(GAMES)}")
+        index = int(index)
+        self.seed = level_seed(self.loaded.levels, split, index)
+        mode = self.loaded.levels.distribution_mode
+        mode = "hard" if mode == "exploration" and split == "unseen" else mode
+        if self.env is not None:
+            self.env.close()
+        self.env = ProcgenVectorEnv(game, 1, mode, num_levels=1, start_level=self.seed, seed=self.seed)
+        self.game, self.split, self.index, self.show_goals = game, split, index, show_goals
+        self.obs, _ = self.env.reset()
+        self.state, self.done, self.episode_return = None, False, 0.0
+        self.values, self.rewards, self.similarities = [], [], []
+        self._observe(np.ones(1, bool), 0.0)
+
+    def _observe(self, is_first: np.ndarray, reward: float) -> None:
+        agent = self.loaded.agent
+        agent.hparams.track_goals = self.show_goals
+        with torch.no_grad():
+            self.action, self.state = agent.act(
+                torch.from_numpy(self.obs), torch.from_numpy(is_first), self.state,
+                reward=torch.tensor([reward]),
+            )
+            post, _, track = self.state
+            feat = agent.world_model.rssm.features(post)
+            self.values.append(float(agent.actor_critic.value(feat)[0]))
+            if track is not None:
+                self.similarities.append(float(agent.goal_model.similarity(track.goal, post)[0]))
+
+    def step(self) -> None:
+        """Act once; a finished episode starts again on the same level."""
+        if self.done:
+            return self.start(self.game, self.split, self.index, self.show_goals)
+        self.obs, reward, terminated, truncated, _ = self.env.step(self.action.numpy().astype(np.int64))
+        self.rewards.append(float(reward[0]))
+        self.episode_return += float(reward[0])
+        # at an episode's end procgen has already reset: the frame is the level's first again
+        self.done = bool(terminated[0] or truncated[0])
+        self._observe(np.array([self.done]), float(reward[0]))
+
+    # ------------------------------------------------------------- what the page shows
+    def frame(self, scale: int = 4) -> np.ndarray:
+        return self.obs[0].repeat(scale, 0).repeat(scale, 1)
+
+    def filmstrip(self) -> np.ndarray:
+        """The actor's imagined next ``DREAM_STEPS`` frames from the current state."""
+        agent = self.loaded.agent
+        post = self.state[0]
+        with torch.no_grad():
+            states, actions = agent.world_model.rssm.imagine(post, agent.actor_critic.sample, DREAM_STEPS)
+            feat = agent.world_model.rssm.features(states)[1:, 0]  # (H, F)
+            frames = visuals.decode(agent, feat)
+            reward = agent.world_model.reward(feat).numpy()
+            value = agent.actor_critic.value(feat).numpy()
+        labels = [f"+{k + 1}\nr={r:+.2f}\nv={v:+.2f}" for k, (r, v) in enumerate(zip(reward, value))]
+        return visuals.render_rows([("dream", frames)], labels, scale=2)
+
+    def value_plot(self) -> np.ndarray:
+        rewards = np.zeros(len(self.values), np.float32)
+        rewards[: len(self.rewards)] = self.rewards[: len(self.values)]
+        return visuals.value_trace_plot(np.array(self.values), rewards, "value estimate this episode")
+
+    def goal(self) -> tuple[np.ndarray | None, str]:
+        track = self.state[2]
+        if not self.show_goals or track is None:
+            return None, "goals off (tick 'show goals')"
+        image = visuals.decode_goal(self.loaded.agent, track.goal)[0]
+        sim = self.similarities[-1]
+        thr = self.loaded.agent.goal_model.hp.threshold
+        word = "matched" if sim >= thr else "not yet matched"
+        return image.repeat(4, 0).repeat(4, 1), f"goal similarity {sim:.3f} ({word}; threshold {thr})"
+
+    def summary(self) -> str:
+        note = ""
+        if self.game != self.loaded.game:
+            note = f" **The model was trained on {self.loaded.game}: its dreams of {self.game} mean little.**"
+        end = " Episode over: the next step starts it again." if self.done else ""
+        return (f"{self.game}, {self.split} level {self.index} (level seed {self.seed}), "
+                f"step {len(self.rewards)}, return {self.episode_return:g}, "
+                f"value {self.values[-1]:+.3f}.{end}{note}")
+
+
+# ------------------------------------------------------------------ the page
+def build_app(default_ckpt: str | None = None):
+    """The Gradio Blocks app (not launched)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    def views(session: DemoSession | None):
+        if session is None:
+            return None, None, None, None, "", "No checkpoint loaded."
+        goal_image, goal_text = session.goal()
+        return (session.frame(), session.filmstrip(), session.value_plot(), goal_image, goal_text,
+                session.summary())
+
+    def load(path, show_goals):
+        try:
+            loaded = load_agent(path.strip())
+            session = DemoSession(loaded)
+            session.start(loaded.game, "training", 0, show_goals or loaded.dreams_on)
+        except DemoError as e:
+            return (None, gr.update(), gr.update(), f"**Could not load:** {e}",
+                    *views(None)[:5], "")
+        params = sum(p.numel() for p in loaded.agent.parameters())
+        status = (f"Loaded `{loaded.path}`: {loaded.agent.hparams.size} model "
+                  f"({params / 1e6:.2f}M parameters) trained on {loaded.game} "
+                  f"({loaded.levels.num_levels} {loaded.levels.distribution_mode} levels from "
+                  f"{loaded.levels.start_level}).")
+        return (session, gr.update(value=loaded.game), gr.update(value=session.show_goals), status,
+                *views(session))
+
+    def restart(session, game, split, index, show_goals):
+        if session is None:
+            return (session, *views(None))
+        try:
+            session.start(game, split, int(index or 0), bool(show_goals))
+        except DemoError as e:
+            return (session, *views(session)[:5], f"**{e}**")
+        return (session, *views(session))
+
+    def step(session):
+        if session is None:
+            return (session, *views(None))
+        session.step()
+        return (session, *views(session))
+
+    with gr.Blocks(title="Dreamer on Procgen") as app:
+        gr.Markdown("# Dreamer on Procgen: reality and dreams")
+        session = gr.State(None)
+        with gr.Row():
+            ckpt = gr.Textbox(label="checkpoint (.ckpt)", value=default_ckpt or "", elem_id="ckpt", scale=4)
+            load_button = gr.Button("Load", elem_id="load", scale=1)
+        status = gr.Markdown("No checkpoint loaded.", elem_id="status")
+        with gr.Row():
+            game = gr.Dropdown(list(GAMES), value="coinrun", label="game", elem_id="game")
+            split = gr.Radio(list(SPLITS), value="training", label="levels", elem_id="split")
+            index = gr.Number(0, precision=0, minimum=0, label="level index", elem_id="level")
+            show_goals = gr.Checkbox(False, label="show goals", elem_id="goals")
+        with gr.Row():
+            start_button = gr.Button("Start episode", elem_id="start")
+            step_button = gr.Button("Step", variant="primary", elem_id="step")
+            auto = gr.Checkbox(False, label="auto-play", elem_id="auto")
+        info = gr.Markdown(elem_id="info")
+        with gr.Row():
+            frame = gr.Image(label="real frame", elem_id="real-frame", interactive=False, format="png")
+            goal_image = gr.Image(label="active goal (decoded)", elem_id="goal", interactive=False, format="png")
+        goal_text = gr.Markdown(elem_id="goal-text")
+        film = gr.Image(label=f"imagined next {DREAM_STEPS} steps (actor's own actions)",
+                        elem_id="filmstrip", interactive=False, format="png")
+        value = gr.Image(label="value estimate", elem_id="value", interactive=False, format="png")
+        timer = gr.Timer(0.3, active=False)
+
+        shown = [frame, film, value, goal_image, goal_text, info]
+        load_button.click(load, [ckpt, show_goals], [session, game, show_goals, status, *shown])
+        start_button.click(restart, [session, game, split, index, show_goals], [session, *shown])
+        step_button.click(step, [session], [session, *shown])
+        auto.change(lambda on: gr.Timer(active=bool(on)), [auto], [timer])
+        timer.tick(step, [session], [session, *shown])
+        if default_ckpt:
+            app.load(load, [ckpt, show_goals], [session, game, show_goals, status, *shown])
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", nargs="?", help="a .ckpt written by `cli.py fit` (can also be loaded in the page)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
+    args = parser.parse_args(argv)
+    if args.checkpoint:
+        try:
+            load_agent(args.checkpoint)
+        except DemoError as e:
+            sys.exit(f"error: {e}")
+    import gradio as gr
+
+    app = build_app(args.checkpoint)
+    theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme)
+
+
+if __name__ == "__main__":
+    main()
