@@ -266,8 +266,9 @@ def build_app(default_ckpt: str | None = None):
             frame = gr.Image(label="real frame", elem_id="real-frame", interactive=False, format="png")
             goal_image = gr.Image(label="active goal (decoded)", elem_id="goal", interactive=False, format="png")
         goal_text = gr.Markdown(elem_id="goal-text")
-        film = gr.Image(label=f"imagined next {DREAM_STEPS} steps (actor's own actions)",
-                        elem_id="filmstrip", interactive=False, format="png")
+        gr.Markdown(f"**Imagined next {DREAM_STEPS} steps** (the actor's own actions; predicted "
+                    "reward r and value v under each)")
+        film = gr.Image(show_label=False, elem_id="filmstrip", interactive=False, format="png")
         value = gr.Image(label="value estimate", elem_id="value", interactive=False, format="png")
         timer = gr.Timer(0.3, active=False)
 
