@@ -122,7 +122,7 @@ class DreamerCLI(LightningCLI):
         episodes = list(dm.recent_episodes)
         recent = (f", mean return of the last {len(episodes)} episodes "
                   f"{sum(e['return'] for e in episodes) / len(episodes):.2f}") if episodes else ""
-        print(f"\ndone: {dm.env_steps} env steps, {model.updates} updates, {dm.episodes} episodes{recent}")
+        print(f"\ndone: {dm.total_env_steps} env steps, {model.updates} updates, {dm.episodes} episodes{recent}")
         self._print_locations()
 
     def before_validate(self) -> None:

@@ -10,8 +10,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
 
 def env_steps_of(trainer: pl.Trainer) -> int:
+    """Environment steps of all ranks together."""
     dm = trainer.datamodule
-    return int(dm.env_steps) if dm is not None else 0
+    return int(dm.total_env_steps) if dm is not None else 0
 
 
 class EnvStepCheckpoint(ModelCheckpoint):

@@ -69,6 +69,13 @@ class _ForeverBatches(IterableDataset):
             yield self.dm.next_batch()
 
 
+class _Splits(IterableDataset):
+    """The two level sets validation plays, in order, on every rank."""
+
+    def __iter__(self) -> Iterator[str]:
+        yield from ("train_levels", "unseen_levels")
+
+
 class ReplayDataModule(pl.LightningDataModule):
     """Owns the train and test ``ProcgenVectorEnv`` and the ``SequenceReplay``.
 
@@ -140,6 +147,16 @@ class ReplayDataModule(pl.LightningDataModule):
     def rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
 
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    @property
+    def total_env_steps(self) -> int:
+        """Environment steps of all ranks together. Every rank serves the same batches and so
+        takes the same number of steps (``env_steps_needed`` depends only on the batch index)."""
+        return self.env_steps * self.world_size
+
     def _replay_dir(self) -> Path:
         base = self.hparams.replay_dir
         if base is None:
@@ -173,12 +190,15 @@ class ReplayDataModule(pl.LightningDataModule):
         return DataLoader(_ForeverBatches(self), batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
-        # one item per level set; the LightningModule's validation_step plays its episodes
-        return DataLoader(["train_levels", "unseen_levels"], batch_size=None, num_workers=0)
+        # one item per level set; the LightningModule's validation_step plays its episodes. An
+        # iterable dataset, so that under DDP every rank gets both (a list would be split by
+        # Lightning's distributed sampler)
+        return DataLoader(_Splits(), batch_size=None, num_workers=0)
 
     @torch.inference_mode()
-    def evaluate(self, policy: Policy, split: str) -> dict[str, float]:
-        """Play ``val_episodes`` episodes on the training levels or on unseen levels.
+    def evaluate(self, policy: Policy, split: str, episodes: int | None = None) -> dict[str, float]:
+        """Play ``episodes`` (default ``val_episodes``) episodes on the training levels or on
+        unseen levels.
 
         Every env counts the same number of its first episodes, so long episodes are not
         under-represented. Returns mean return, normalised score, level completion and episodes.
@@ -197,7 +217,7 @@ class ReplayDataModule(pl.LightningDataModule):
                     **(self.hparams.procgen_options or {}),
                 )
             env = self.eval_train_env
-        per_env = -(-self.hparams.val_episodes // env.num_envs)
+        per_env = -(-(episodes or self.hparams.val_episodes) // env.num_envs)
         counted = np.zeros(env.num_envs, np.int64)
         returns, completes = [], []
         obs, _ = env.reset()
@@ -306,6 +326,25 @@ class ReplayDataModule(pl.LightningDataModule):
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """Counters and replay. Under DDP every rank writes its own state to
+        ``<replay_dir>/rank<r>/state_<total env steps>.pt`` (the checkpoint itself is written by
+        rank 0 alone) and the checkpoint records the number of ranks and that file name."""
+        state = self._rank_state()
+        if self.world_size == 1:
+            return state
+        directory = self._replay_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        name = f"state_{self.total_env_steps}.pt"
+        tmp = directory / (name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, directory / name)
+        # keep the previous file too: a kill before the checkpoint is replaced still needs it
+        old = sorted(directory.glob("state_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-2]
+        for path in old:
+            path.unlink()
+        return {"world_size": self.world_size, "rank_state": name, "env_steps": self.env_steps}
+
+    def _rank_state(self) -> dict[str, Any]:
         return {
             "env_steps": self.env_steps,
             "episodes": self.episodes,
@@ -317,8 +356,21 @@ class ReplayDataModule(pl.LightningDataModule):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_world = int(state_dict.get("world_size", 1))
+        if saved_world != self.world_size:
+            raise ValueError(
+                f"the checkpoint was written by {saved_world} rank(s), each with its own "
+                f"environments and replay, and this run has {self.world_size}: resume it with "
+                f"--trainer.devices {saved_world} (times the number of nodes it used)"
+            )
         if self.replay is None:
             self.setup("fit")
+        if saved_world > 1:
+            path = self._replay_dir() / state_dict["rank_state"]
+            if not path.is_file():
+                raise ValueError(f"rank {self.rank}'s replay state {path} is missing: the checkpoint "
+                                 "cannot be resumed without it (data.replay_dir must be the same)")
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
         self.env_steps = int(state_dict["env_steps"])
         self.episodes = int(state_dict["episodes"])
         self.batches_served = int(state_dict["batches_served"])

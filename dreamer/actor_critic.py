@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from dreamer.distributions import TwoHot, categorical_entropy, sample_actions, unimix_logits
+from dreamer.distributed import gather_cat
 from dreamer.nets import MLP, init_args
 
 
@@ -75,7 +76,7 @@ class ActorCritic(pl.LightningModule):
 
     @torch.no_grad()
     def update_return_scale(self, returns: torch.Tensor) -> None:
-        flat = returns.detach().flatten().float()
+        flat = gather_cat(returns.detach().flatten().float())  # percentiles over every rank's returns
         lo, hi = torch.quantile(flat, 0.05), torch.quantile(flat, 0.95)
         d = self.hp.retnorm_decay
         if not self.ret_init:

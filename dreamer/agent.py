@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dreamer.actor_critic import ActorCritic
+from dreamer.distributed import gather_cat, gather_objects, mean_over_ranks
 from dreamer.distributions import sample_actions
 from dreamer.goals import GoalMatcher, GoalStateModel, GoalTrack, isolated_rng, mixture_probs
 from dreamer.metrics import GoalSuccess
@@ -125,6 +126,11 @@ class Dreamer(pl.LightningModule):
         self._goal_seed = 0
         self.last_post: State | None = None  # posteriors of the latest batch, for the callbacks
         self.automatic_optimization = False
+        # DDP leaves alone: the goal matcher (trained only in callbacks, which average its gradients
+        # themselves) and each rank's bank of its own replayed goal pairs
+        self._ddp_params_and_buffers_to_ignore = [
+            f"goal_matcher.{name}" for name, _ in self.goal_matcher.named_parameters()
+        ] + [f"goal_model.{name}" for name in ("bank_start", "bank_goal", "bank_count")]
         self.updates = 0
         self._perf = (time.perf_counter(), 0, 0)
 
@@ -177,7 +183,7 @@ class Dreamer(pl.LightningModule):
         self.updates += 1
         self._log_training(metrics)
         dm = self.trainer.datamodule
-        if dm is not None and dm.env_steps >= hp.max_env_steps:
+        if dm is not None and dm.total_env_steps >= hp.max_env_steps:
             self.trainer.should_stop = True
 
     def _log_training(self, metrics: dict[str, torch.Tensor]) -> None:
@@ -186,7 +192,10 @@ class Dreamer(pl.LightningModule):
         if not self.trainer._logger_connector.should_update_logs:
             return
         dm = self.trainer.datamodule
-        env_steps = dm.env_steps if dm is not None else 0
+        env_steps = dm.total_env_steps if dm is not None else 0
+        names = sorted(metrics)  # losses: the mean over ranks, in one all-reduce
+        averaged = mean_over_ranks(torch.stack([metrics[k].float() for k in names]))
+        metrics = dict(zip(names, averaged.unbind()))
         now = time.perf_counter()
         t0, u0, e0 = self._perf
         if now - t0 >= 5.0:
@@ -194,6 +203,7 @@ class Dreamer(pl.LightningModule):
             metrics["perf/env_steps_per_s"] = torch.tensor((env_steps - e0) / (now - t0))
             self._perf = (now, self.updates, env_steps)
         episodes = dm.pop_episodes() if dm is not None else []
+        episodes = [e for rank in gather_objects(episodes) for e in rank]
         if episodes:
             for key in ("return", "length", "level_complete"):
                 metrics[f"episode/{key}"] = torch.tensor(np.mean([e[key] for e in episodes]))
@@ -289,15 +299,17 @@ class Dreamer(pl.LightningModule):
         metric = self.goal_metrics[split]
         metric.reset()
         self.goal_split = split
-        try:
-            summary = dm.evaluate(self, split)
+        world = self.trainer.world_size
+        try:  # each rank plays its share of the episodes on its own envs
+            summary = dm.evaluate(self, split, episodes=-(-dm.hparams.val_episodes // world))
         finally:
             self.goal_split = "fit"
-        for key, value in metric.compute().items():
+        for key, value in metric.compute().items():  # torchmetrics sums its states over ranks
             summary[f"goal/{key}"] = float(value)
         for key, value in summary.items():
-            self.log(f"val/{split}/{key}", value, on_step=False, on_epoch=True, batch_size=1)
-        self.log("step", float(dm.env_steps), on_step=False, on_epoch=True, batch_size=1)
+            self.log(f"val/{split}/{key}", value, on_step=False, on_epoch=True, batch_size=1,
+                     sync_dist=True, reduce_fx="sum" if key == "episodes" else "mean")
+        self.log("step", float(dm.total_env_steps), on_step=False, on_epoch=True, batch_size=1)
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.trainer.callback_metrics
@@ -319,6 +331,8 @@ class Dreamer(pl.LightningModule):
         checkpoint["dreamer"] = {
             "updates": self.updates,
             "torch_rng": torch.get_rng_state(),
+            # separate copies: a row view keeps a storage offset, on which set_rng_state crashes
+            "torch_rng_per_rank": [r.clone() for r in gather_cat(torch.get_rng_state()[None])],
             "game": dm.hparams.game if dm is not None else None,
         }
 
@@ -332,5 +346,9 @@ class Dreamer(pl.LightningModule):
             raise ValueError("checkpoint does not match this run; " + "; ".join(differences))
         state = checkpoint.get("dreamer", {})
         self.updates = int(state.get("updates", 0))
-        if "torch_rng" in state:
+        per_rank = state.get("torch_rng_per_rank") or []
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if len(per_rank) > 1 and rank < len(per_rank):
+            torch.set_rng_state(per_rank[rank].clone())
+        elif "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])

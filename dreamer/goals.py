@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from dreamer.distributed import mean_over_ranks, world_size
 from dreamer.distributions import unimix_logits
 from dreamer.nets import MLP, init_args
 from dreamer.rssm import State
@@ -60,13 +61,9 @@ def step_optimizer(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params,
     params = list(params)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
+    if world_size() > 1:
         for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad)
-            p.grad.div_(world)
+            p.grad = mean_over_ranks(p.grad if p.grad is not None else torch.zeros_like(p))
     torch.nn.utils.clip_grad_norm_(params, clip)
     optimizer.step()
 
@@ -143,6 +140,10 @@ class GoalStateModel(nn.Module):
         """EMA of the mean and variance of replayed posterior goal vectors (no randomness used)."""
         flat = self.goal_of(post).reshape(-1, self.mean.shape[0]).float()
         mean, var = flat.mean(0), flat.var(0, unbiased=False)
+        if world_size() > 1:  # over all ranks (equal counts on each): E[x^2] - mean^2
+            second = mean_over_ranks(var + mean**2)
+            mean = mean_over_ranks(mean)
+            var = (second - mean**2).clamp(min=0)
         if not self.stats_seen:
             self.mean.copy_(mean), self.var.copy_(var), self.stats_seen.fill_(True)
         else:

@@ -12,10 +12,11 @@ SMOKE = str(ROOT / "configs" / "smoke.yaml")
 SMOKE_CKPT = Path("runs") / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt"
 
 
-def cli(cwd, *args, timeout=300, check=True):
+def cli(cwd, *args, timeout=300, check=True, extra_path=()):
+    path = os.pathsep.join(map(str, [ROOT, *extra_path]))
     out = subprocess.run(
         [sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, capture_output=True, text=True,
-        timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=timeout, env={**os.environ, "PYTHONPATH": path},
     )
     if check and out.returncode != 0:
         raise AssertionError(f"cli {args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")

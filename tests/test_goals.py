@@ -107,10 +107,10 @@ def test_weaning_weight_falls_linearly_to_w_min(w_min, expected):
     # the callback hooks write the weight of the datamodule's env steps into the model
     model = SimpleNamespace(mix_weight=None, logged={})
     model.log_dict = lambda metrics, **kwargs: model.logged.update(metrics)
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(env_steps=500))
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(total_env_steps=500))
     weaning.on_fit_start(trainer, model)
     assert model.mix_weight == pytest.approx(0.5)
-    trainer.datamodule.env_steps = 2000
+    trainer.datamodule.total_env_steps = 2000
     weaning.on_train_batch_end(trainer, model, None, None, 0)
     assert model.mix_weight == pytest.approx(w_min)
     assert model.logged == {"weaning/weight": pytest.approx(w_min)}

@@ -1,0 +1,83 @@
+"""Two CPU processes (gloo) under Lightning's DDP, with the dream callbacks on."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from clirun import ROOT, SMOKE, SMOKE_CKPT, cli, load
+
+DDP = ["--config", SMOKE, "--config", str(ROOT / "configs" / "dreams.yaml"),
+       "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
+
+
+def dump_args(directory: Path) -> list[str]:
+    return ["--trainer.callbacks+=ddp_probe.RankDump", "--trainer.callbacks.directory", str(directory)]
+
+
+def ranks(directory: Path) -> tuple[dict, dict]:
+    return tuple(torch.load(directory / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("ddp")
+    out = cli(cwd, "fit", *DDP, "--model.max_env_steps", "640", *dump_args(cwd / "dump"),
+              timeout=600, extra_path=[ROOT / "tests"])
+    return cwd, out
+
+
+def test_every_parameter_is_identical_on_both_ranks(ddp_run):
+    cwd, out = ddp_run
+    r0, r1 = ranks(cwd / "dump")
+    assert r0["world_size"] == 2 and r0["updates"] == r1["updates"] > 20
+    for name, value in r0["state_dict"].items():
+        if name.startswith("goal_model.bank"):
+            continue  # each rank's own replayed goal pairs
+        assert torch.equal(value, r1["state_dict"][name]), name
+    # the matcher and the actor were trained (in the callbacks too), not left at their start
+    ckpt = load(cwd / SMOKE_CKPT)
+    assert len(ckpt["optimizer_states"]) == 4 and ckpt["optimizer_states"][3]["state"]
+
+
+def test_env_step_counters_add_up_over_ranks(ddp_run):
+    cwd, out = ddp_run
+    r0, r1 = ranks(cwd / "dump")
+    assert r0["env_steps"] + r1["env_steps"] == r0["total_env_steps"] == 640
+    assert "done: 640 env steps" in out.stdout
+    ckpt = load(cwd / SMOKE_CKPT)
+    state = ckpt["ReplayDataModule"]
+    assert state["world_size"] == 2
+    for r in (0, 1):  # every rank's replay is saved beside the checkpoint
+        saved = torch.load(cwd / "runs" / "coinrun-tiny-seed0" / "replay" / f"rank{r}" / state["rank_state"],
+                           weights_only=True)
+        assert saved["env_steps"] == 320
+        assert torch.equal(saved["replay"]["count"], [r0, r1][r]["replay_count"])
+    assert len(ckpt["dreamer"]["torch_rng_per_rank"]) == 2
+
+
+def test_validation_plays_both_level_sets_split_over_ranks(ddp_run):
+    _, out = ddp_run
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()
+            if line.startswith(("train_levels", "unseen_levels"))}
+    assert set(rows) == {"train_levels", "unseen_levels"}
+    # val_episodes 4 over 2 ranks: 2 each, rounded up to one episode per env (4 test envs per
+    # rank), summed over ranks
+    assert float(rows["unseen_levels"][4]) == float(rows["train_levels"][4]) == 8.0
+
+
+def test_resume_needs_the_same_number_of_ranks(ddp_run):
+    cwd, _ = ddp_run
+    out = cli(cwd, "fit", "--config", SMOKE, "--config", str(ROOT / "configs" / "dreams.yaml"),
+              "--model.max_env_steps", "768", "--ckpt_path", "last", check=False)
+    assert out.returncode != 0
+    assert "written by 2 rank(s)" in out.stderr and "--trainer.devices 2" in out.stderr
+    out = cli(cwd, "fit", *DDP, "--model.max_env_steps", "768", "--ckpt_path", "last",
+              *dump_args(cwd / "dump2"), timeout=600, extra_path=[ROOT / "tests"])
+    r0, r1 = ranks(cwd / "dump2")
+    assert r0["env_steps"] == r1["env_steps"] == 384 and r0["total_env_steps"] == 768
+    old = ranks(cwd / "dump")
+    assert r0["updates"] > old[0]["updates"]
+    for name, value in r0["state_dict"].items():
+        if not name.startswith("goal_model.bank"):
+            assert torch.equal(value, r1["state_dict"][name]), name
