@@ -168,8 +168,8 @@ class DemoSession:
         agent = self.loaded.agent
         post = self.state[0]
         with torch.no_grad():
-            states, actions = agent.world_model.rssm.imagine(post, agent.actor_critic.sample, DREAM_STEPS)
-            feat = agent.world_model.rssm.features(states)[1:, 0]  # (H, F)
+            _, feat, _ = agent.world_model.rssm.imagine(post, agent.actor_critic.sample, DREAM_STEPS)
+            feat = feat[1:, 0]  # (H, F)
             frames = visuals.decode(agent, feat)
             reward = agent.world_model.reward(feat).numpy()
             value = agent.actor_critic.value(feat).numpy()

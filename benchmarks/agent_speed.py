@@ -1,6 +1,7 @@
 """Updates/s, env steps/s (acting with the agent), peak memory and parameter counts per model size.
 
-    python benchmarks/agent_speed.py [--sizes tiny 12M] [--batch 16] [--seq 64] [--updates 5]
+    python benchmarks/agent_speed.py [--sizes tiny 12M 25M] [--batch 16] [--seq 64] [--updates 5]
+                                     [--precision 32|bf16] [--compile]
 
 One update = ``Dreamer.loss`` (world-model loss on B x T replayed steps, 15-step imagination from
 every posterior state, actor and critic losses), one backward, clipping and three optimiser steps:
@@ -53,17 +54,28 @@ def one_update(model: Dreamer, optimizers, batch) -> None:
     model.actor_critic.update_slow_critic()
 
 
-def bench(size: str, batch: int, seq: int, updates: int, device) -> dict[str, float]:
+def bench(size: str, batch: int, seq: int, updates: int, device, precision: str = "32",
+          compile: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     model = Dreamer(size=size).to(device)
     optimizers = model.configure_optimizers()
     data = fake_batch(batch, seq, device)
-    one_update(model, optimizers, data)  # warm-up
+    if compile:
+        model.compile_networks()
+    # bf16: autocast as Lightning's "bf16-mixed" does (fp32 weights, bf16 matmuls and convolutions)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with autocast:
+        one_update(model, optimizers, data)  # warm-up (and compilation)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    first_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(updates):
-        one_update(model, optimizers, data)
+        with autocast:
+            one_update(model, optimizers, data)
     if device.type == "cuda":
         torch.cuda.synchronize()
     update_s = (time.perf_counter() - start) / updates
@@ -79,6 +91,7 @@ def bench(size: str, batch: int, seq: int, updates: int, device) -> dict[str, fl
         is_first = term | trunc
     act_steps_s = steps * 16 / (time.perf_counter() - start)
     return {
+        "first_update_s": first_s,
         "updates_per_s": 1 / update_s,
         "seconds_per_update": update_s,
         "env_steps_per_s_acting": act_steps_s,
@@ -92,20 +105,22 @@ def bench(size: str, batch: int, seq: int, updates: int, device) -> dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "12M"])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "12M", "25M"])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--updates", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("32", "bf16"), default="32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile networks and RSSM steps")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch} x {args.seq}")
-    print(f"{'size':>6} {'upd/s':>8} {'s/upd':>8} {'act steps/s':>12} {'WM M':>7} {'actor M':>8} "
+          f"batch {args.batch} x {args.seq}, precision {args.precision}, compile {args.compile}")
+    print(f"{'size':>6} {'first s':>8} {'upd/s':>8} {'s/upd':>8} {'act steps/s':>12} {'WM M':>7} {'actor M':>8} "
           f"{'critic M':>9} {'peak RSS GB':>12} {'GPU GB':>7}")
     for size in args.sizes:
-        r = bench(size, args.batch, args.seq, args.updates, device)
-        print(f"{size:>6} {r['updates_per_s']:>8.3f} {r['seconds_per_update']:>8.3f} "
+        r = bench(size, args.batch, args.seq, args.updates, device, args.precision, args.compile)
+        print(f"{size:>6} {r['first_update_s']:>8.2f} {r['updates_per_s']:>8.3f} {r['seconds_per_update']:>8.3f} "
               f"{r['env_steps_per_s_acting']:>12.0f} {r['world_model_M']:>7.2f} {r['actor_M']:>8.2f} "
               f"{r['critic_M']:>9.2f} {r['peak_rss_gb']:>12.2f} {r['gpu_peak_gb']:>7.2f}")
 

@@ -77,7 +77,7 @@ def reached(pl_module, start: State, goal: torch.Tensor, policy, steps: int) -> 
     """Imagine ``steps`` steps from ``start`` with ``policy(feat)``; True (N,) where some step
     1..steps matches ``goal``."""
     rssm, gm = pl_module.world_model.rssm, pl_module.goal_model
-    states, _ = rssm.imagine(start, policy, steps)
+    states, _, _ = rssm.imagine(start, policy, steps)
     return gm.matched(goal.unsqueeze(0), {k: v[1:] for k, v in states.items()}).any(0)
 
 
@@ -132,8 +132,8 @@ class DreamGeneration(pl.Callback):
         flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in post.items()}  # (B * T, ...)
         pick = torch.randperm(len(flat["deter"]), device=flat["deter"].device)[: self.num_dreams]
         with torch.no_grad():
-            states, actions = wm.rssm.imagine({k: v[pick] for k, v in flat.items()}, ac.sample, self.horizon)
-            feat = wm.rssm.features(states)  # (H + 1, N, F)
+            states, feat, actions = wm.rssm.imagine(  # feat (H + 1, N, F)
+                {k: v[pick] for k, v in flat.items()}, ac.sample, self.horizon)
             quality = self.quality(pl_module, states, feat)
         keep = quality.topk(max(1, int(len(quality) * self.keep_fraction))).indices
         self.buffer.add(feat.transpose(0, 1)[keep], actions.transpose(0, 1)[keep], quality[keep])

@@ -61,6 +61,10 @@ class Dreamer(pl.LightningModule):
     dream callbacks. Goal success is measured in validation always, and while collecting during
     fit when ``track_goals`` is set or DreamWeaning mixes the matcher into acting; the
     measurement draws from its own random stream, so it never changes training.
+
+    ``compile`` compiles the networks and the RSSM steps (the body of the observe and imagine
+    loops) with ``torch.compile`` when fitting starts; parameter names and checkpoints are
+    unchanged.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class Dreamer(pl.LightningModule):
         goal_steps: int = 32,
         matcher_lr: float = 3e-4,
         track_goals: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if size not in SIZES:
@@ -135,6 +140,19 @@ class Dreamer(pl.LightningModule):
         self._perf = (time.perf_counter(), 0, 0)
 
     # ---------------------------------------------------------------- training
+    def setup(self, stage: str) -> None:
+        if self.hparams.compile and stage == "fit":
+            self.compile_networks()
+
+    def compile_networks(self) -> None:
+        """``torch.compile`` the encoder, decoder, heads, actor, critic and the RSSM's step
+        functions, in place (instance attributes; the state dict keeps its names)."""
+        wm, ac = self.world_model, self.actor_critic
+        for module in (wm.encoder, wm.decoder, wm.reward_head, wm.continue_head, ac.actor, ac.critic):
+            module.compile()
+        wm.rssm.img_step = torch.compile(wm.rssm.img_step)
+        wm.rssm.obs_step = torch.compile(wm.rssm.obs_step)
+
     def configure_optimizers(self):
         hp = self.hparams
         return [
@@ -149,8 +167,7 @@ class Dreamer(pl.LightningModule):
         wm, ac = self.world_model, self.actor_critic
         start = {k: v.detach().reshape(-1, *v.shape[2:]) for k, v in post.items()}  # (B * T, ...)
         with torch.no_grad():
-            states, actions = wm.rssm.imagine(start, ac.sample, self.hparams.horizon)
-            feat = wm.rssm.features(states)  # (H + 1, N, F)
+            _, feat, actions = wm.rssm.imagine(start, ac.sample, self.hparams.horizon)  # feat (H + 1, N, F)
             reward = wm.reward(feat[1:])  # (H, N)
             cont = torch.cat(
                 [1.0 - is_terminal.reshape(1, -1).float(), wm.continue_prob(feat[1:])]

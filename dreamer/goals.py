@@ -211,8 +211,7 @@ class GoalStateModel(nn.Module):
         hp = self.hp
         n, r = len(state["deter"]), hp.rollouts
         start = {k: v.repeat_interleave(r, 0) for k, v in state.items()}  # (N * R, ...)
-        states, _ = world_model.rssm.imagine(start, actor_critic.sample, hp.horizon)
-        feat = world_model.rssm.features(states)  # (H + 1, N * R, F)
+        states, feat, _ = world_model.rssm.imagine(start, actor_critic.sample, hp.horizon)  # feat (H + 1, N * R, F)
         score = imagined_return(world_model, actor_critic, feat, hp.gamma)  # (N * R,)
         ends = self.goal_of(states)[-1].reshape(n, r, -1)  # (N, R, D)
         # a goal the state already matches is not worth proposing: rank only the others, and

@@ -127,16 +127,20 @@ class RSSM(nn.Module):
 
     def imagine(
         self, start: State, policy: Callable[[torch.Tensor], torch.Tensor], horizon: int
-    ) -> tuple[State, torch.Tensor]:
+    ) -> tuple[State, torch.Tensor, torch.Tensor]:
         """Roll the prior ``horizon`` steps from ``start`` (N, ...), acting with ``policy(features)``.
 
-        Returns states (H + 1, N, ...) with the start first, and the actions (H, N) taken.
+        Returns states (H + 1, N, ...) with the start first, their features (H + 1, N, F) (the
+        ones the policy saw, and the last), and the actions (H, N) taken.
         """
-        states, actions = [start], []
+        states, feats, actions = [start], [], []
         state = start
         for _ in range(horizon):
-            action = policy(self.features(state))
+            feats.append(self.features(state))
+            action = policy(feats[-1])
             state = self.img_step(state, F.one_hot(action, self.num_actions).float())
             states.append(state)
             actions.append(action)
-        return {k: torch.stack([s[k] for s in states]) for k in start}, torch.stack(actions)
+        feats.append(self.features(state))
+        stacked = {k: torch.stack([s[k] for s in states]) for k in start}
+        return stacked, torch.stack(feats), torch.stack(actions)

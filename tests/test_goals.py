@@ -574,7 +574,7 @@ def _fake_models(ends, scores, horizon):
 
     def imagine(start, policy, steps):
         deter = torch.stack([start["deter"]] * steps + [ends])  # (H + 1, N*R, D)
-        return {"deter": deter}, torch.zeros(steps, n, dtype=torch.long)
+        return {"deter": deter}, deter, torch.zeros(steps, n, dtype=torch.long)
 
     def reward(feat):
         out = torch.zeros(feat.shape[:-1])
