@@ -74,6 +74,8 @@ def sample_one_hot(logits: torch.Tensor, probs: torch.Tensor | None = None) -> t
         probs = logits.softmax(-1)
     index = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
     sample = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
+    if not (torch.is_grad_enabled() and probs.requires_grad):
+        return sample  # imagination and acting: the straight-through term is exactly 0
     return sample + (probs - probs.detach())
 
 
