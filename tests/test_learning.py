@@ -24,6 +24,7 @@ def random_policy_returns(data: dict, episodes: int = 64) -> dict[str, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(4000)
 def test_small_agent_beats_random_on_fruitbot(tmp_path):
     config = yaml.safe_load(CONFIG.read_text())
     out = cli(tmp_path, "fit", "--config", str(CONFIG), timeout=3600)
