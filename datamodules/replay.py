@@ -235,7 +235,11 @@ class SequenceReplay:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Counters and sampling RNG; in RAM the stored steps too (as tensors), on disk only the files' shape."""
+        """Counters and sampling RNG; in RAM the written slots too (as tensors), on disk only the files' shape.
+
+        Slots no lane has reached yet are left out, so a checkpoint grows with the steps stored,
+        not with the capacity.
+        """
         state = {
             **self._meta(),
             "storage": self.storage,
@@ -244,7 +248,8 @@ class SequenceReplay:
             "rng": self.rng.bit_generator.state,
         }
         if self.storage == "ram":
-            state["data"] = {k: torch.from_numpy(v.copy()) for k, v in self.data.items()}
+            written = min(int(np.max(self.count, initial=0)), self.lane_capacity)
+            state["data"] = {k: torch.from_numpy(v[:, :written].copy()) for k, v in self.data.items()}
         else:
             self.flush()
         return state
@@ -267,8 +272,9 @@ class SequenceReplay:
         count = state["count"].numpy().astype(np.int64)
         size = state["size"].numpy().astype(np.int64)
         if self.storage == "ram":
-            for k, v in state["data"].items():
-                self.data[k][...] = v.numpy()
+            for k, v in state["data"].items():  # (lanes, written slots, ...)
+                self.data[k][...] = 0
+                self.data[k][:, : v.shape[1]] = v.numpy()
         else:
             on_disk = np.array(self.count)
             if (on_disk < count).any():

@@ -114,6 +114,27 @@ def test_ram_state_round_trip():
             np.testing.assert_array_equal(x[k], y[k])
 
 
+def test_ram_state_holds_only_written_slots_and_resumes_writing_identically():
+    a = SequenceReplay(3000, 3, OBS, seed=5)
+    write(a, 40, lanes=[0, 1])
+    write(a, 25, lanes=[2])
+    state = a.state_dict()
+    assert state["data"]["frames"].shape == (3, 40, *OBS) and state["data"]["reward"].shape == (3, 40)
+    b = SequenceReplay(3000, 3, OBS, seed=99)
+    write(b, 900)  # stale steps that the restored state must not keep
+    b.load_state_dict(state)
+    for k in a.data:
+        np.testing.assert_array_equal(a.data[k], b.data[k])
+    for replay in (a, b):
+        write(replay, 1200)  # wraps every lane (1000 slots each)
+    for _ in range(2):
+        x, y = a.sample(32, 8), b.sample(32, 8)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    for k in a.data:
+        np.testing.assert_array_equal(a.data[k], b.data[k])
+
+
 def test_memmap_resume_after_a_crash_drops_steps_written_after_the_checkpoint(tmp_path):
     d = tmp_path / "replay"
     a = SequenceReplay(2 * 60, 2, OBS, storage="memmap", directory=d, seed=6)
