@@ -12,7 +12,7 @@ from PIL import Image
 from pytorch_lightning.loggers import MLFlowLogger
 
 from callbacks.training import env_steps_of
-from datamodules.procgen import ProcgenVectorEnv, unseen_levels
+from datamodules.procgen import ProcgenVectorEnv, unseen_env
 from dreamer import visuals
 from dreamer.goals import isolated_rng
 
@@ -57,22 +57,21 @@ class DreamVisualizer(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.visualize(trainer, pl_module)
-        if trainer.is_global_zero and "dream_vs_reality" in self.last_files:
-            print(f"dream picture: {self.last_files['dream_vs_reality']}")
+        self._announce(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.state.fn == "validate":
             self.visualize(trainer, pl_module)
-            if trainer.is_global_zero and "dream_vs_reality" in self.last_files:
-                print(f"dream picture: {self.last_files['dream_vs_reality']}")
+            self._announce(trainer)
+
+    def _announce(self, trainer) -> None:
+        if trainer.is_global_zero and "dream_vs_reality" in self.last_files:
+            print(f"dream picture: {self.last_files['dream_vs_reality']}")
 
     # ------------------------------------------------------------- work
     def _env(self, trainer, num_envs: int, seed: int) -> ProcgenVectorEnv:
-        cfg = trainer.datamodule.env_config
-        start, count = unseen_levels(cfg)
-        mode = "hard" if cfg.distribution_mode == "exploration" else cfg.distribution_mode
         options = trainer.datamodule.hparams.procgen_options or {}
-        return ProcgenVectorEnv(cfg.game, num_envs, mode, count, start, seed=seed, **options)
+        return unseen_env(trainer.datamodule.env_config, num_envs, seed, **options)
 
     def visualize(self, trainer: pl.Trainer, pl_module) -> dict[str, Path]:
         """Make and log every picture and metric now; returns the files written."""

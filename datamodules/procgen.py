@@ -312,6 +312,18 @@ def unseen_levels(cfg: ProcgenConfig) -> tuple[int, int]:
     return start, MAX_LEVEL_SEED + 1 - start
 
 
+def unseen_mode(distribution_mode: str) -> str:
+    """The mode unseen levels are played in: exploration mode's are hard mode's ordinary levels."""
+    return "hard" if distribution_mode == "exploration" else distribution_mode
+
+
+def unseen_env(cfg: ProcgenConfig, num_envs: int, seed: int, **procgen_options: Any) -> ProcgenVectorEnv:
+    """``num_envs`` envs on the unseen levels of a run trained with ``cfg`` (see ``unseen_levels``)."""
+    start, count = unseen_levels(cfg)
+    return ProcgenVectorEnv(cfg.game, num_envs, unseen_mode(cfg.distribution_mode), count, start,
+                            seed=seed, **procgen_options)
+
+
 def make_env_pair(
     cfg: ProcgenConfig, **procgen_options: Any
 ) -> tuple[ProcgenVectorEnv, ProcgenVectorEnv]:
@@ -324,12 +336,7 @@ def make_env_pair(
         cfg.game, cfg.num_envs, cfg.distribution_mode, cfg.num_levels, cfg.start_level,
         seed=cfg.seed, **procgen_options,
     )
-    test_start, test_num = unseen_levels(cfg)
-    test_mode = "hard" if cfg.distribution_mode == "exploration" else cfg.distribution_mode
-    test = ProcgenVectorEnv(
-        cfg.game, cfg.test_num_envs or cfg.num_envs, test_mode, test_num, test_start,
-        seed=cfg.seed + 1_000_003, **procgen_options,
-    )
+    test = unseen_env(cfg, cfg.test_num_envs or cfg.num_envs, cfg.seed + 1_000_003, **procgen_options)
     return train, test
 
 

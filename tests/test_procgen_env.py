@@ -172,3 +172,16 @@ def test_env_pair_tests_on_levels_outside_the_training_set():
     assert min(test_seeds) >= 120 and len(test_seeds) > 4
     with pytest.raises(ValueError, match="no unseen levels"):
         make_env_pair(ProcgenConfig(num_levels=0))
+
+
+def test_exploration_runs_are_tested_on_hard_modes_ordinary_levels():
+    cfg = ProcgenConfig(game="maze", num_envs=2, distribution_mode="exploration", num_levels=0)
+    train, test = make_env_pair(cfg)
+    assert (train.distribution_mode, test.distribution_mode) == ("exploration", "hard")
+    assert (test.start_level, test.num_levels) == (0, 0)
+    train_seeds, test_seeds = set(), set()
+    for env, seeds in ((train, train_seeds), (test, test_seeds)):
+        for _ in range(3):
+            _, info = env.reset()
+            seeds.update(info["level_seed"].tolist())
+    assert len(train_seeds) == 1 and len(test_seeds) > 1
