@@ -12,12 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
 
 from datamodules.replay_datamodule import ReplayDataModule
-from dreamer.agent import Dreamer, checkpoint_mismatch
+from dreamer.agent import CheckpointError, Dreamer, checkpoint_mismatch, read_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 
@@ -78,12 +77,10 @@ class DreamerCLI(LightningCLI):
         ckpt_path = cfg.get("ckpt_path")
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
             return
-        if not Path(ckpt_path).is_file():
-            sys.exit(f"error: checkpoint {ckpt_path} does not exist")
         try:
-            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
-            sys.exit(f"error: cannot read checkpoint {ckpt_path} ({type(e).__name__}: {e})")
+            checkpoint = read_checkpoint(ckpt_path)
+        except CheckpointError as e:
+            sys.exit(f"error: {e}")
         differences = checkpoint_mismatch(
             checkpoint, cfg.model.size, cfg.model.overrides, cfg.data.game
         )

@@ -14,7 +14,6 @@ containers only, never code.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 from dataclasses import dataclass, field
@@ -24,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from datamodules.procgen import GAMES, ProcgenConfig, ProcgenVectorEnv, unseen_levels
+from datamodules.procgen import GAMES, ProcgenConfig, ProcgenVectorEnv, unseen_levels, unseen_mode
 from dreamer import visuals
-from dreamer.agent import Dreamer
+from dreamer.agent import CheckpointError, Dreamer, read_checkpoint, restore_agent
 
 SPLITS = ("training", "unseen")
 DREAM_STEPS = 8
@@ -49,28 +48,11 @@ class LoadedAgent:
 
 def load_agent(path: str | os.PathLike) -> LoadedAgent:
     """Restore a Dreamer from a Lightning checkpoint written by ``cli.py fit``."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DemoError(f"no checkpoint at {path}: give the path of a .ckpt file written by "
-                        "`cli.py fit` (runs/<name>/checkpoints/last.ckpt)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
-        raise DemoError(f"{path} is not a checkpoint that can be read safely: torch.load with "
-                        f"weights_only=True refused it ({type(e).__name__}); expected a .ckpt "
-                        "written by `cli.py fit`") from None
-    if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters"} <= set(ckpt):
-        raise DemoError(f"{path} is not a Dreamer checkpoint: it has no state_dict and "
-                        "hyper_parameters (write one with `cli.py fit`)")
-    allowed = inspect.signature(Dreamer.__init__).parameters
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k in allowed}
-    try:
-        agent = Dreamer(**hparams)
-        agent.load_state_dict(ckpt["state_dict"])
-    except (ValueError, RuntimeError, TypeError) as e:
-        raise DemoError(f"{path} does not hold a Dreamer this code can restore: "
-                        f"{str(e).splitlines()[0][:300]}") from None
-    agent.eval()
+        ckpt = read_checkpoint(path)
+        agent = restore_agent(ckpt, path)
+    except CheckpointError as e:
+        raise DemoError(str(e)) from None
     data = ckpt.get("datamodule_hyper_parameters") or {}
     game = (ckpt.get("dreamer") or {}).get("game") or data.get("game") or "coinrun"
     levels = ProcgenConfig(game=game, num_envs=1,
@@ -78,8 +60,8 @@ def load_agent(path: str | os.PathLike) -> LoadedAgent:
                            num_levels=int(data.get("num_levels", 200)),
                            start_level=int(data.get("start_level", 0)))
     callbacks = " ".join(ckpt.get("callbacks", {}))
-    dreams_on = "DreamGeneration" in callbacks or bool(hparams.get("track_goals"))
-    return LoadedAgent(agent, str(path), game, levels, dreams_on)
+    dreams_on = "DreamGeneration" in callbacks or bool(agent.hparams.get("track_goals"))
+    return LoadedAgent(agent, str(Path(path).expanduser()), game, levels, dreams_on)
 
 
 def level_seed(levels: ProcgenConfig, split: str, index: int) -> int:
@@ -93,9 +75,7 @@ def level_seed(levels: ProcgenConfig, split: str, index: int) -> int:
             return index
         return levels.start_level + index % levels.num_levels
     start, count = unseen_levels(levels)
-    if count == 0:
-        raise DemoError("this run has no unseen levels (exploration mode)")
-    return start + index % count
+    return start + index % count if count else index  # exploration: any of hard mode's levels
 
 
 @dataclass
@@ -124,10 +104,11 @@ class DemoSession:
         index = int(index)
         self.seed = level_seed(self.loaded.levels, split, index)
         mode = self.loaded.levels.distribution_mode
-        mode = "hard" if mode == "exploration" and split == "unseen" else mode
+        mode = unseen_mode(mode) if split == "unseen" else mode
         if self.env is not None:
             self.env.close()
-        self.env = ProcgenVectorEnv(game, 1, mode, num_levels=1, start_level=self.seed, seed=self.seed)
+        num_levels, start_level = (0, 0) if mode == "exploration" else (1, self.seed)  # its one level
+        self.env = ProcgenVectorEnv(game, 1, mode, num_levels, start_level, seed=self.seed)
         self.game, self.split, self.index, self.show_goals = game, split, index, show_goals
         self.obs, _ = self.env.reset()
         self.state, self.done, self.episode_return = None, False, 0.0

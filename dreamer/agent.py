@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +32,47 @@ SIZES: dict[str, dict[str, int]] = {
     "200M": dict(deter=8192, hidden=1024, stoch=32, classes=64, depth=64, units=1024, layers=2, gru_blocks=8),
 }
 NUM_ACTIONS = 15
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable or not a Dreamer's; the message says which."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint written by ``cli.py fit``, read onto the CPU with ``torch.load(weights_only=True)``.
+
+    ``weights_only`` admits tensors and plain containers only, never code, so a file from elsewhere
+    cannot run anything. Raises ``CheckpointError`` for a missing or unreadable file and for one
+    without the ``state_dict`` and ``hyper_parameters`` that every Dreamer checkpoint holds.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: give the path of a .ckpt file written by "
+                              "`cli.py fit` (runs/<name>/checkpoints/last.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot read checkpoint {path}: torch.load(weights_only=True) refused "
+                              f"it ({type(e).__name__}: {reason}); expected a .ckpt written by "
+                              "`cli.py fit`") from None
+    if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters"} <= set(ckpt):
+        raise CheckpointError(f"{path} is not a Dreamer checkpoint: it has no state_dict and "
+                              "hyper_parameters (write one with `cli.py fit`)")
+    return ckpt
+
+
+def restore_agent(ckpt: dict[str, Any], path: str | os.PathLike = "the checkpoint") -> Dreamer:
+    """The Dreamer saved in ``ckpt`` (from ``read_checkpoint``), its weights loaded, in eval mode."""
+    allowed = inspect.signature(Dreamer.__init__).parameters
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k in allowed}
+    try:
+        agent = Dreamer(**hparams)
+        agent.load_state_dict(ckpt["state_dict"])
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path} does not hold a Dreamer this code can restore: "
+                              f"{str(e).splitlines()[0][:300]}") from None
+    return agent.eval()
 
 
 def checkpoint_mismatch(

@@ -20,19 +20,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datamodules.replay import SequenceReplay  # noqa: E402
 from datamodules.replay_datamodule import replay_batch  # noqa: E402
-from dreamer.agent import Dreamer  # noqa: E402
+from dreamer.agent import CheckpointError, Dreamer, read_checkpoint, restore_agent  # noqa: E402
 
 
 def load(path: str) -> tuple[Dreamer, SequenceReplay]:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        hp = ckpt["hyper_parameters"]
-        replay_state = ckpt["ReplayDataModule"]["replay"]
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
-        sys.exit(f"error: {path} is not a readable Dreamer checkpoint with a replay ({type(e).__name__}: {e})")
-    model = Dreamer(**{k: v for k, v in hp.items() if k != "_instantiator"})
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
+        ckpt = read_checkpoint(path)
+        model = restore_agent(ckpt, path)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    if "ReplayDataModule" not in ckpt:
+        sys.exit(f"error: {path} holds no replay (it was not written by `cli.py fit`)")
+    replay_state = ckpt["ReplayDataModule"]["replay"]
     lanes, per_lane = replay_state["num_lanes"], replay_state["lane_capacity"]
     directory = None
     if replay_state["storage"] == "memmap":  # rank 0's files, where the run wrote them

@@ -1,5 +1,6 @@
 """The web demo: checkpoint loading, the session it drives, and the page in headless Chromium."""
 
+import dataclasses
 import os
 import re
 import socket
@@ -13,7 +14,7 @@ import torch
 
 import demo
 from clirun import ROOT, SMOKE_CKPT
-from datamodules.procgen import ProcgenVectorEnv
+from datamodules.procgen import ProcgenConfig, ProcgenVectorEnv
 from dreamer.agent import Dreamer
 
 ARTIFACTS = ROOT / "test-artifacts"
@@ -67,6 +68,12 @@ def test_levels_map_to_the_runs_training_and_unseen_level_seeds(checkpoint):
     assert demo.level_seed(levels, "unseen", 0) == 10 and demo.level_seed(levels, "unseen", 5) == 15
     with pytest.raises(demo.DemoError, match="levels must be one of training, unseen"):
         demo.level_seed(levels, "test", 0)
+    explore = ProcgenConfig(game="maze", num_envs=1, distribution_mode="exploration", num_levels=0)
+    session = demo.DemoSession(dataclasses.replace(demo.load_agent(checkpoint), levels=explore))
+    session.start("maze", "unseen", 7, show_goals=False)  # exploration's unseen: hard mode, any level
+    assert (session.seed, session.env.distribution_mode) == (7, "hard")
+    session.start("maze", "training", 7, show_goals=False)
+    assert session.env.distribution_mode == "exploration"
 
 
 def test_session_shows_procgens_frames_and_the_agents_dreams(checkpoint):
