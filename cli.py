@@ -16,7 +16,7 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
 
 from datamodules.replay_datamodule import ReplayDataModule
-from dreamer.agent import CheckpointError, Dreamer, checkpoint_mismatch, read_checkpoint
+from dreamer.agent import CheckpointError, Dreamer, checkpoint_mismatch, precision_problem, read_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 
@@ -89,6 +89,9 @@ class DreamerCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        problem = precision_problem(cfg.trainer.precision)
+        if problem:
+            sys.exit(f"error: {problem}")
         name = f"{cfg.data.game}-{cfg.model.size}-seed{cfg.data.seed}"
         if cfg.trainer.default_root_dir is None:
             cfg.trainer.default_root_dir = os.path.join("runs", name)

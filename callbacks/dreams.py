@@ -72,6 +72,12 @@ class DreamBuffer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.feat, self.action, self.quality = state["feat"], state["action"], state["quality"]
 
+    def to(self, device: torch.device) -> None:
+        """Move the stored dreams (a checkpoint restores them onto the CPU)."""
+        if self.quality is not None:
+            self.feat, self.action, self.quality = (
+                t.to(device) for t in (self.feat, self.action, self.quality))
+
 
 def reached(pl_module, start: State, goal: torch.Tensor, policy, steps: int) -> torch.Tensor:
     """Imagine ``steps`` steps from ``start`` with ``policy(feat)``; True (N,) where some step
@@ -120,6 +126,9 @@ class DreamGeneration(pl.Callback):
         self.weights = torch.tensor(weights) / sum(weights)
         self.buffer = DreamBuffer(buffer_size)
         self.metrics: dict[str, float] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.buffer.to(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.last_post is not None and pl_module.updates % self.every_n_updates == 0:

@@ -357,6 +357,11 @@ class ReplayDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_world = int(state_dict.get("world_size", 1))
+        validating = self.trainer is not None and self.trainer.state.fn == "validate"
+        if saved_world != self.world_size and validating:
+            # validation plays fresh episodes: it needs the step count (the x-axis), no replay
+            self.env_steps = int(state_dict["env_steps"]) * saved_world // self.world_size
+            return
         if saved_world != self.world_size:
             raise ValueError(
                 f"the checkpoint was written by {saved_world} rank(s), each with its own "

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dreamer.actor_critic import ActorCritic
-from dreamer.distributed import gather_cat, gather_objects, mean_over_ranks
+from dreamer.distributed import gather_objects, mean_over_ranks
 from dreamer.distributions import sample_actions
 from dreamer.goals import GoalMatcher, GoalStateModel, GoalTrack, isolated_rng, mixture_probs
 from dreamer.metrics import GoalSuccess
@@ -32,6 +32,34 @@ SIZES: dict[str, dict[str, int]] = {
     "200M": dict(deter=8192, hidden=1024, stoch=32, classes=64, depth=64, units=1024, layers=2, gru_blocks=8),
 }
 NUM_ACTIONS = 15
+
+
+PRECISIONS = ("32-true", "bf16-mixed")
+
+
+def precision_problem(precision: str | int | None) -> str | None:
+    """Why a Lightning ``trainer.precision`` cannot train a Dreamer, or None if it can."""
+    aliases = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed", "64": "64-true"}
+    if precision is None or aliases.get(str(precision), str(precision)) in PRECISIONS:
+        return None
+    return (f"trainer.precision {precision!r} is not supported; allowed: {', '.join(PRECISIONS)}. "
+            "16-mixed's gradient scaler does not cover the updates the dream callbacks make, and "
+            "half-precision weights (bf16-true, 16-true) merge the two-hot bins, which reach 4.9e8")
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's torch random state: the CPU stream, and ``device``'s when it is a GPU."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Return to ``rng_state(device)``; a GPU stream is restored only onto a GPU."""
+    torch.set_rng_state(state["cpu"].clone())  # a copy: a view with a storage offset crashes it
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].clone(), device)
 
 
 class CheckpointError(ValueError):
@@ -185,6 +213,9 @@ class Dreamer(pl.LightningModule):
 
     # ---------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
+        problem = self._trainer is not None and precision_problem(self._trainer.precision)
+        if problem:
+            raise ValueError(problem)
         if self.hparams.compile and stage == "fit":
             self.compile_networks()
 
@@ -361,8 +392,10 @@ class Dreamer(pl.LightningModule):
         metric.reset()
         self.goal_split = split
         world = self.trainer.world_size
-        try:  # each rank plays its share of the episodes on its own envs
-            summary = dm.evaluate(self, split, episodes=-(-dm.hparams.val_episodes // world))
+        # each rank plays its share of the episodes on its own envs; in float32, as when collecting
+        try:
+            with torch.autocast(self.device.type, enabled=False):
+                summary = dm.evaluate(self, split, episodes=-(-dm.hparams.val_episodes // world))
         finally:
             self.goal_split = "fit"
         for key, value in metric.compute().items():  # torchmetrics sums its states over ranks
@@ -392,8 +425,8 @@ class Dreamer(pl.LightningModule):
         checkpoint["dreamer"] = {
             "updates": self.updates,
             "torch_rng": torch.get_rng_state(),
-            # separate copies: a row view keeps a storage offset, on which set_rng_state crashes
-            "torch_rng_per_rank": [r.clone() for r in gather_cat(torch.get_rng_state()[None])],
+            # as objects: nccl gathers no CPU tensors
+            "rng_per_rank": gather_objects(rng_state(self.device)),
             "game": dm.hparams.game if dm is not None else None,
         }
 
@@ -407,9 +440,12 @@ class Dreamer(pl.LightningModule):
             raise ValueError("checkpoint does not match this run; " + "; ".join(differences))
         state = checkpoint.get("dreamer", {})
         self.updates = int(state.get("updates", 0))
-        per_rank = state.get("torch_rng_per_rank") or []
+        # checkpoints before the CUDA stream was saved hold the CPU states only
+        per_rank = state.get("rng_per_rank") or [{"cpu": s} for s in state.get("torch_rng_per_rank", [])]
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        if len(per_rank) > 1 and rank < len(per_rank):
-            torch.set_rng_state(per_rank[rank].clone())
+        # the model is not on its device yet: the strategy's device is where it will run
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        if rank < len(per_rank):
+            set_rng_state(per_rank[rank], device)
         elif "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])

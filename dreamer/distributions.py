@@ -31,12 +31,12 @@ class TwoHot(torch.nn.Module):
     def encode(self, y: torch.Tensor) -> torch.Tensor:
         """(...,) values -> (..., num_bins) weights on the two bins around each value (sum 1)."""
         bins = self.bins
-        y = y.clamp(bins[0], bins[-1])
+        y = y.float().clamp(bins[0], bins[-1])
         above = torch.searchsorted(bins, y.contiguous(), right=True).clamp(1, len(bins) - 1)
         below = above - 1
         lo, hi = bins[below], bins[above]
         w_hi = ((y - lo) / (hi - lo)).clamp(0, 1)
-        target = torch.zeros(*y.shape, len(bins), device=y.device, dtype=y.dtype)
+        target = torch.zeros(*y.shape, len(bins), device=y.device)
         target.scatter_(-1, below.unsqueeze(-1), (1 - w_hi).unsqueeze(-1))
         target.scatter_add_(-1, above.unsqueeze(-1), w_hi.unsqueeze(-1))
         return target

@@ -54,7 +54,8 @@ class WorldModel(pl.LightningModule):
         return self.twohot.mean(self.reward_head(feat))
 
     def continue_prob(self, feat: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.continue_head(feat).squeeze(-1))
+        # float32: in bf16 the spacing near 1 (2^-8) is as large as 1 - gamma
+        return torch.sigmoid(self.continue_head(feat).squeeze(-1).float())
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], State]:
         """Total loss (scalar), per-term metrics, and the posterior states (B, T, ...)."""

@@ -61,6 +61,7 @@ def run_arm(arm: str, config: list[str], seed: int, steps: int, extra: list[str]
              "--trainer.logger.init_args.run_name", f"ablation-{arm}-seed{seed}", *extra]
     cli = main(args)
     cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+    cli.model.to(cli.trainer.strategy.root_device)  # Lightning's teardown left it on the CPU
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     metrics.update(held_out_dream_success(cli))
     return metrics

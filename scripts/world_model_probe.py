@@ -31,11 +31,18 @@ def load(path: str) -> tuple[Dreamer, SequenceReplay]:
         sys.exit(f"error: {e}")
     if "ReplayDataModule" not in ckpt:
         sys.exit(f"error: {path} holds no replay (it was not written by `cli.py fit`)")
-    replay_state = ckpt["ReplayDataModule"]["replay"]
+    data_state = ckpt["ReplayDataModule"]
+    rank0 = Path(ckpt.get("datamodule_hyper_parameters", {}).get("replay_dir") or "replay") / "rank0"
+    if "rank_state" in data_state:  # a DDP run: every rank's replay state is a file beside its replay
+        try:
+            data_state = torch.load(rank0 / data_state["rank_state"], map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as e:
+            sys.exit(f"error: rank 0's replay state of this DDP checkpoint is not readable in {rank0} ({e})")
+    replay_state = data_state["replay"]
+    if replay_state is None:
+        sys.exit(f"error: {path} was saved before its replay held any steps")
     lanes, per_lane = replay_state["num_lanes"], replay_state["lane_capacity"]
-    directory = None
-    if replay_state["storage"] == "memmap":  # rank 0's files, where the run wrote them
-        directory = Path(ckpt.get("datamodule_hyper_parameters", {}).get("replay_dir") or "replay") / "rank0"
+    directory = rank0 if replay_state["storage"] == "memmap" else None  # where the run wrote its files
     replay = SequenceReplay(per_lane * lanes, lanes, storage=replay_state["storage"], directory=directory, seed=0)
     replay.load_state_dict(replay_state)
     return model, replay

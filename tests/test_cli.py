@@ -78,6 +78,12 @@ def test_mismatched_checkpoint_is_refused_with_what_differs(smoke_run, tmp_path)
     assert "Traceback" not in out.stderr
 
 
+def test_unsupported_precision_is_refused_before_anything_starts(tmp_path):
+    out = cli(tmp_path, "fit", "--config", SMOKE, "--trainer.precision", "16-mixed", check=False)
+    assert out.returncode != 0 and "allowed: 32-true, bf16-mixed" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
+
+
 def test_sigkill_then_resume_continues_counters_and_memmap_replay(tmp_path):
     args = ["fit", "--config", SMOKE, "--data.replay_storage", "memmap",
             "--model.max_env_steps", "100000"]

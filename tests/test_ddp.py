@@ -1,5 +1,7 @@
 """Two CPU processes (gloo) under Lightning's DDP, with the dream callbacks on."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,7 +55,8 @@ def test_env_step_counters_add_up_over_ranks(ddp_run):
                            weights_only=True)
         assert saved["env_steps"] == 320
         assert torch.equal(saved["replay"]["count"], [r0, r1][r]["replay_count"])
-    assert len(ckpt["dreamer"]["torch_rng_per_rank"]) == 2
+    rng = ckpt["dreamer"]["rng_per_rank"]  # each rank its own stream
+    assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
 
 
 def test_validation_plays_both_level_sets_split_over_ranks(ddp_run):
@@ -66,12 +69,25 @@ def test_validation_plays_both_level_sets_split_over_ranks(ddp_run):
     assert float(rows["unseen_levels"][4]) == float(rows["train_levels"][4]) == 8.0
 
 
+def test_world_model_probe_reads_rank_0s_replay_of_a_ddp_checkpoint(ddp_run):
+    cwd, _ = ddp_run
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "world_model_probe.py"), str(SMOKE_CKPT),
+                          "--batches", "2"], capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines()[1:] if line and line[0] in " -0123456789"]
+    assert sum(int(r[1]) for r in rows if len(r) == 3) == 2 * 16 * 32
+
+
 def test_resume_needs_the_same_number_of_ranks(ddp_run):
     cwd, _ = ddp_run
     out = cli(cwd, "fit", "--config", SMOKE, "--config", str(ROOT / "configs" / "dreams.yaml"),
               "--model.max_env_steps", "768", "--ckpt_path", "last", check=False)
     assert out.returncode != 0
     assert "written by 2 rank(s)" in out.stderr and "--trainer.devices 2" in out.stderr
+    # validation needs no replay, so one process may evaluate a 2-rank checkpoint
+    out = cli(cwd, "validate", "--config", SMOKE, "--config", str(ROOT / "configs" / "dreams.yaml"),
+              "--ckpt_path", str(cwd / SMOKE_CKPT))
+    assert any(line.startswith("unseen_levels") for line in out.stdout.splitlines())
     out = cli(cwd, "fit", *DDP, "--model.max_env_steps", "768", "--ckpt_path", "last",
               *dump_args(cwd / "dump2"), timeout=600, extra_path=[ROOT / "tests"])
     r0, r1 = ranks(cwd / "dump2")

@@ -57,6 +57,15 @@ def _identifiable_buffer(capacity, first, second, horizon, feat_dim):
     return buffer
 
 
+def test_restored_dreams_follow_the_model_to_its_device():
+    saved = _identifiable_buffer(capacity=3, first=2, second=0, horizon=4, feat_dim=5).state_dict()
+    generation = DreamGeneration()
+    generation.load_state_dict({"buffer": saved})  # as Lightning restores it: on the CPU
+    generation.on_train_start(None, SimpleNamespace(device=torch.device("meta")))
+    buffer = generation.buffer
+    assert len(buffer) == 2 and {t.device.type for t in (buffer.feat, buffer.action, buffer.quality)} == {"meta"}
+
+
 def test_hindsight_goal_is_a_later_state_of_the_same_dream():
     torch.manual_seed(0)
     horizon, feat_dim, deter_dim = 5, 6, 4

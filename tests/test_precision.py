@@ -1,10 +1,11 @@
 """Mixed precision (bf16 autocast, as Lightning's bf16-mixed) and the torch.compile option."""
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from benchmarks.agent_speed import fake_batch
-from dreamer.agent import Dreamer
+from dreamer.agent import Dreamer, precision_problem
 
 
 def losses(model, batch, autocast: bool):
@@ -51,3 +52,59 @@ def test_compiled_update_matches_eager():
     a, _ = losses(eager, batch, autocast=False)
     b, _ = losses(compiled, batch, autocast=False)
     assert float(b) == pytest.approx(float(a), rel=1e-4)
+
+
+def test_bf16_keeps_continue_probabilities_and_two_hot_targets_in_float32():
+    torch.manual_seed(0)
+    wm = Dreamer(size="tiny").world_model
+    feat = torch.randn(64, wm.rssm.feat_dim) * 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cont = wm.continue_prob(feat)
+        logits = wm.continue_head(feat).squeeze(-1)
+        target = wm.twohot.encode(torch.linspace(-50, 50, 64).to(torch.bfloat16))
+    assert logits.dtype == torch.bfloat16, "the head itself runs in bf16"
+    assert cont.dtype == torch.float32 and target.dtype == torch.float32
+    # bf16 has 2^-8 steps below 1, as coarse as 1 - gamma: the sigmoid is taken in float32
+    assert torch.equal(cont, torch.sigmoid(logits.float()))
+    values = torch.linspace(-50, 50, 64).to(torch.bfloat16).float()
+    assert torch.allclose(target.sum(-1), torch.ones(64))
+    assert torch.allclose(encoded_value(wm.twohot, target), values, rtol=1e-4, atol=1e-4)
+
+
+def encoded_value(twohot, weights):
+    """The value a two-hot target encodes: its weights times the bin positions."""
+    return (weights * twohot.bins).sum(-1)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "32", 32, "bf16-mixed", "bf16", None])
+def test_supported_precisions(precision):
+    assert precision_problem(precision) is None
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", 16, "bf16-true", "16-true", "64-true", "transformer-engine"])
+def test_other_precisions_are_refused_with_what_is_allowed(precision):
+    problem = precision_problem(precision)
+    assert problem and "allowed: 32-true, bf16-mixed" in problem and repr(precision) in problem
+
+
+def test_fit_setup_refuses_an_unsupported_trainer_precision():
+    model = Dreamer(size="tiny")
+    model.trainer = pl.Trainer(precision="bf16-true", accelerator="cpu", logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="not supported"):
+        model.setup("fit")
+
+
+def test_checkpoint_restores_the_random_stream_and_reads_older_checkpoints():
+    model = Dreamer(size="tiny")
+    ckpt = {"hyper_parameters": dict(model.hparams)}
+    torch.manual_seed(3)
+    model.on_save_checkpoint(ckpt)
+    expected = torch.rand(5)
+    torch.manual_seed(4)
+    model.on_load_checkpoint(ckpt)
+    assert torch.equal(torch.rand(5), expected)
+    old = {"hyper_parameters": dict(model.hparams),  # written before the GPU stream was saved
+           "dreamer": {"updates": 7, "torch_rng_per_rank": [ckpt["dreamer"]["rng_per_rank"][0]["cpu"]]}}
+    torch.manual_seed(4)
+    model.on_load_checkpoint(old)
+    assert torch.equal(torch.rand(5), expected) and model.updates == 7
