@@ -5,7 +5,8 @@ steps, and the dream phases, per model size; and how much of it is Python rather
 
 Phases are timed with the device synchronised at each boundary. "ops" is the summed self time
 of the tensor operators that torch.profiler records for one whole update; "python" is the rest
-of that update's wall time: the interpreter and dispatch overhead between operators.
+of that update's wall time: the interpreter and dispatch overhead between operators. On a GPU,
+"ops" is the time its kernels ran, so "python" is the time the GPU waited for the host.
 """
 
 from __future__ import annotations
@@ -78,12 +79,15 @@ def profile_size(size: str, batch_size: int, seq: int, updates: int, device) -> 
     for _ in range(updates):
         for name, seconds in timed_update(model, optimizers, batch, dreams, bridge, device).items():
             totals[name] += seconds / updates
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
         start = time.perf_counter()
         one_update(model, optimizers, batch)
         sync(device)
         wall = time.perf_counter() - start
-    ops = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
+    ops = sum(e.self_device_time_total if gpu else e.self_cpu_time_total
+              for e in prof.key_averages()) / 1e6
     return {**totals, "update_wall": wall, "ops": ops, "python": max(0.0, wall - ops)}
 
 
