@@ -133,7 +133,7 @@ class DemoSession:
         """Act once; a finished episode starts again on the same level."""
         if self.done:
             return self.start(self.game, self.split, self.index, self.show_goals)
-        self.obs, reward, terminated, truncated, _ = self.env.step(self.action.numpy().astype(np.int64))
+        self.obs, reward, terminated, truncated, _ = self.env.step(self.action.cpu().numpy().astype(np.int64))
         self.rewards.append(float(reward[0]))
         self.episode_return += float(reward[0])
         # at an episode's end procgen has already reset: the frame is the level's first again
@@ -152,8 +152,8 @@ class DemoSession:
             _, feat, _ = agent.world_model.rssm.imagine(post, agent.actor_critic.sample, DREAM_STEPS)
             feat = feat[1:, 0]  # (H, F)
             frames = visuals.decode(agent, feat)
-            reward = agent.world_model.reward(feat).numpy()
-            value = agent.actor_critic.value(feat).numpy()
+            reward = agent.world_model.reward(feat).cpu().numpy()
+            value = agent.actor_critic.value(feat).cpu().numpy()
         labels = [f"+{k + 1}\nr={r:+.2f}\nv={v:+.2f}" for k, (r, v) in enumerate(zip(reward, value))]
         return visuals.render_rows([("dream", frames)], labels, scale=2)
 
