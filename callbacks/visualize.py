@@ -73,6 +73,7 @@ class DreamVisualizer(pl.Callback):
         options = trainer.datamodule.hparams.procgen_options or {}
         return unseen_env(trainer.datamodule.env_config, num_envs, seed, **options)
 
+    @torch.compiler.set_stance("force_eager")  # pictures need no compiled networks (see Dreamer.act)
     def visualize(self, trainer: pl.Trainer, pl_module) -> dict[str, Path]:
         """Make and log every picture and metric now; returns the files written."""
         step = env_steps_of(trainer)

@@ -220,13 +220,15 @@ class Dreamer(pl.LightningModule):
             self.compile_networks()
 
     def compile_networks(self) -> None:
-        """``torch.compile`` the encoder, decoder, heads, actor, critic and the RSSM's step
-        functions, in place (instance attributes; the state dict keeps its names)."""
+        """``torch.compile`` the encoder, decoder, heads, actor, critic, the RSSM's step functions
+        and the whole imagination loop, in place (instance attributes; the state dict keeps its
+        names). The loop, actor sampling included, traces into one graph without breaks."""
         wm, ac = self.world_model, self.actor_critic
         for module in (wm.encoder, wm.decoder, wm.reward_head, wm.continue_head, ac.actor, ac.critic):
             module.compile()
         wm.rssm.img_step = torch.compile(wm.rssm.img_step)
         wm.rssm.obs_step = torch.compile(wm.rssm.obs_step)
+        self.imagine = torch.compile(self.imagine)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -311,6 +313,9 @@ class Dreamer(pl.LightningModule):
         self.log("step", float(env_steps), on_step=True, on_epoch=False)
 
     # ---------------------------------------------------------------- acting
+    # Acting runs eagerly under --model.compile: its env counts and no-grad mode would make the
+    # compiled training functions recompile past dynamo's limit.
+    @torch.compiler.set_stance("force_eager")
     @torch.no_grad()
     def act(
         self, obs: torch.Tensor, is_first: torch.Tensor, state: Any = None,
@@ -339,6 +344,7 @@ class Dreamer(pl.LightningModule):
             action = sample_actions(probs)
         return action.cpu(), (post, action, track)
 
+    @torch.compiler.set_stance("force_eager")
     @torch.no_grad()
     def observe_step(self, obs: torch.Tensor, is_first: torch.Tensor, state: Any = None) -> State:
         """Posterior (N, ...) after seeing uint8 frames ``obs`` (N, 64, 64, 3); ``state`` starts with

@@ -108,3 +108,16 @@ def test_checkpoint_restores_the_random_stream_and_reads_older_checkpoints():
     torch.manual_seed(4)
     model.on_load_checkpoint(old)
     assert torch.equal(torch.rand(5), expected) and model.updates == 7
+
+
+def test_compiled_model_acts_eagerly():
+    """Acting's batch sizes and no-grad mode would recompile the training graphs past the limit."""
+    from torch._dynamo.utils import counters
+
+    model = Dreamer(size="tiny", compile=True)
+    model.setup("fit")
+    counters.clear()
+    obs = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    action, state = model.act(obs, torch.ones(3, dtype=torch.bool))
+    model.act(obs, torch.zeros(3, dtype=torch.bool), state)
+    assert action.shape == (3,) and not counters["frames"], dict(counters["frames"])
