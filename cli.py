@@ -16,7 +16,8 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
 
 from datamodules.replay_datamodule import ReplayDataModule
-from dreamer.agent import CheckpointError, Dreamer, checkpoint_mismatch, precision_problem, read_checkpoint
+from dreamer.agent import Dreamer, precision_problem
+from dreamer.checkpoints import CheckpointError, checkpoint_mismatch, read_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 

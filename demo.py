@@ -25,7 +25,8 @@ import torch
 
 from datamodules.procgen import GAMES, ProcgenConfig, ProcgenVectorEnv, unseen_levels, unseen_mode
 from dreamer import visuals
-from dreamer.agent import CheckpointError, Dreamer, read_checkpoint, restore_agent
+from dreamer.agent import Dreamer, restore_agent
+from dreamer.checkpoints import CheckpointError, read_checkpoint
 
 SPLITS = ("training", "unseen")
 DREAM_STEPS = 8

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dreamer.actor_critic import ActorCritic
+from dreamer.checkpoints import CheckpointError, checkpoint_mismatch, rng_state, set_rng_state
 from dreamer.distributed import gather_objects, mean_over_ranks
 from dreamer.distributions import sample_actions
 from dreamer.goals import GoalMatcher, GoalStateModel, GoalTrack, isolated_rng, mixture_probs
@@ -45,77 +45,6 @@ def precision_problem(precision: str | int | None) -> str | None:
     return (f"trainer.precision {precision!r} is not supported; allowed: {', '.join(PRECISIONS)}. "
             "16-mixed's gradient scaler does not cover the updates the dream callbacks make, and "
             "half-precision weights (bf16-true, 16-true) merge the two-hot bins, which reach 4.9e8")
-
-
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """This process's torch random state: the CPU stream, and ``device``'s when it is a GPU."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Return to ``rng_state(device)``; a GPU stream is restored only onto a GPU."""
-    torch.set_rng_state(state["cpu"].clone())  # a copy: a view with a storage offset crashes it
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"].clone(), device)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, unreadable or not a Dreamer's; the message says which."""
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint written by ``cli.py fit``, read onto the CPU with ``torch.load(weights_only=True)``.
-
-    ``weights_only`` admits tensors and plain containers only, never code, so a file from elsewhere
-    cannot run anything. Raises ``CheckpointError`` for a missing or unreadable file and for one
-    without the ``state_dict`` and ``hyper_parameters`` that every Dreamer checkpoint holds.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: give the path of a .ckpt file written by "
-                              "`cli.py fit` (runs/<name>/checkpoints/last.ckpt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"cannot read checkpoint {path}: torch.load(weights_only=True) refused "
-                              f"it ({type(e).__name__}: {reason}); expected a .ckpt written by "
-                              "`cli.py fit`") from None
-    if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters"} <= set(ckpt):
-        raise CheckpointError(f"{path} is not a Dreamer checkpoint: it has no state_dict and "
-                              "hyper_parameters (write one with `cli.py fit`)")
-    return ckpt
-
-
-def restore_agent(ckpt: dict[str, Any], path: str | os.PathLike = "the checkpoint") -> Dreamer:
-    """The Dreamer saved in ``ckpt`` (from ``read_checkpoint``), its weights loaded, in eval mode."""
-    allowed = inspect.signature(Dreamer.__init__).parameters
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k in allowed}
-    try:
-        agent = Dreamer(**hparams)
-        agent.load_state_dict(ckpt["state_dict"])
-    except (ValueError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"{path} does not hold a Dreamer this code can restore: "
-                              f"{str(e).splitlines()[0][:300]}") from None
-    return agent.eval()
-
-
-def checkpoint_mismatch(
-    checkpoint: dict[str, Any], size: str, overrides: dict | None, game: str | None
-) -> list[str]:
-    """What differs between a checkpoint and a run (model size, size overrides, game)."""
-    saved = checkpoint.get("hyper_parameters", {})
-    differences = []
-    for key, value in (("size", size), ("overrides", overrides)):
-        if saved.get(key) != value:
-            differences.append(f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}")
-    ckpt_game = checkpoint.get("dreamer", {}).get("game")
-    if game is not None and ckpt_game is not None and ckpt_game != game:
-        differences.append(f"game: checkpoint {ckpt_game!r}, this run {game!r}")
-    return differences
 
 
 class Dreamer(pl.LightningModule):
@@ -455,3 +384,16 @@ class Dreamer(pl.LightningModule):
             set_rng_state(per_rank[rank], device)
         elif "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])
+
+
+def restore_agent(ckpt: dict[str, Any], path: str | os.PathLike = "the checkpoint") -> Dreamer:
+    """The Dreamer saved in ``ckpt`` (from ``read_checkpoint``), its weights loaded, in eval mode."""
+    allowed = inspect.signature(Dreamer.__init__).parameters
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k in allowed}
+    try:
+        agent = Dreamer(**hparams)
+        agent.load_state_dict(ckpt["state_dict"])
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path} does not hold a Dreamer this code can restore: "
+                              f"{str(e).splitlines()[0][:300]}") from None
+    return agent.eval()

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datamodules.replay import SequenceReplay  # noqa: E402
 from datamodules.replay_datamodule import replay_batch  # noqa: E402
-from dreamer.agent import CheckpointError, Dreamer, read_checkpoint, restore_agent  # noqa: E402
+from dreamer.agent import Dreamer, restore_agent  # noqa: E402
+from dreamer.checkpoints import CheckpointError, read_checkpoint  # noqa: E402
 
 
 def load(path: str) -> tuple[Dreamer, SequenceReplay]:
