@@ -273,8 +273,8 @@ class SequenceReplay:
         size = state["size"].numpy().astype(np.int64)
         if self.storage == "ram":
             for k, v in state["data"].items():  # (lanes, written slots, ...)
-                self.data[k][...] = 0
                 self.data[k][:, : v.shape[1]] = v.numpy()
+                self.data[k][:, v.shape[1] :] = 0
         else:
             on_disk = np.array(self.count)
             if (on_disk < count).any():
