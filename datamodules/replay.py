@@ -4,6 +4,11 @@ Storage is split into one lane per environment; each lane is a ring written in t
 sequence is a run of consecutive slots of one lane. Per step the replay keeps the frame, the
 action taken from it, the reward received on arriving at it, and the flags is_first, is_last and
 is_terminal (12,288 + 6 bytes for a 64x64x3 frame).
+
+With ``latents`` it also keeps, per step, the world model's latent state there (DreamerV3's replay
+context): ``deter`` in float16 and the ``stoch`` sample as class indices, written back by training
+(``store_latents``) and read as the starting state of later sequences (``deter * 2 + stoch``
+bytes more per step). A step's latent is marked valid until the slot is overwritten.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-FIRST, LAST, TERMINAL = 1, 2, 4
+FIRST, LAST, TERMINAL, LATENT = 1, 2, 4, 8
 _FIELDS = ("frames", "action", "reward", "flags")
 _META = "meta.json"
 
@@ -42,6 +47,7 @@ class SequenceReplay:
         directory: str | os.PathLike | None = None,
         seed: int | None = None,
         release_every_bytes: int = 64 << 20,
+        latents: dict[str, int] | None = None,
     ) -> None:
         if storage not in ("ram", "memmap"):
             raise ValueError(f"replay storage must be 'ram' or 'memmap', got {storage!r}")
@@ -57,6 +63,9 @@ class SequenceReplay:
         self.capacity = self.lane_capacity * self.num_lanes
         self.obs_shape = tuple(int(s) for s in obs_shape)
         self.storage = storage
+        self.latents = {k: int(v) for k, v in latents.items()} if latents else None
+        if self.latents is not None and set(self.latents) != {"deter", "stoch"}:
+            raise ValueError(f"replay latents need sizes for 'deter' and 'stoch', got {sorted(self.latents)}")
         self.directory = Path(directory) if directory is not None else None
         self.rng = np.random.default_rng(seed)
         self._release_every = release_every_bytes
@@ -70,6 +79,9 @@ class SequenceReplay:
             "reward": ((self.num_lanes, self.lane_capacity), np.float32),
             "flags": ((self.num_lanes, self.lane_capacity), np.uint8),
         }
+        if self.latents is not None:
+            shapes["deter"] = ((self.num_lanes, self.lane_capacity, self.latents["deter"]), np.float16)
+            shapes["stoch"] = ((self.num_lanes, self.lane_capacity, self.latents["stoch"]), np.uint8)
         if storage == "ram":
             self.data = {k: np.zeros(s, d) for k, (s, d) in shapes.items()}
             self.count = np.zeros(self.num_lanes, np.int64)
@@ -80,11 +92,14 @@ class SequenceReplay:
 
     # ---------------------------------------------------------------- files
     def _meta(self) -> dict[str, Any]:
-        return {
+        meta = {
             "num_lanes": self.num_lanes,
             "lane_capacity": self.lane_capacity,
             "obs_shape": list(self.obs_shape),
         }
+        if self.latents is not None:
+            meta["latents"] = self.latents
+        return meta
 
     def _open_files(self, shapes):
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -203,7 +218,10 @@ class SequenceReplay:
         """``batch_size`` sequences of ``length`` consecutive steps, uniform over valid starts.
 
         Returns ``frames`` uint8 (B, T, *obs_shape), ``action`` int64 (B, T), ``reward`` float32
-        (B, T) and ``is_first`` / ``is_last`` / ``is_terminal`` bool (B, T).
+        (B, T), ``is_first`` / ``is_last`` / ``is_terminal`` bool (B, T), and where they came from:
+        ``lane`` (B,) and ``step`` (B, T), each step's index in its lane counted since the lane's
+        first write (what ``store_latents`` takes). With latents also ``deter`` float16 (B, T, D),
+        ``stoch`` uint8 (B, T, S) and ``has_latent`` bool (B, T).
         """
         starts_per_lane = np.maximum(self.size - length + 1, 0)
         total = int(starts_per_lane.sum())
@@ -217,9 +235,8 @@ class SequenceReplay:
         lane = np.searchsorted(bounds, pick, side="right")
         offset = pick - (bounds[lane] - starts_per_lane[lane])
         first_valid = self.count[lane] - self.size[lane]
-        # (B, T) physical slot of each step of each sequence
-        slot = (first_valid + offset)[:, None] + np.arange(length)[None, :]
-        slot %= self.lane_capacity
+        step = (first_valid + offset)[:, None] + np.arange(length)[None, :]  # (B, T) absolute
+        slot = step % self.lane_capacity  # (B, T) physical slot of each step
         lane_bt = lane[:, None]
         flags = self.data["flags"][lane_bt, slot]
         out = {
@@ -229,9 +246,30 @@ class SequenceReplay:
             "is_first": (flags & FIRST) > 0,
             "is_last": (flags & LAST) > 0,
             "is_terminal": (flags & TERMINAL) > 0,
+            "lane": lane,
+            "step": step,
         }
+        if self.latents is not None:
+            out["deter"] = self.data["deter"][lane_bt, slot]
+            out["stoch"] = self.data["stoch"][lane_bt, slot]
+            out["has_latent"] = (flags & LATENT) > 0
         self._release_pages(out["frames"].nbytes)
         return out
+
+    def store_latents(self, lane: np.ndarray, step: np.ndarray, deter: np.ndarray, stoch: np.ndarray) -> int:
+        """Write latent states for steps (B, T) of lanes (B,) (as ``sample`` gave them): ``deter``
+        (B, T, D) and ``stoch`` class indices (B, T, S). Steps whose slot has been overwritten
+        since they were sampled are skipped. Returns the number of steps written."""
+        if self.latents is None:
+            raise ValueError("this replay keeps no latents (create it with latents=...)")
+        lane_bt = np.broadcast_to(np.asarray(lane)[:, None], step.shape)
+        alive = step >= (self.count[lane_bt] - self.lane_capacity)  # not overwritten yet
+        lane_s, step_s = lane_bt[alive], step[alive]
+        slot = step_s % self.lane_capacity
+        self.data["deter"][lane_s, slot] = deter[alive].astype(np.float16)
+        self.data["stoch"][lane_s, slot] = stoch[alive].astype(np.uint8)
+        self.data["flags"][lane_s, slot] |= LATENT
+        return int(alive.sum())
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -258,13 +296,13 @@ class SequenceReplay:
         """Return to the replay as it was when ``state`` was taken.
 
         On disk, steps written after that moment (by a run that then died) are dropped, and so are
-        the older steps they overwrote; everything else is reused from the files.
+        the older steps they overwrote; everything else is reused from the files. In RAM, latents
+        are restored when both replays keep latents of the same sizes; a replay saved without them
+        (or with other sizes, or restored into one without) comes back without latents.
         """
-        if {k: state[k] for k in self._meta()} != self._meta():
-            raise ValueError(
-                f"saved replay has shape {({k: state[k] for k in self._meta()})}, "
-                f"this one {self._meta()}"
-            )
+        shape = {k: state.get(k) for k in ("num_lanes", "lane_capacity", "obs_shape")}
+        if shape != {k: v for k, v in self._meta().items() if k != "latents"}:
+            raise ValueError(f"saved replay has shape {shape}, this one {self._meta()}")
         if state["storage"] != self.storage:
             raise ValueError(
                 f"saved replay used storage {state['storage']!r}, this one {self.storage!r}"
@@ -272,9 +310,15 @@ class SequenceReplay:
         count = state["count"].numpy().astype(np.int64)
         size = state["size"].numpy().astype(np.int64)
         if self.storage == "ram":
-            for k, v in state["data"].items():  # (lanes, written slots, ...)
-                self.data[k][:, : v.shape[1]] = v.numpy()
-                self.data[k][:, v.shape[1] :] = 0
+            same_latents = state.get("latents") == self.latents
+            for k, arr in self.data.items():
+                v = state["data"].get(k) if same_latents or k in _FIELDS else None
+                written = v.shape[1] if v is not None else 0  # (lanes, written slots, ...)
+                if v is not None:
+                    arr[:, :written] = v.numpy()
+                arr[:, written:] = 0
+            if not same_latents:
+                self.data["flags"] &= np.uint8(~LATENT & 0xFF)
         else:
             on_disk = np.array(self.count)
             if (on_disk < count).any():

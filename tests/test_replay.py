@@ -178,3 +178,75 @@ def test_bad_configuration_is_refused():
     r = SequenceReplay(100, 2, OBS)
     with pytest.raises(ValueError, match="must not repeat"):
         write(r, 1, lanes=[0, 0])
+
+
+# --------------------------------------------------------------------------- replay context
+LATENTS = {"deter": 5, "stoch": 3}
+
+
+def test_stored_latents_come_back_with_the_steps_they_were_stored_for():
+    replay = SequenceReplay(2 * 40, 2, obs_shape=OBS, seed=0, latents=LATENTS)
+    write(replay, 30)
+    batch = replay.sample(6, 8)
+    assert not batch["has_latent"].any()  # nothing stored yet
+    step = batch["step"]
+    deter = (batch["lane"][:, None, None] * 100 + step[..., None] + np.arange(5) / 10).astype(np.float32)
+    stoch = (step[..., None] + np.arange(3)) % 7
+    assert replay.store_latents(batch["lane"], step, deter, stoch) == step.size
+    again = replay.sample(64, 8)
+    lane, step = again["lane"][:, None], again["step"]
+    stored = np.isin(step + 1000 * lane, batch["step"] + 1000 * batch["lane"][:, None])
+    np.testing.assert_array_equal(again["has_latent"], stored)
+    expect = (lane[..., None] * 100 + step[..., None] + np.arange(5) / 10).astype(np.float16)
+    np.testing.assert_array_equal(again["deter"][stored], expect[stored])
+    np.testing.assert_array_equal(again["stoch"][stored], ((step[..., None] + np.arange(3)) % 7)[stored])
+    # the sample's step index is the writer's step counter, its reward here
+    np.testing.assert_array_equal(again["step"], again["reward"].astype(np.int64))
+
+
+def test_overwritten_slots_lose_their_latents_and_late_writes_are_skipped():
+    replay = SequenceReplay(1 * 10, 1, obs_shape=OBS, seed=0, latents=LATENTS)
+    write(replay, 10)
+    batch = replay.sample(1, 10)  # the whole lane, steps 0..9
+    write(replay, 4)  # overwrites steps 0..3
+    written = replay.store_latents(batch["lane"], batch["step"], np.zeros((1, 10, 5)), np.zeros((1, 10, 3)))
+    assert written == 6  # steps 4..9 only
+    now = replay.sample(1, 10)  # steps 4..13
+    np.testing.assert_array_equal(now["has_latent"][0], [True] * 6 + [False] * 4)
+    write(replay, 2)  # steps 14, 15 reuse the slots of 4, 5: their latents are gone
+    np.testing.assert_array_equal(replay.sample(1, 10)["has_latent"][0], [True] * 4 + [False] * 6)
+
+
+def test_latents_survive_a_ram_round_trip_and_an_old_state_loads_without_them():
+    a = SequenceReplay(2 * 20, 2, obs_shape=OBS, seed=3, latents=LATENTS)
+    write(a, 12)
+    batch = a.sample(4, 5)
+    a.store_latents(batch["lane"], batch["step"], np.ones((4, 5, 5)), np.ones((4, 5, 3)))
+    b = SequenceReplay(2 * 20, 2, obs_shape=OBS, seed=9, latents=LATENTS)
+    b.load_state_dict(a.state_dict())
+    x, y = a.sample(8, 5), b.sample(8, 5)
+    for key in x:
+        np.testing.assert_array_equal(x[key], y[key])
+    plain = SequenceReplay(2 * 20, 2, obs_shape=OBS, seed=3)
+    write(plain, 12)
+    c = SequenceReplay(2 * 20, 2, obs_shape=OBS, seed=9, latents=LATENTS)
+    c.load_state_dict(plain.state_dict())  # a checkpoint from before replay context
+    assert not c.sample(8, 5)["has_latent"].any()
+    d = SequenceReplay(2 * 20, 2, obs_shape=OBS, seed=9)
+    d.load_state_dict(a.state_dict())  # and back: the latents are dropped
+    assert "has_latent" not in d.sample(8, 5)
+
+
+def test_memmap_keeps_latents_and_refuses_other_latent_sizes(tmp_path):
+    a = SequenceReplay(2 * 20, 2, obs_shape=OBS, storage="memmap", directory=tmp_path, seed=0, latents=LATENTS)
+    write(a, 10)
+    batch = a.sample(2, 4)
+    a.store_latents(batch["lane"], batch["step"], np.full((2, 4, 5), 0.5), np.full((2, 4, 3), 2))
+    state = a.state_dict()
+    del a
+    b = SequenceReplay(2 * 20, 2, obs_shape=OBS, storage="memmap", directory=tmp_path, seed=0, latents=LATENTS)
+    b.load_state_dict(state)
+    assert b.sample(64, 4)["has_latent"].any()
+    with pytest.raises(ValueError, match="holds a replay of shape"):
+        SequenceReplay(2 * 20, 2, obs_shape=OBS, storage="memmap", directory=tmp_path,
+                       latents={"deter": 6, "stoch": 3})
