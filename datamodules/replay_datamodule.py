@@ -32,17 +32,36 @@ class Policy(Protocol):
     ) -> tuple[torch.Tensor, Any]: ...
 
 
-def replay_batch(sample: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def replay_batch(sample: dict[str, np.ndarray], context: bool = False) -> dict[str, torch.Tensor]:
     """A ``SequenceReplay.sample`` as the model's batch: obs, action, reward, is_first, is_last,
-    is_terminal, each (B, T, ...)."""
-    return {
+    is_terminal, each (B, T, ...), and ``lane`` (B,) / ``step`` (B, T) where the steps came from.
+
+    With ``context`` the sample holds T + 1 steps with latents (DreamerV3's replay context): the
+    first step only supplies the starting state, ``context`` = {``deter`` (B, D) float32,
+    ``stoch`` (B, S) class indices, ``valid`` (B,) whether a latent was stored there, ``action``
+    (B,) the action taken from it}, and the other T steps are trained on.
+    """
+    batch = {
         "obs": torch.from_numpy(sample["frames"]),
         "action": torch.from_numpy(sample["action"]),
         "reward": torch.from_numpy(sample["reward"]),
         "is_first": torch.from_numpy(sample["is_first"]),
         "is_last": torch.from_numpy(sample["is_last"]),
         "is_terminal": torch.from_numpy(sample["is_terminal"]),
+        "lane": torch.from_numpy(sample["lane"]),
+        "step": torch.from_numpy(sample["step"]),
     }
+    if not context:
+        return batch
+    start = {
+        "deter": torch.from_numpy(sample["deter"][:, 0].astype(np.float32)),
+        "stoch": torch.from_numpy(sample["stoch"][:, 0].astype(np.int64)),
+        "valid": torch.from_numpy(sample["has_latent"][:, 0] & ~sample["is_last"][:, 0]),
+        "action": batch["action"][:, 0],
+    }
+    batch = {k: v if k == "lane" else v[:, 1:] for k, v in batch.items()}
+    batch["context"] = start
+    return batch
 
 
 class RandomPolicy:
@@ -56,6 +75,32 @@ class RandomPolicy:
 
     def act(self, obs, is_first, state=None, reward=None):
         return torch.from_numpy(self.actions(len(obs))), None
+
+
+def play_episodes(env: ProcgenVectorEnv, policy: Policy, episodes: int) -> tuple[list[float], list[float]]:
+    """Returns and level completions of ``episodes`` fresh episodes of ``policy`` on ``env``.
+
+    Every env counts the same number of its first episodes (``ceil(episodes / num_envs)``), so long
+    episodes are not under-represented.
+    """
+    per_env = -(-episodes // env.num_envs)
+    counted = np.zeros(env.num_envs, np.int64)
+    returns, completes = [], []
+    obs, _ = env.reset()
+    is_first, state = np.ones(env.num_envs, bool), None
+    reward = np.zeros(env.num_envs, np.float32)
+    while (counted < per_env).any():
+        actions, state = policy.act(
+            torch.from_numpy(obs), torch.from_numpy(is_first), state, reward=torch.from_numpy(reward)
+        )
+        obs, reward, terminated, truncated, info = env.step(actions.cpu().numpy().astype(np.int64))
+        is_first = terminated | truncated
+        reward = np.where(is_first, 0.0, reward).astype(np.float32)
+        for i in np.flatnonzero(is_first & (counted < per_env)):
+            returns.append(float(info["episode"]["r"][i]))
+            completes.append(float(info["episode"]["level_complete"][i]))
+            counted[i] += 1
+    return returns, completes
 
 
 class _ForeverBatches(IterableDataset):
@@ -109,6 +154,7 @@ class ReplayDataModule(pl.LightningDataModule):
         replay_storage: str = "ram",
         replay_dir: str | None = None,
         val_episodes: int = 16,
+        replay_context: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -121,10 +167,10 @@ class ReplayDataModule(pl.LightningDataModule):
             raise ValueError(f"learning_starts must be >= 0, got {learning_starts}")
         if replay_storage not in ("ram", "memmap"):
             raise ValueError(f"replay_storage must be 'ram' or 'memmap', got {replay_storage!r}")
-        if replay_capacity // num_envs < seq_len:
+        if replay_capacity // num_envs < seq_len + 1:
             raise ValueError(
                 f"replay_capacity ({replay_capacity}) split over {num_envs} envs leaves "
-                f"{replay_capacity // num_envs} steps per env, fewer than seq_len ({seq_len})"
+                f"{replay_capacity // num_envs} steps per env, fewer than seq_len + 1 ({seq_len + 1})"
             )
         self.env_config = ProcgenConfig(
             game, num_envs, distribution_mode, num_levels, start_level, seed, test_num_envs
@@ -178,8 +224,33 @@ class ReplayDataModule(pl.LightningDataModule):
             storage=hp.replay_storage,
             directory=self._replay_dir() if hp.replay_storage == "memmap" else None,
             seed=cfg.seed,
+            latents=self._latent_sizes(),
         )
         self.random_policy = RandomPolicy(cfg.seed)
+
+    def _latent_sizes(self) -> dict[str, int] | None:
+        """Sizes of the latents the replay keeps for its context: the attached model's
+        ``latent_sizes`` when ``replay_context`` is on, else none."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if not self.hparams.replay_context or module is None:
+            return None
+        return getattr(module, "latent_sizes", None)
+
+    @property
+    def context_steps(self) -> int:
+        """Steps each sampled sequence holds before its training steps (1 with replay context)."""
+        return int(self.replay is not None and self.replay.latents is not None)
+
+    def store_latents(self, batch: dict[str, torch.Tensor], post: dict[str, torch.Tensor]) -> None:
+        """Write the posterior states (B, T, ...) the model computed for ``batch`` back into the
+        replay, to start later sequences from (replay context)."""
+        if self.context_steps == 0:
+            return
+        self.replay.store_latents(
+            batch["lane"].cpu().numpy(), batch["step"].cpu().numpy(),
+            post["deter"].detach().to(torch.float16).cpu().numpy(),
+            post["stoch"].detach().argmax(-1).cpu().numpy(),
+        )
 
     def teardown(self, stage: str | None = None) -> None:
         if self.replay is not None:
@@ -195,45 +266,33 @@ class ReplayDataModule(pl.LightningDataModule):
         # Lightning's distributed sampler)
         return DataLoader(_Splits(), batch_size=None, num_workers=0)
 
+    def eval_env(self, split: str) -> ProcgenVectorEnv:
+        """The envs validation plays on: ``train_levels`` (its own envs on the training levels) or
+        ``unseen_levels``."""
+        if split not in ("train_levels", "unseen_levels"):
+            raise ValueError(f"split must be 'train_levels' or 'unseen_levels', got {split!r}")
+        if split == "unseen_levels":
+            return self.test_env
+        if self.eval_train_env is None:
+            cfg = self.env_config
+            self.eval_train_env = ProcgenVectorEnv(
+                cfg.game, cfg.test_num_envs or cfg.num_envs,
+                cfg.distribution_mode, cfg.num_levels, cfg.start_level,
+                seed=cfg.seed + 2_000_003 + 7919 * self.rank,
+                **(self.hparams.procgen_options or {}),
+            )
+        return self.eval_train_env
+
     @torch.inference_mode()
     def evaluate(self, policy: Policy, split: str, episodes: int | None = None) -> dict[str, float]:
         """Play ``episodes`` (default ``val_episodes``) episodes on the training levels or on
         unseen levels.
 
-        Every env counts the same number of its first episodes, so long episodes are not
-        under-represented. Returns mean return, normalised score, level completion and episodes.
+        Returns mean return, normalised score, level completion and episodes (see ``play_episodes``).
         """
-        if split not in ("train_levels", "unseen_levels"):
-            raise ValueError(f"split must be 'train_levels' or 'unseen_levels', got {split!r}")
+        env = self.eval_env(split)
         cfg = self.env_config
-        if split == "unseen_levels":
-            env = self.test_env
-        else:
-            if self.eval_train_env is None:
-                self.eval_train_env = ProcgenVectorEnv(
-                    cfg.game, cfg.test_num_envs or cfg.num_envs,
-                    cfg.distribution_mode, cfg.num_levels, cfg.start_level,
-                    seed=cfg.seed + 2_000_003 + 7919 * self.rank,
-                    **(self.hparams.procgen_options or {}),
-                )
-            env = self.eval_train_env
-        per_env = -(-(episodes or self.hparams.val_episodes) // env.num_envs)
-        counted = np.zeros(env.num_envs, np.int64)
-        returns, completes = [], []
-        obs, _ = env.reset()
-        is_first, state = np.ones(env.num_envs, bool), None
-        reward = np.zeros(env.num_envs, np.float32)
-        while (counted < per_env).any():
-            actions, state = policy.act(
-                torch.from_numpy(obs), torch.from_numpy(is_first), state, reward=torch.from_numpy(reward)
-            )
-            obs, reward, terminated, truncated, info = env.step(actions.cpu().numpy().astype(np.int64))
-            is_first = terminated | truncated
-            reward = np.where(is_first, 0.0, reward).astype(np.float32)
-            for i in np.flatnonzero(is_first & (counted < per_env)):
-                returns.append(float(info["episode"]["r"][i]))
-                completes.append(float(info["episode"]["level_complete"][i]))
-                counted[i] += 1
+        returns, completes = play_episodes(env, policy, episodes or self.hparams.val_episodes)
         mode = env.distribution_mode
         return {
             "return": float(np.mean(returns)),
@@ -257,8 +316,10 @@ class ReplayDataModule(pl.LightningDataModule):
     def collect(self, vector_steps: int) -> None:
         """Step every train env ``vector_steps`` times with the current policy, writing replay."""
         env, replay = self.train_env, self.replay
-        if not self._restored and self.env_steps == 0 and len(replay):
-            replay.clear()  # a fresh run never trains on a previous run's files
+        if not self._restored and self.env_steps == 0:
+            if len(replay):
+                replay.clear()  # a fresh run never trains on a previous run's files
+            self._set_aside_episodes()
         self._restored = True
         n = env.num_envs
         if self._obs is None:
@@ -296,6 +357,7 @@ class ReplayDataModule(pl.LightningDataModule):
             self._reward = reward
 
     def _record_episodes(self, episode: dict[str, np.ndarray], lanes: np.ndarray) -> None:
+        rows = []
         for i in lanes:
             stats = {
                 "return": float(episode["r"][i]),
@@ -307,6 +369,52 @@ class ReplayDataModule(pl.LightningDataModule):
             self.episodes += 1
             self.recent_episodes.append(stats)
             self._new_episodes.append(stats)
+            rows.append(stats)
+        self._write_episodes(rows)
+
+    EPISODE_COLUMNS = ("env_steps", "return", "length", "level_complete", "level_seed")
+
+    def episodes_file(self) -> Path | None:
+        """``<run dir>/episodes_rank<r>.csv``: every finished training episode, one row each
+        (this rank's env steps when it ended, return, length, level completion, level seed)."""
+        if self.trainer is None:
+            return None
+        return Path(self.trainer.default_root_dir) / f"episodes_rank{self.rank}.csv"
+
+    def _write_episodes(self, rows: list[dict[str, float]]) -> None:
+        path = self.episodes_file()
+        if path is None or not rows:
+            return
+        new = not path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            if new:
+                f.write(",".join(self.EPISODE_COLUMNS) + "\n")
+            f.writelines(",".join(str(row[c]) for c in self.EPISODE_COLUMNS) + "\n" for row in rows)
+
+    def _set_aside_episodes(self) -> None:
+        """A fresh run in a directory that holds an earlier run's episode file keeps that file,
+        renamed to ``episodes_rank<r>.<n>.csv``, and starts its own."""
+        path = self.episodes_file()
+        if path is None or not path.exists():
+            return
+        n = 1
+        while path.with_suffix(f".{n}.csv").exists():
+            n += 1
+        os.replace(path, path.with_suffix(f".{n}.csv"))
+
+    def _truncate_episodes(self) -> None:
+        """After a resume: drop the rows of episodes that ended after the checkpoint (the run that
+        wrote them died; they will be played again)."""
+        path = self.episodes_file()
+        if path is None or not path.exists():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        keep = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= self.env_steps]
+        if len(keep) != len(lines):
+            tmp = path.with_suffix(".csv.tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, path)
 
     def pop_episodes(self) -> list[dict[str, float]]:
         """Episodes finished since the last call: return, length, level_complete, level_seed, env_steps."""
@@ -318,11 +426,12 @@ class ReplayDataModule(pl.LightningDataModule):
         hp = self.hparams
         n = self.train_env.num_envs
         needed = self.env_steps_needed(self.batches_served)
-        while self.env_steps < needed or not self.replay.can_sample(hp.seq_len):
+        length = hp.seq_len + self.context_steps
+        while self.env_steps < needed or not self.replay.can_sample(length):
             self.collect(max(1, -(-(needed - self.env_steps) // n)))
-        batch = self.replay.sample(hp.batch_size, hp.seq_len)
+        batch = self.replay.sample(hp.batch_size, length)
         self.batches_served += 1
-        return replay_batch(batch)
+        return replay_batch(batch, context=self.context_steps > 0)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -380,6 +489,8 @@ class ReplayDataModule(pl.LightningDataModule):
         self.episodes = int(state_dict["episodes"])
         self.batches_served = int(state_dict["batches_served"])
         self.recent_episodes = deque(state_dict["recent_episodes"], maxlen=100)
+        if not validating:
+            self._truncate_episodes()
         if state_dict["replay"] is not None:
             self.replay.load_state_dict(state_dict["replay"])
             self.random_policy.rng.bit_generator.state = state_dict["random_policy_rng"]

@@ -21,15 +21,19 @@ from dreamer.metrics import GoalSuccess
 from dreamer.rssm import State
 from dreamer.world_model import WorldModel
 
-# deter / hidden / stoch (categoricals) / classes / cnn depth / mlp units / mlp layers / gru blocks
+# deter / hidden / stoch (categoricals) / classes / cnn depth / mlp units / actor, critic and goal
+# matcher layers / gru blocks. 1M and up are DreamerV3's presets (32 latents throughout); tiny is for
+# tests; small is the CPU preset, chosen on benchmarks/world_model_quality.py by quality per
+# CPU-minute.
 SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(deter=64, hidden=64, stoch=8, classes=8, depth=4, units=64, layers=1, gru_blocks=1),
-    "small": dict(deter=256, hidden=128, stoch=16, classes=16, depth=8, units=128, layers=1, gru_blocks=1),
-    "12M": dict(deter=2048, hidden=256, stoch=32, classes=16, depth=16, units=256, layers=2, gru_blocks=8),
-    "25M": dict(deter=3072, hidden=384, stoch=32, classes=24, depth=24, units=384, layers=2, gru_blocks=8),
-    "50M": dict(deter=4096, hidden=512, stoch=32, classes=32, depth=32, units=512, layers=2, gru_blocks=8),
-    "100M": dict(deter=6144, hidden=768, stoch=32, classes=48, depth=48, units=768, layers=2, gru_blocks=8),
-    "200M": dict(deter=8192, hidden=1024, stoch=32, classes=64, depth=64, units=1024, layers=2, gru_blocks=8),
+    "tiny": dict(deter=64, hidden=64, stoch=32, classes=4, depth=4, units=64, layers=1, gru_blocks=1),
+    "1M": dict(deter=512, hidden=64, stoch=32, classes=4, depth=4, units=64, layers=3, gru_blocks=8),
+    "small": dict(deter=512, hidden=128, stoch=32, classes=8, depth=8, units=128, layers=3, gru_blocks=8),
+    "12M": dict(deter=2048, hidden=256, stoch=32, classes=16, depth=16, units=256, layers=3, gru_blocks=8),
+    "25M": dict(deter=3072, hidden=384, stoch=32, classes=24, depth=24, units=384, layers=3, gru_blocks=8),
+    "50M": dict(deter=4096, hidden=512, stoch=32, classes=32, depth=32, units=512, layers=3, gru_blocks=8),
+    "100M": dict(deter=6144, hidden=768, stoch=32, classes=48, depth=48, units=768, layers=3, gru_blocks=8),
+    "200M": dict(deter=8192, hidden=1024, stoch=32, classes=64, depth=64, units=1024, layers=3, gru_blocks=8),
 }
 NUM_ACTIONS = 15
 
@@ -55,6 +59,12 @@ class Dreamer(pl.LightningModule):
     (not Lightning's ``global_step``, which counts every optimiser step) are the x-axis of every
     logged metric.
 
+    The networks follow the newest DreamerV3 (block-GRU core, truncated-normal initialisation,
+    reward and continue heads of one layer, actor and critic of ``layers``, actor output scale
+    0.01) with ``norm`` LayerNorm (or ``rms``, DreamerV3's, slower on CPUs); the critic also learns from replayed returns at scale ``repval``; a batch with a
+    replay context (``replay_batch``) starts from the latents stored in replay, and the update
+    writes its posteriors back (``latent_sizes`` says what the replay keeps).
+
     Goals (see ``dreamer/goals.py``): ``goal_model`` proposes goals with ``goal_strategy``
     (``value`` or ``replay``; ``goal_rollouts`` imagined rollouts, ``goal_offset`` steps ahead in
     replay), a state matches its goal at similarity >= ``goal_threshold``, and an unmatched goal
@@ -77,7 +87,7 @@ class Dreamer(pl.LightningModule):
         lam: float = 0.95,
         entropy: float = 3e-4,
         free_bits: float = 1.0,
-        scale_dyn: float = 0.5,
+        scale_dyn: float = 1.0,
         scale_rep: float = 0.1,
         world_model_lr: float = 1e-4,
         world_model_eps: float = 1e-8,
@@ -95,6 +105,8 @@ class Dreamer(pl.LightningModule):
         matcher_lr: float = 3e-4,
         track_goals: bool = False,
         compile: bool = False,
+        repval: float = 0.3,
+        norm: str = "layer",
     ) -> None:
         super().__init__()
         if size not in SIZES:
@@ -107,11 +119,12 @@ class Dreamer(pl.LightningModule):
         self.save_hyperparameters()
         arch = {**SIZES[size], **(overrides or {})}
         self.world_model = WorldModel(
-            NUM_ACTIONS, **arch, free_bits=free_bits, scale_dyn=scale_dyn, scale_rep=scale_rep
+            NUM_ACTIONS, **{k: v for k, v in arch.items() if k != "layers"}, free_bits=free_bits,
+            scale_dyn=scale_dyn, scale_rep=scale_rep, norm=norm,
         )
         self.actor_critic = ActorCritic(
             self.world_model.rssm.feat_dim, NUM_ACTIONS, arch["units"], arch["layers"], horizon,
-            gamma, lam, entropy,
+            gamma, lam, entropy, repval=repval, norm=norm,
         )
         with torch.random.fork_rng(devices=[]):  # plain DreamerV3 keeps its random stream
             self.goal_matcher = GoalMatcher(
@@ -139,6 +152,12 @@ class Dreamer(pl.LightningModule):
         ] + [f"goal_model.{name}" for name in ("bank_start", "bank_goal", "bank_count")]
         self.updates = 0
         self._perf = (time.perf_counter(), 0, 0)
+
+    @property
+    def latent_sizes(self) -> dict[str, int]:
+        """What the replay keeps per step for its context: deter size and number of latents."""
+        rssm = self.world_model.rssm
+        return {"deter": rssm.deter, "stoch": rssm.stoch}
 
     # ---------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
@@ -184,7 +203,11 @@ class Dreamer(pl.LightningModule):
         """World-model loss on the batch plus actor-critic loss on dreams from its posteriors."""
         wm_loss, metrics, post = self.world_model.loss(batch)
         self.last_post = {k: v.detach() for k, v in post.items()}
-        ac_loss, ac_metrics = self.actor_critic.loss(*self.imagine(post, batch["is_terminal"]))
+        replay = None
+        if "is_last" in batch:  # the critic also learns from the replayed returns (repval)
+            replay = {k: batch[k] for k in ("reward", "is_last", "is_terminal")}
+            replay["feat"] = self.world_model.rssm.features(post)
+        ac_loss, ac_metrics = self.actor_critic.loss(*self.imagine(post, batch["is_terminal"]), replay)
         return wm_loss + ac_loss, {**metrics, **ac_metrics}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -199,13 +222,15 @@ class Dreamer(pl.LightningModule):
             self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
             opt.step()
         self.actor_critic.update_slow_critic()
+        dm = self.trainer.datamodule
+        if "context" in batch and dm is not None:
+            dm.store_latents(batch, self.last_post)
         self.goal_model.update_statistics(self.last_post)
         if hp.goal_strategy == "replay":
             with isolated_rng(self.device, self.updates):
                 self.goal_model.add_replay(self.last_post, batch["is_first"])
         self.updates += 1
         self._log_training(metrics)
-        dm = self.trainer.datamodule
         if dm is not None and dm.total_env_steps >= hp.max_env_steps:
             self.trainer.should_stop = True
 
@@ -287,7 +312,7 @@ class Dreamer(pl.LightningModule):
         else:
             prev, prev_action = state[0], state[1]
         embed = self.world_model.encoder(obs)
-        post, _ = rssm.obs_step(prev, F.one_hot(prev_action, NUM_ACTIONS).float(), embed, is_first)
+        post = rssm.obs_step(prev, F.one_hot(prev_action, NUM_ACTIONS).float(), embed, is_first)
         return post
 
     def _pursue_goals(
@@ -373,6 +398,12 @@ class Dreamer(pl.LightningModule):
         )
         if differences:
             raise ValueError("checkpoint does not match this run; " + "; ".join(differences))
+        saved = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
+        own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        if saved and saved != own:
+            changed = sorted(set(saved) ^ set(own)) or sorted(k for k in own if saved[k] != own[k])
+            raise ValueError(f"checkpoint holds a model of another architecture (e.g. {changed[0]}), written "
+                             "by an earlier version of this code; start a new run or use that version")
         state = checkpoint.get("dreamer", {})
         self.updates = int(state.get("updates", 0))
         # checkpoints before the CUDA stream was saved hold the CPU states only

@@ -1,4 +1,5 @@
-"""Building blocks: MLPs, the conv encoder and decoder, the normalised GRU cell."""
+"""Building blocks: MLPs, block-linear layers, the conv encoder and decoder, and DreamerV3's
+block-GRU recurrent core."""
 
 from __future__ import annotations
 
@@ -7,6 +8,76 @@ from typing import Any
 
 import torch
 from torch import nn
+
+NORMS = ("rms", "layer")
+
+
+class RMSNorm(nn.RMSNorm):
+    """DreamerV3's RMSNorm (scale, no shift, eps 1e-4), computed in float32 whatever the input's
+    dtype (under bf16 autocast too) and returned in the input's dtype."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, eps=1e-4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.rms_norm(x.float(), self.normalized_shape, self.weight, self.eps).to(x.dtype)
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """RMSNorm (DreamerV3's) or LayerNorm over the last axis."""
+    if kind == "rms":
+        return RMSNorm(dim)
+    if kind == "layer":
+        return nn.LayerNorm(dim)
+    raise ValueError(f"unknown norm {kind!r}; allowed: {', '.join(NORMS)}")
+
+
+@torch.no_grad()
+def trunc_normal_fan_in_(module: nn.Module, scale: float = 1.0) -> None:
+    """DreamerV3's initialisation of every Linear, BlockLinear and conv weight below ``module``:
+    a normal truncated at 2 standard deviations with standard deviation ``scale / sqrt(fan_in)``
+    (1.1368 undoes the truncation's shrinkage); biases zero; ``scale`` 0 zeroes the weights."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, BlockLinear)):
+            weight = m.weight
+            fan_in = weight.shape[-2] if isinstance(m, BlockLinear) else weight.shape[1]
+        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            weight = m.weight
+            cin = weight.shape[1] if isinstance(m, nn.Conv2d) else weight.shape[0]
+            fan_in = cin * weight.shape[2] * weight.shape[3]
+        else:
+            continue
+        if scale == 0:
+            weight.zero_()
+        else:
+            nn.init.trunc_normal_(weight, 0.0, 1.0, -2.0, 2.0)
+            weight.mul_(1.1368 * scale * fan_in**-0.5)
+        if getattr(m, "bias", None) is not None:
+            m.bias.zero_()
+
+
+class BlockLinear(nn.Module):
+    """``blocks`` independent Linear maps, block ``g`` from input slice ``g`` to output slice ``g``:
+    (..., in) -> (..., out), with ``in`` and ``out`` split evenly over the blocks."""
+
+    def __init__(self, inp: int, out: int, blocks: int, bias: bool = True) -> None:
+        super().__init__()
+        if inp % blocks or out % blocks:
+            raise ValueError(f"block-linear sizes {inp} -> {out} are not divisible by {blocks} blocks")
+        self.blocks = blocks
+        self.weight = nn.Parameter(torch.empty(blocks, inp // blocks, out // blocks))
+        self.bias = nn.Parameter(torch.zeros(out)) if bias else None
+        nn.init.uniform_(self.weight, -(inp // blocks) ** -0.5, (inp // blocks) ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.blocks, x.shape[-1] // self.blocks)  # (N, G, in/G)
+        if self.blocks == 1:
+            y = x[:, 0] @ self.weight[0]
+        else:
+            y = torch.bmm(x.transpose(0, 1), self.weight).transpose(0, 1)  # (N, G, out/G)
+        y = y.reshape(*lead, -1)
+        return y if self.bias is None else y + self.bias
 
 
 def init_args(local_vars: dict[str, Any]) -> SimpleNamespace:
@@ -19,22 +90,24 @@ def init_args(local_vars: dict[str, Any]) -> SimpleNamespace:
 
 
 class MLP(nn.Sequential):
-    """``layers`` x (Linear, LayerNorm, SiLU), then an optional output Linear (zero-init if asked)."""
+    """``layers`` x (Linear, norm, SiLU), then an optional output Linear, initialised as DreamerV3
+    (``trunc_normal_fan_in_``); ``outscale`` scales the output layer's initial weights (0 for the
+    reward and value heads, 0.01 for the actor)."""
 
     def __init__(
-        self, inp: int, units: int, layers: int, out: int | None = None, zero_init: bool = False
+        self, inp: int, units: int, layers: int, out: int | None = None, outscale: float = 1.0,
+        norm: str = "layer",
     ) -> None:
         mods: list[nn.Module] = []
         for _ in range(layers):
-            mods += [nn.Linear(inp, units, bias=False), nn.LayerNorm(units), nn.SiLU()]
+            mods += [nn.Linear(inp, units, bias=norm != "layer"), make_norm(norm, units), nn.SiLU()]
             inp = units
         if out is not None:
-            head = nn.Linear(inp, out)
-            if zero_init:
-                nn.init.zeros_(head.weight)
-                nn.init.zeros_(head.bias)
-            mods.append(head)
+            mods.append(nn.Linear(inp, out))
         super().__init__(*mods)
+        trunc_normal_fan_in_(self)
+        if out is not None:
+            trunc_normal_fan_in_(self[-1], outscale)
 
 
 class ChannelNorm(nn.LayerNorm):
@@ -56,6 +129,7 @@ class Encoder(nn.Module):
             ch = depth * m
         self.net = nn.Sequential(*layers)
         self.embed_dim = ch * (64 // 2 ** len(mults)) ** 2
+        trunc_normal_fan_in_(self)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         lead = obs.shape[:-3]
@@ -64,7 +138,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(..., feat_dim) latent features -> (..., 64, 64, 3) images in [0, 1]."""
+    """(..., feat_dim) latent features -> (..., 64, 64, 3) images in [0, 1]: a Linear to a 4x4
+    grid (norm, SiLU), then stride-2 transposed convs (norm, SiLU) up to 64x64."""
 
     def __init__(self, feat_dim: int, depth: int, mults: tuple[int, ...] = (2, 3, 4, 4)) -> None:
         super().__init__()
@@ -72,11 +147,12 @@ class Decoder(nn.Module):
         self.start = 64 // 2 ** len(mults)
         self.chans0 = chans[0]
         self.project = nn.Linear(feat_dim, chans[0] * self.start**2)
-        layers: list[nn.Module] = []
+        layers: list[nn.Module] = [ChannelNorm(chans[0]), nn.SiLU()]
         for cin, cout in zip(chans, chans[1:]):
             layers += [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), ChannelNorm(cout), nn.SiLU()]
         layers.append(nn.ConvTranspose2d(chans[-1], 3, 4, 2, 1))
         self.net = nn.Sequential(*layers)
+        trunc_normal_fan_in_(self)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         lead = feat.shape[:-1]
@@ -86,36 +162,45 @@ class Decoder(nn.Module):
         return x.permute(0, 2, 3, 1).reshape(*lead, 64, 64, 3)
 
 
-class NormGRUCell(nn.Module):
-    """GRU cell with LayerNorm on the gates and update-gate bias -1 (DreamerV2/V3).
+class BlockGRU(nn.Module):
+    """DreamerV3's recurrent core: next ``deter`` from (deter, stoch, action).
 
-    With ``blocks > 1`` the recurrent weights are block-diagonal (DreamerV3's block GRU): each of
-    the ``blocks`` slices of the state sees the whole input but only its own slice of the state,
-    which divides the recurrent parameters by ``blocks``.
+    The whole deter, the flattened stoch sample and the action each pass a Linear (width
+    ``hidden``) with norm and SiLU; every one of the ``blocks`` slices of deter receives those
+    three projections next to its own slice, then ``dynlayers`` block-linear layers (norm, SiLU)
+    and a block-linear layer to its reset, candidate and update gates (update bias -1). Blocks
+    exchange information every step through the dense projection of the whole deter.
     """
 
-    def __init__(self, inp: int, size: int, blocks: int = 1) -> None:
+    def __init__(self, deter: int, stoch: int, num_actions: int, hidden: int, blocks: int = 8,
+                 dynlayers: int = 1, norm: str = "layer") -> None:
         super().__init__()
-        if size % blocks:
-            raise ValueError(f"GRU size {size} is not divisible by its {blocks} blocks")
-        self.blocks, self.size = blocks, size
-        per = size // blocks
-        # input weights are dense (every block sees all of x); recurrent weights block-diagonal
-        self.input = nn.Linear(inp, 3 * size, bias=False)
-        self.recurrent = nn.Parameter(torch.empty(blocks, per, 3 * per))
-        nn.init.uniform_(self.recurrent, -per**-0.5, per**-0.5)
-        self.norm = nn.LayerNorm(3 * per)
+        if deter % blocks:
+            raise ValueError(f"deter size {deter} is not divisible by its {blocks} blocks")
+        self.blocks, self.deter, self.hidden = blocks, deter, hidden
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        g = self.blocks
-        hb = h.reshape(h.shape[0], g, -1)  # (N, G, D/G)
-        parts = self.input(x).reshape(h.shape[0], g, -1)  # (N, G, 3D/G)
-        if g == 1:
-            parts = parts + (hb @ self.recurrent[0])
-        else:
-            parts = parts + torch.bmm(hb.transpose(0, 1), self.recurrent).transpose(0, 1)
-        reset, cand, update = self.norm(parts).chunk(3, -1)  # each (N, G, D/G)
+        def dense(inp: int) -> nn.Sequential:
+            return nn.Sequential(nn.Linear(inp, hidden), make_norm(norm, hidden), nn.SiLU())
+
+        self.deter_in, self.stoch_in, self.action_in = dense(deter), dense(stoch), dense(num_actions)
+        layers: list[nn.Module] = []
+        inp = deter + blocks * 3 * hidden
+        for _ in range(dynlayers):
+            layers += [BlockLinear(inp, deter, blocks), make_norm(norm, deter), nn.SiLU()]
+            inp = deter
+        self.hidden_layers = nn.Sequential(*layers)
+        self.gates = BlockLinear(inp, 3 * deter, blocks)
+        trunc_normal_fan_in_(self)
+
+    def forward(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """``deter`` (N, D), ``stoch`` (N, S * C), ``action`` (N, A) one-hot -> next deter (N, D).
+        (DreamerV3 divides actions by max(1, |a|): one-hot actions are unchanged.)"""
+        n, g = deter.shape[0], self.blocks
+        x = torch.cat([self.deter_in(deter), self.stoch_in(stoch), self.action_in(action)], -1)  # (N, 3H)
+        x = torch.cat([deter.reshape(n, g, -1), x.unsqueeze(1).expand(n, g, x.shape[-1])], -1)
+        x = self.hidden_layers(x.reshape(n, -1))  # (N, G * (D/G + 3H)) -> (N, D)
+        reset, cand, update = self.gates(x).reshape(n, g, -1).chunk(3, -1)  # each (N, G, D/G)
         reset = torch.sigmoid(reset)
         cand = torch.tanh(reset * cand)
         update = torch.sigmoid(update - 1)
-        return (update * cand + (1 - update) * hb).reshape(h.shape)
+        return (update * cand + (1 - update) * deter.reshape(n, g, -1)).reshape(n, -1)

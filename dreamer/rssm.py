@@ -13,16 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from dreamer.distributions import sample_one_hot, unimix_probs
-from dreamer.nets import MLP, NormGRUCell
+from dreamer.nets import MLP, BlockGRU
 
 State = dict[str, torch.Tensor]
 
 
 class RSSM(nn.Module):
-    """DreamerV3's RSSM with categorical latents and a (block) GRU core.
+    """DreamerV3's RSSM with categorical latents and its block-GRU core (``BlockGRU``: dense
+    projections of deter, stoch and action reach every one of ``gru_blocks`` blocks).
 
-    ``is_first`` zeroes deter, stoch and the previous action before a step, both while observing
-    training sequences and while acting.
+    The prior has ``imglayers`` hidden layers on deter, the posterior one on deter and the image
+    embedding. ``is_first`` zeroes deter, stoch and the previous action before a step, both while
+    observing training sequences and while acting.
     """
 
     def __init__(
@@ -35,14 +37,15 @@ class RSSM(nn.Module):
         classes: int,
         gru_blocks: int = 1,
         unimix: float = 0.01,
+        imglayers: int = 2,
+        norm: str = "layer",
     ) -> None:
         super().__init__()
         self.num_actions, self.deter, self.stoch, self.classes = num_actions, deter, stoch, classes
         self.unimix = unimix
-        self.img_in = MLP(stoch * classes + num_actions, hidden, 1)
-        self.gru = NormGRUCell(hidden, deter, gru_blocks)
-        self.prior_net = MLP(deter, hidden, 1, stoch * classes)
-        self.post_net = MLP(deter + embed_dim, hidden, 1, stoch * classes)
+        self.dynamics = BlockGRU(deter, stoch * classes, num_actions, hidden, gru_blocks, norm=norm)
+        self.prior_net = MLP(deter, hidden, imglayers, stoch * classes, norm=norm)
+        self.post_net = MLP(deter + embed_dim, hidden, 1, stoch * classes, norm=norm)
 
     @property
     def feat_dim(self) -> int:
@@ -72,27 +75,29 @@ class RSSM(nn.Module):
         probs = unimix_probs(logits.reshape(-1, self.stoch, self.classes), self.unimix)
         return sample_one_hot(None, probs), probs.log()
 
+    def step_deter(self, state: State, action: torch.Tensor) -> torch.Tensor:
+        """The next deter (N, D) after one-hot ``action`` (N, A) from ``state``."""
+        return self.dynamics(state["deter"], state["stoch"].reshape(len(action), -1), action)
+
+    def prior_logits(self, deter: torch.Tensor) -> torch.Tensor:
+        """(..., S, C) raw prior logits of the stoch given deter (..., D)."""
+        return self.prior_net(deter).reshape(*deter.shape[:-1], self.stoch, self.classes)
+
     def img_step(self, state: State, action: torch.Tensor) -> State:
         """Prior of the next state given the current state and a one-hot action (N, A)."""
-        stoch = state["stoch"].reshape(len(action), -1)
-        x = self.img_in(torch.cat([stoch, action], -1))
-        deter = self.gru(x, state["deter"])
+        deter = self.step_deter(state, action)
         stoch, logits = self._latent(self.prior_net(deter))
         return {"deter": deter, "stoch": stoch, "logits": logits}
 
     def obs_step(
         self, state: State, action: torch.Tensor, embed: torch.Tensor, is_first: torch.Tensor
-    ) -> tuple[State, State]:
-        """(posterior, prior) after taking one-hot ``action`` from ``state`` and seeing ``embed``."""
+    ) -> State:
+        """Posterior after taking one-hot ``action`` from ``state`` and seeing ``embed``."""
         keep = (~is_first).to(embed.dtype).unsqueeze(-1)  # (N, 1)
-        state = {
-            "deter": state["deter"] * keep,
-            "stoch": state["stoch"] * keep.unsqueeze(-1),
-            "logits": state["logits"],
-        }
-        prior = self.img_step(state, action * keep)
-        stoch, logits = self._latent(self.post_net(torch.cat([prior["deter"], embed], -1)))
-        return {"deter": prior["deter"], "stoch": stoch, "logits": logits}, prior
+        state = {"deter": state["deter"] * keep, "stoch": state["stoch"] * keep.unsqueeze(-1)}
+        deter = self.step_deter(state, action * keep)
+        stoch, logits = self._latent(self.post_net(torch.cat([deter, embed], -1)))
+        return {"deter": deter, "stoch": stoch, "logits": logits}
 
     def observe(
         self,
@@ -102,7 +107,8 @@ class RSSM(nn.Module):
         state: State | None = None,
         prev_action: torch.Tensor | None = None,
     ) -> tuple[State, State]:
-        """Posterior and prior states (B, T, ...) of sequences.
+        """Posterior states (B, T, ...) of sequences, and the prior's ``deter`` and ``logits``
+        (B, T, ...) at the same steps (computed once for all steps after the loop).
 
         ``embed`` (B, T, E); ``action`` (B, T) the actions taken at each step (action[t] leads to
         step t + 1); ``is_first`` (B, T). Without ``state`` the sequences start from zeros, as if
@@ -116,14 +122,14 @@ class RSSM(nn.Module):
             is_first[:, 0] = True
         onehot = F.one_hot(action, self.num_actions).float()  # (B, T, A)
         prev = F.one_hot(prev_action, self.num_actions).float()
-        posts, priors = [], []
+        posts = []
         for t in range(length):
-            state, prior = self.obs_step(state, prev, embed[:, t], is_first[:, t])
+            state = self.obs_step(state, prev, embed[:, t], is_first[:, t])
             posts.append(state)
-            priors.append(prior)
             prev = onehot[:, t]
-        stack = lambda states: {k: torch.stack([s[k] for s in states], 1) for k in states[0]}  # noqa: E731
-        return stack(posts), stack(priors)
+        post = {k: torch.stack([s[k] for s in posts], 1) for k in posts[0]}
+        logits = unimix_probs(self.prior_logits(post["deter"]), self.unimix).log()  # (B, T, S, C)
+        return post, {"deter": post["deter"], "logits": logits}
 
     def imagine(
         self, start: State, policy: Callable[[torch.Tensor], torch.Tensor], horizon: int

@@ -17,7 +17,8 @@ class WorldModel(pl.LightningModule):
     Loss per step: image MSE summed over pixels and channels, two-hot reward cross-entropy,
     Bernoulli continue loss with target ``1 - is_terminal``, and the KL terms
     ``dyn = KL(sg(post) || prior)`` and ``rep = KL(post || sg(prior))``, each summed over the
-    latents and clipped below at ``free_bits``.
+    latents and clipped below at ``free_bits``. The reward and continue heads have one hidden
+    layer of ``units`` (DreamerV3); ``norm`` is ``layer`` (LayerNorm) or ``rms`` (RMSNorm).
     """
 
     def __init__(
@@ -29,25 +30,25 @@ class WorldModel(pl.LightningModule):
         classes: int = 16,
         depth: int = 16,
         units: int = 256,
-        layers: int = 2,
         gru_blocks: int = 1,
         unimix: float = 0.01,
         free_bits: float = 1.0,
         scale_image: float = 1.0,
         scale_reward: float = 1.0,
         scale_continue: float = 1.0,
-        scale_dyn: float = 0.5,
+        scale_dyn: float = 1.0,
         scale_rep: float = 0.1,
+        norm: str = "layer",
     ) -> None:
         super().__init__()
         self.hp = init_args(locals())
         self.encoder = Encoder(depth)
         self.rssm = RSSM(self.encoder.embed_dim, num_actions, deter, hidden, stoch, classes,
-                         gru_blocks, unimix)
+                         gru_blocks, unimix, norm=norm)
         feat = self.rssm.feat_dim
         self.decoder = Decoder(feat, depth)
-        self.reward_head = MLP(feat, units, layers, 255, zero_init=True)
-        self.continue_head = MLP(feat, units, layers, 1)
+        self.reward_head = MLP(feat, units, 1, 255, outscale=0.0, norm=norm)
+        self.continue_head = MLP(feat, units, 1, 1, norm=norm)
         self.twohot = TwoHot()
 
     def reward(self, feat: torch.Tensor) -> torch.Tensor:
@@ -57,12 +58,32 @@ class WorldModel(pl.LightningModule):
         # float32: in bf16 the spacing near 1 (2^-8) is as large as 1 - gamma
         return torch.sigmoid(self.continue_head(feat).squeeze(-1).float())
 
+    def start_state(self, batch: dict[str, torch.Tensor]) -> tuple:
+        """(is_first, state, prev_action) for ``rssm.observe`` of a batch: from the batch's replay
+        context where it holds a stored latent (see ``replay_batch``), else a fresh start (the first
+        step is treated as an episode start)."""
+        start = batch.get("context")
+        if start is None:
+            return batch["is_first"], None, None
+        valid = start["valid"]
+        keep = valid.float()
+        state = {
+            "deter": start["deter"] * keep[:, None],
+            "stoch": F.one_hot(start["stoch"], self.rssm.classes).float() * keep[:, None, None],
+        }
+        is_first = batch["is_first"].clone()
+        is_first[:, 0] |= ~valid
+        return is_first, state, start["action"]
+
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], State]:
-        """Total loss (scalar), per-term metrics, and the posterior states (B, T, ...)."""
+        """Total loss (scalar), per-term metrics, and the posterior states (B, T, ...).
+
+        ``batch`` as ``replay_batch`` makes it: obs, action, reward, is_first, is_terminal (B, T),
+        and optionally ``context``, the replay context to start from."""
         hp = self.hp
         obs = batch["obs"]  # (B, T, 64, 64, 3) uint8
         embed = self.encoder(obs)
-        post, prior = self.rssm.observe(embed, batch["action"], batch["is_first"])
+        post, prior = self.rssm.observe(embed, batch["action"], *self.start_state(batch))
         feat = self.rssm.features(post)  # (B, T, F)
 
         target = obs.float() / 255.0

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dreamer.actor_critic import ActorCritic, lambda_returns
+from dreamer.actor_critic import ActorCritic, lambda_returns, replay_returns
 from dreamer.agent import Dreamer
 from dreamer.distributions import (
     TwoHot,
@@ -111,6 +111,57 @@ def test_lambda_returns_hand_computed():
     )
 
 
+def test_replay_returns_hand_computed():
+    # steps 0..4 of one lane: a terminal step 2 (its reward 3, then a new episode at step 3)
+    reward = torch.tensor([[0.0, 1.0, 3.0, 0.0, 2.0]])
+    is_last = torch.tensor([[False, False, True, False, False]])
+    is_terminal = is_last.clone()
+    boot = torch.tensor([[10.0, 20.0, 30.0, 40.0, 50.0]])
+    g, lam = 0.9, 0.8
+    out = replay_returns(reward, is_last, is_terminal, boot, g, lam)
+    r3 = 2.0 + g * ((1 - lam) * 50.0 + lam * 50.0)  # R_4 = boot_4
+    r2 = 0.0 + g * ((1 - lam) * 40.0 + lam * r3)  # not trained on (step 2 is an episode's last)
+    r1 = 3.0  # step 2 is terminal: nothing after it counts
+    r0 = 1.0 + g * ((1 - lam) * 20.0 + lam * r1)
+    torch.testing.assert_close(out, torch.tensor([[r0, r1, r2, r3]]))
+    # a timeout (last, not terminal) bootstraps from the imagined return there instead
+    timeout = replay_returns(reward, is_last, torch.zeros_like(is_last), boot, g, lam)
+    assert float(timeout[0, 1]) == pytest.approx(3.0 + g * 30.0)
+
+
+def test_repval_trains_the_critic_on_replayed_returns_and_reaches_the_world_model():
+    torch.manual_seed(0)
+    model = Dreamer(size="tiny")
+    batch = {
+        "obs": torch.randint(0, 256, (2, 6, 64, 64, 3), dtype=torch.uint8),
+        "action": torch.randint(0, 15, (2, 6)),
+        "reward": torch.rand(2, 6),
+        "is_first": torch.zeros(2, 6, dtype=torch.bool),
+        "is_last": torch.zeros(2, 6, dtype=torch.bool),
+        "is_terminal": torch.zeros(2, 6, dtype=torch.bool),
+    }
+    loss, metrics = model.loss(batch)
+    assert "loss/repval" in metrics and float(metrics["loss/repval"]) > 0
+    no_replay = {k: v for k, v in batch.items() if k != "is_last"}
+    torch.manual_seed(1)
+    off = Dreamer(size="tiny", repval=0.0)
+    off.load_state_dict(model.state_dict())
+    torch.manual_seed(2)
+    _, m_on = model.loss(batch)
+    torch.manual_seed(2)
+    _, m_off = off.loss(batch)
+    assert "loss/repval" not in m_off and "loss/repval" not in model.loss(no_replay)[1]
+    assert float(m_on["loss/critic"]) > float(m_off["loss/critic"])  # 0.3 x repval added
+    # repval's gradient reaches the world model's representation (DreamerV3's repval_grad)
+    torch.nn.init.normal_(model.actor_critic.critic[-1].weight, std=0.1)  # not zero any more
+    torch.manual_seed(3)
+    wm_loss, _, post = model.world_model.loss(batch)
+    feat = model.world_model.rssm.features(post)
+    returns = torch.zeros(2, 5)
+    model.actor_critic.critic_loss(feat[:, :-1], returns).mean().backward()
+    assert model.world_model.encoder.net[0].weight.grad.abs().sum() > 0
+
+
 def test_categorical_kl_two_classes():
     p = torch.tensor([0.9, 0.1]).log()
     q = torch.tensor([0.1, 0.9]).log()
@@ -125,7 +176,7 @@ def test_categorical_kl_two_classes():
 def _kl_only_world_model(scale_dyn, scale_rep):
     """WorldModel whose RSSM returns fixed 2x2 latents: step 0 KL 0.446 (< 1), step 1 KL 3.516."""
     wm = WorldModel(
-        num_actions=3, deter=8, hidden=8, stoch=2, classes=2, depth=2, units=8, layers=1,
+        num_actions=3, deter=8, hidden=8, stoch=2, classes=2, depth=2, units=8,
         scale_image=0.0, scale_reward=0.0, scale_continue=0.0,
         scale_dyn=scale_dyn, scale_rep=scale_rep,
     )
@@ -134,7 +185,7 @@ def _kl_only_world_model(scale_dyn, scale_rep):
     stoch = F.one_hot(torch.zeros(1, 2, 2, dtype=torch.long), 2).float()
     post = {"deter": torch.zeros(1, 2, 8), "stoch": stoch, "logits": post_lp}
     prior = {"deter": torch.zeros(1, 2, 8), "stoch": stoch, "logits": prior_lp}
-    wm.rssm.observe = lambda embed, action, is_first: (post, prior)
+    wm.rssm.observe = lambda embed, action, is_first, state=None, prev_action=None: (post, prior)
     batch = {
         "obs": torch.zeros(1, 2, 64, 64, 3, dtype=torch.uint8),
         "action": torch.zeros(1, 2, dtype=torch.long),
@@ -249,6 +300,7 @@ def test_observe_resets_at_is_first():
     post_b, prior_b = _observe(rssm, embed_b, action_b, is_first)
     for key in ("deter", "stoch", "logits"):
         assert torch.equal(post_a[key][:, reset:], post_b[key][:, reset:]), key
+    for key in ("deter", "logits"):
         assert torch.equal(prior_a[key][:, reset:], prior_b[key][:, reset:]), key
     assert not torch.allclose(post_a["deter"][:, 1:reset], post_b["deter"][:, 1:reset])
 

@@ -110,6 +110,16 @@ def test_checkpoint_restores_the_random_stream_and_reads_older_checkpoints():
     assert torch.equal(torch.rand(5), expected) and model.updates == 7
 
 
+def test_resume_refuses_a_checkpoint_of_an_older_architecture_in_one_line():
+    model = Dreamer(size="tiny")
+    ckpt = {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}
+    model.on_load_checkpoint(ckpt)  # the same architecture loads
+    old = dict(ckpt["state_dict"])
+    old["world_model.rssm.gru.weight"] = old.pop("world_model.rssm.dynamics.gates.weight")
+    with pytest.raises(ValueError, match="another architecture .*rssm.dynamics.gates.weight"):
+        model.on_load_checkpoint({**ckpt, "state_dict": old})
+
+
 def test_compiled_model_acts_eagerly():
     """Acting's batch sizes and no-grad mode would recompile the training graphs past the limit."""
     from torch._dynamo.utils import counters
