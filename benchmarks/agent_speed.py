@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.env_replay import peak_rss_gb  # noqa: E402
+from benchmarks.world_model_quality import parse_pairs  # noqa: E402
 from datamodules.procgen import ProcgenVectorEnv  # noqa: E402
 from dreamer.agent import Dreamer  # noqa: E402
 
@@ -55,9 +56,9 @@ def one_update(model: Dreamer, optimizers, batch) -> None:
 
 
 def bench(size: str, batch: int, seq: int, updates: int, device, precision: str = "32",
-          compile: bool = False) -> dict[str, float]:
+          compile: bool = False, overrides: dict | None = None, **model_kwargs) -> dict[str, float]:
     torch.manual_seed(0)
-    model = Dreamer(size=size).to(device)
+    model = Dreamer(size=size, overrides=overrides or None, **model_kwargs).to(device)
     optimizers = model.configure_optimizers()
     data = fake_batch(batch, seq, device)
     if compile:
@@ -112,14 +113,22 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("32", "bf16"), default="32")
     parser.add_argument("--compile", action="store_true", help="torch.compile networks and RSSM steps")
+    parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="size entries for every size, e.g. stoch=32 gru_blocks=8")
+    parser.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Dreamer arguments, e.g. norm=rms scale_dyn=0.5")
     args = parser.parse_args()
+    overrides = parse_pairs(args.overrides, "--overrides")
+    model_kwargs = parse_pairs(args.model, "--model")
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch} x {args.seq}, precision {args.precision}, compile {args.compile}")
+          f"batch {args.batch} x {args.seq}, precision {args.precision}, compile {args.compile}, "
+          f"overrides {overrides or '-'}, model {model_kwargs or '-'}")
     print(f"{'size':>6} {'first s':>8} {'upd/s':>8} {'s/upd':>8} {'act steps/s':>12} {'WM M':>7} {'actor M':>8} "
           f"{'critic M':>9} {'peak RSS GB':>12} {'GPU GB':>7}")
     for size in args.sizes:
-        r = bench(size, args.batch, args.seq, args.updates, device, args.precision, args.compile)
+        r = bench(size, args.batch, args.seq, args.updates, device, args.precision, args.compile,
+                  overrides, **model_kwargs)
         print(f"{size:>6} {r['first_update_s']:>8.2f} {r['updates_per_s']:>8.3f} {r['seconds_per_update']:>8.3f} "
               f"{r['env_steps_per_s_acting']:>12.0f} {r['world_model_M']:>7.2f} {r['actor_M']:>8.2f} "
               f"{r['critic_M']:>9.2f} {r['peak_rss_gb']:>12.2f} {r['gpu_peak_gb']:>7.2f}")

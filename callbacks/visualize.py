@@ -28,7 +28,8 @@ class DreamVisualizer(pl.Callback):
       GIF shows a ``gif_steps``-step dream beside reality (``dream_...gif``);
     - dream error by horizon over all lanes against the copy-the-last-frame baseline, logged as
       ``dream/error_h{k}``, ``dream/psnr_h{k}``, ``dream/baseline_error_h{k}``,
-      ``dream/baseline_psnr_h{k}`` and plotted (``dream_error_...png``);
+      ``dream/baseline_psnr_h{k}`` and the skill ``dream/skill_h{k}`` = 1 - error / baseline error
+      (above 0: better than copying), and plotted (``dream_error_...png``);
     - a value trace over one whole unseen-level episode (at most ``trace_steps`` steps) with its
       rewards marked (``value_trace_...png``).
 
@@ -48,6 +49,7 @@ class DreamVisualizer(pl.Callback):
         self.every, self.context, self.horizon, self.gif_steps = every_n_updates, context, horizon, gif_steps
         self.lanes, self.trace_steps, self.scale, self.seed = lanes, trace_steps, scale, seed
         self.last_files: dict[str, Path] = {}
+        self.last_metrics: dict[str, float] = {}
         self._done_at: int | None = None
 
     # ------------------------------------------------------------- hooks
@@ -66,6 +68,10 @@ class DreamVisualizer(pl.Callback):
 
     def _announce(self, trainer) -> None:
         if trainer.is_global_zero and "dream_vs_reality" in self.last_files:
+            skill = [f"h{k} {self.last_metrics[f'dream/skill_h{k}']:+.2f}"
+                     for k in (1, 5, 10, 15) if f"dream/skill_h{k}" in self.last_metrics]
+            if skill:
+                print("dream skill on unseen levels (1 - error / copy-last-frame error): " + ", ".join(skill))
             print(f"dream picture: {self.last_files['dream_vs_reality']}")
 
     # ------------------------------------------------------------- work
@@ -90,7 +96,7 @@ class DreamVisualizer(pl.Callback):
         finally:
             pl_module.train(was_training)
         self._log(trainer, files, metrics, step)
-        self.last_files = files
+        self.last_files, self.last_metrics = files, metrics
         return files
 
     def _make(self, trainer, agent, out_dir: Path, step: int):
@@ -132,6 +138,8 @@ class DreamVisualizer(pl.Callback):
             if errors["count"][k] > 0:
                 for name in ("error", "psnr", "baseline_error", "baseline_psnr"):
                     metrics[f"dream/{name}_h{k + 1}"] = float(errors[name][k])
+                if errors["baseline_error"][k] > 0:
+                    metrics[f"dream/skill_h{k + 1}"] = 1.0 - float(errors["error"][k] / errors["baseline_error"][k])
         metrics["dream/trace_return"] = float(trace["reward"].sum())
         return files, metrics
 

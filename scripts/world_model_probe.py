@@ -3,8 +3,9 @@
     python scripts/world_model_probe.py runs/<name>/checkpoints/last.ckpt [--batches 20]
 
 On replayed sequences it prints the reward the world model predicts from the posterior, grouped by
-the real reward, and its continue probability on terminal and other steps. A model that predicts
-the same reward everywhere cannot teach the actor anything, whatever the actor-critic does.
+the real reward, its continue probability on terminal and other steps, and how well each separates
+(ROC AUC: rewarded vs unrewarded steps, non-terminal vs terminal steps). A model that predicts the
+same reward everywhere cannot teach the actor anything, whatever the actor-critic does.
 Needs a checkpoint with an in-RAM replay, or a memory-mapped one whose files are still in place.
 """
 
@@ -22,6 +23,7 @@ from datamodules.replay import SequenceReplay  # noqa: E402
 from datamodules.replay_datamodule import replay_batch  # noqa: E402
 from dreamer.agent import Dreamer, restore_agent  # noqa: E402
 from dreamer.checkpoints import CheckpointError, read_checkpoint  # noqa: E402
+from dreamer.quality import roc_auc  # noqa: E402
 
 
 def load(path: str) -> tuple[Dreamer, SequenceReplay]:
@@ -44,15 +46,17 @@ def load(path: str) -> tuple[Dreamer, SequenceReplay]:
         sys.exit(f"error: {path} was saved before its replay held any steps")
     lanes, per_lane = replay_state["num_lanes"], replay_state["lane_capacity"]
     directory = rank0 if replay_state["storage"] == "memmap" else None  # where the run wrote its files
-    replay = SequenceReplay(per_lane * lanes, lanes, storage=replay_state["storage"], directory=directory, seed=0)
+    replay = SequenceReplay(per_lane * lanes, lanes, storage=replay_state["storage"], directory=directory,
+                            seed=0, latents=replay_state.get("latents"))
     replay.load_state_dict(replay_state)
     return model, replay
 
 
 @torch.no_grad()
 def probe(model: Dreamer, replay: SequenceReplay, batches: int = 20, batch_size: int = 16,
-          seq_len: int = 32) -> dict[str, dict[float, tuple[int, float]] | tuple[float, float]]:
-    """{"reward": {real reward: (steps, mean predicted)}, "continue": (at terminals, elsewhere)}."""
+          seq_len: int = 32) -> dict:
+    """{"reward": {real reward: (steps, mean predicted)}, "continue": (at terminals, elsewhere),
+    "reward_auc": rewarded vs unrewarded, "continue_auc": non-terminal vs terminal}."""
     wm = model.world_model
     real, pred, term, cont = [], [], [], []
     for _ in range(batches):
@@ -70,6 +74,8 @@ def probe(model: Dreamer, replay: SequenceReplay, batches: int = 20, batch_size:
         "reward": rewards,
         "continue": (float(cont[term].mean()) if term.any() else nan,
                      float(cont[~term].mean()) if (~term).any() else nan),
+        "reward_auc": roc_auc(pred.numpy(), (real > 0).numpy()),
+        "continue_auc": roc_auc(cont.numpy(), (~term).numpy()),
     }
 
 
@@ -87,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{value:>12.3f} {n:>8} {mean:>10.3f}")
     at_end, elsewhere = out["continue"]
     print(f"continue probability: {at_end:.3f} on terminal steps, {elsewhere:.3f} elsewhere")
+    print(f"ROC AUC: reward {out['reward_auc']:.3f} (rewarded vs other steps), continue "
+          f"{out['continue_auc']:.3f} (other vs terminal steps)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,323 @@
+"""World-model quality on fixed data: the fast loop for changing the world model.
+
+    python benchmarks/world_model_quality.py --games coinrun starpilot --size small --updates 2000
+    python benchmarks/world_model_quality.py --games coinrun --minutes 10 --model scale_dyn=1.0
+    python benchmarks/world_model_quality.py --games coinrun --save-data data/{game}.npz --updates 0
+    python benchmarks/world_model_quality.py --games coinrun --data data/{game}.npz --updates 500
+
+Per game it collects a dataset deterministically (a seeded random policy that keeps its previous
+action with probability ``--persist``): ``--train-steps`` on the training levels and
+``--eval-steps`` on unseen levels, in the replay's layout (terminal steps included). Then it trains
+the world model alone on uniform replay batches, for ``--updates`` updates or ``--minutes`` of
+training time, and at ``--evals`` points along the way prints, on the unseen-level data:
+
+- recon: posterior reconstruction error (MSE per pixel and channel);
+- skill_h: open-loop dream skill with the real actions, 1 - err_model / err_copy-last-frame, over
+  all pixels and (skillc_h) over the pixels that change between consecutive real frames;
+  above 0 is better than copying the last real frame;
+- rAUC / r+ / r-: reward prediction on rewarded vs unrewarded steps (ROC AUC, means);
+  cAUC: continue probability on non-terminal vs terminal steps (ROC AUC);
+- KL (dynamics KL per step) and >free (share of steps above free bits); upd/s (training only).
+
+``--save-data`` writes the dataset to a compressed file, ``--data`` trains from one (no procgen
+needed, e.g. on a GPU machine). ``--size``, ``--overrides`` and ``--model`` take any preset, size
+entry and ``Dreamer`` argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from datamodules.procgen import GAMES, MODES, unseen_mode  # noqa: E402
+from datamodules.replay import FIRST, TERMINAL, SequenceReplay  # noqa: E402
+from datamodules.replay_datamodule import RandomPolicy, ReplayDataModule, replay_batch  # noqa: E402
+from dreamer.agent import SIZES, Dreamer  # noqa: E402
+from dreamer.quality import HORIZONS, dream_quality, posterior_quality  # noqa: E402
+
+FORMAT_VERSION = 1
+_FIELDS = ("frames", "action", "reward", "flags")
+
+
+class PersistentRandomPolicy(RandomPolicy):
+    """Uniform random actions that repeat the previous action with probability ``persist``."""
+
+    def __init__(self, seed: int, persist: float) -> None:
+        super().__init__(seed)
+        self.persist = persist
+        self.last: np.ndarray | None = None
+
+    def actions(self, n: int) -> np.ndarray:
+        fresh = self.rng.integers(0, 15, size=n)
+        if self.last is None or len(self.last) != n:
+            self.last = fresh
+        else:
+            keep = self.rng.random(n) < self.persist
+            self.last = np.where(keep, self.last, fresh)
+        return self.last
+
+
+def collect(game: str, mode: str, start_level: int, num_levels: int, lanes: int, steps: int,
+            seed: int, persist: float) -> dict[str, np.ndarray]:
+    """``steps`` env steps over ``lanes`` envs, written by the training collector into a replay;
+    returns its arrays (lanes, stored steps) and the stored steps per lane (``count``)."""
+    per_lane = -(-steps // lanes)
+    dm = ReplayDataModule(
+        game=game, num_envs=lanes, distribution_mode=mode, num_levels=num_levels,
+        start_level=start_level, seed=seed, seq_len=1, learning_starts=2**62,
+        replay_capacity=lanes * (2 * per_lane + 64), replay_storage="ram",
+    )
+    dm.setup("fit")
+    dm.random_policy = PersistentRandomPolicy(seed, persist)
+    dm.collect(per_lane)
+    replay = dm.replay
+    written = int(replay.count.max())
+    out = {k: np.ascontiguousarray(replay.data[k][:, :written]) for k in _FIELDS}
+    out["count"] = replay.count.copy()
+    dm.train_env.close(), dm.test_env.close()
+    return out
+
+
+def data_file(args: argparse.Namespace, game: str) -> Path:
+    """The ``--data`` file of ``game``, checked to hold a dataset of that game in this format."""
+    path = Path(args.data.format(game=game))
+    if not path.is_file():
+        raise ValueError(f"no dataset file {path}")
+    try:
+        with np.load(path) as f:
+            meta = json.loads(str(f["meta"])) if "meta" in f.files else {}
+    except Exception:  # not an .npz file at all: numpy raises several kinds
+        meta = {}
+    if meta.get("version") != FORMAT_VERSION or meta.get("game") != game:
+        raise ValueError(f"{path} is not a world-model dataset of {game} (format {FORMAT_VERSION})")
+    return path
+
+
+def dataset(args: argparse.Namespace, game: str) -> dict[str, dict[str, np.ndarray]]:
+    """{"train": arrays, "eval": arrays, "meta": ...}, collected or read from ``--data``."""
+    if args.data:
+        with np.load(data_file(args, game)) as f:
+            data = {split: {k: f[f"{split}_{k}"] for k in (*_FIELDS, "count")} for split in ("train", "eval")}
+            data["meta"] = json.loads(str(f["meta"]))
+        return data
+    meta = {
+        "version": FORMAT_VERSION, "game": game, "mode": args.mode, "num_levels": args.num_levels,
+        "train_steps": args.train_steps, "eval_steps": args.eval_steps, "lanes": args.lanes,
+        "seed": args.seed, "persist": args.persist,
+    }
+    t0 = time.perf_counter()
+    data = {
+        "train": collect(game, args.mode, 0, args.num_levels, args.lanes, args.train_steps,
+                         args.seed, args.persist),
+        # unseen levels: a disjoint seed range above the training levels
+        "eval": collect(game, unseen_mode(args.mode), args.num_levels, 1_000_000, args.eval_lanes,
+                        args.eval_steps, args.seed + 1_000_003, args.persist),
+        "meta": meta,
+    }
+    print(f"[{game}] collected {int(data['train']['count'].sum())} training and "
+          f"{int(data['eval']['count'].sum())} unseen-level steps in {time.perf_counter() - t0:.1f} s")
+    if args.save_data:
+        path = Path(args.save_data.format(game=game))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {f"{split}_{k}": v for split in ("train", "eval") for k, v in data[split].items()}
+        np.savez_compressed(path, meta=json.dumps(meta), **arrays)
+        print(f"[{game}] dataset written to {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return data
+
+
+def train_replay(arrays: dict[str, np.ndarray], seed: int, latents: dict[str, int] | None) -> SequenceReplay:
+    lanes, stored = arrays["action"].shape
+    replay = SequenceReplay(lanes * stored, lanes, storage="ram", seed=seed, latents=latents)
+    for k in _FIELDS:
+        replay.data[k][...] = arrays[k]
+    replay.count[...] = arrays["count"]
+    replay.size = np.minimum(replay.count, replay.lane_capacity)
+    return replay
+
+
+def eval_lanes(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The unseen-level lanes cut to a common length, flags unpacked."""
+    length = int(arrays["count"].min())
+    flags = arrays["flags"][:, :length]
+    return {
+        "frames": arrays["frames"][:, :length],
+        "action": arrays["action"][:, :length].astype(np.int64),
+        "reward": arrays["reward"][:, :length],
+        "is_first": (flags & FIRST) > 0,
+        "is_terminal": (flags & TERMINAL) > 0,
+    }
+
+
+def move(batch: dict, device: str) -> dict:
+    return {k: move(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
+
+
+def parse_pairs(pairs: list[str], what: str) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} takes key=value pairs, got {pair!r}")
+        value = yaml.safe_load(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
+HEADER = (f"{'upd':>6} {'min':>5} {'recon':>7} "
+          + " ".join(f"{'skill_h' + str(h):>9}" for h in HORIZONS) + " "
+          + " ".join(f"{'skillc_h' + str(h):>10}" for h in HORIZONS)
+          + f" {'rAUC':>5} {'r+':>6} {'r-':>6} {'cAUC':>5} {'KL':>5} {'>free':>5} {'upd/s':>6}")
+
+
+def row(r: dict) -> str:
+    return (f"{r['updates']:>6} {r['minutes']:>5.1f} {r['recon_mse']:>7.4f} "
+            + " ".join(f"{r[f'skill_h{h}']:>9.3f}" for h in HORIZONS) + " "
+            + " ".join(f"{r[f'skill_changed_h{h}']:>10.3f}" for h in HORIZONS)
+            + f" {r['reward_auc']:>5.2f} {r['reward_pos']:>6.2f} {r['reward_neg']:>6.2f}"
+            + f" {r['cont_auc']:>5.2f} {r['kl']:>5.2f} {r['kl_above_free']:>5.2f}"
+            + f" {r['updates_per_s']:>6.2f}")
+
+
+def run_game(args: argparse.Namespace, game: str, model_kwargs: dict) -> list[dict]:
+    data = dataset(args, game)
+    if args.updates == 0 and args.minutes is None:
+        return []
+    lanes = eval_lanes(data["eval"])
+    torch.manual_seed(args.seed)
+    agent = Dreamer(**model_kwargs)
+    context = args.replay_context == "on"
+    replay = train_replay(data["train"], args.seed, agent.latent_sizes if context else None)
+    wm = agent.world_model.to(args.device)
+    opt = agent.configure_optimizers()[0]
+    clip = agent.hparams.world_model_clip
+    if args.minutes is not None:
+        marks = [args.minutes * 60 * (k + 1) / args.evals for k in range(args.evals)]
+    else:
+        marks = [round(args.updates * (k + 1) / args.evals) for k in range(args.evals)]
+    params = sum(p.numel() for p in wm.parameters())
+    print(f"\n[{game}] world model {params / 1e6:.2f}M params, {agent.hparams.size} "
+          f"{agent.hparams.overrides or ''}, batch {args.batch} x {args.seq_len}, replay context "
+          f"{args.replay_context}; "
+          f"{lanes['action'].size} unseen-level steps, {int(lanes['reward'].__gt__(0).sum())} rewarded, "
+          f"{int(lanes['is_terminal'].sum())} terminal")
+    print(HEADER)
+    results, updates, train_time = [], 0, 0.0
+    for mark in marks:
+        t0 = time.perf_counter()
+        u0, elapsed0 = updates, train_time
+        while (train_time + time.perf_counter() - t0 < mark) if args.minutes is not None else updates < mark:
+            sample = replay.sample(args.batch, args.seq_len + context)
+            batch = move(replay_batch(sample, context), args.device)
+            loss, _, post = wm.loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(wm.parameters(), clip)
+            opt.step()
+            if context:
+                replay.store_latents(sample["lane"], sample["step"][:, 1:],
+                                     post["deter"].detach().cpu().numpy(),
+                                     post["stoch"].detach().argmax(-1).cpu().numpy())
+            updates += 1
+        train_time = elapsed0 + time.perf_counter() - t0
+        wm.eval()
+        t_eval = time.perf_counter()
+        result = {"game": game, "updates": updates, "minutes": train_time / 60,
+                  "updates_per_s": (updates - u0) / max(train_time - elapsed0, 1e-9),
+                  **posterior_quality(wm, lanes),
+                  **dream_quality(wm, lanes, context=args.context)}
+        result["eval_s"] = time.perf_counter() - t_eval
+        wm.train()
+        results.append(result)
+        print(row(result), flush=True)
+    copy = " ".join(f"h{h} {results[-1][f'copy_mse_h{h}']:.5f}" for h in HORIZONS)
+    print(f"[{game}] copy-last-frame MSE: {copy}; {results[-1]['rewarded_steps']} rewarded and "
+          f"{results[-1]['terminal_steps']} terminal steps, {int(results[-1]['windows'])} dream windows; "
+          f"{results[-1]['eval_s']:.0f} s per evaluation")
+    return results
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--games", nargs="+", default=["coinrun", "starpilot", "chaser", "bigfish"])
+    parser.add_argument("--size", default="small", help=f"one of {', '.join(SIZES)}")
+    parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="size entries, e.g. deter=512 stoch=32")
+    parser.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Dreamer arguments, e.g. world_model_lr=3e-4 scale_dyn=1.0")
+    parser.add_argument("--updates", type=int, default=1000, help="training budget in updates")
+    parser.add_argument("--minutes", type=float, default=None, help="training budget in minutes (wins over --updates)")
+    parser.add_argument("--evals", type=int, default=4, help="evaluation points along the budget")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--context", type=int, default=16, help="real frames before each dream")
+    parser.add_argument("--train-steps", type=int, default=64_000)
+    parser.add_argument("--eval-steps", type=int, default=16_000)
+    parser.add_argument("--lanes", type=int, default=16, help="training-level envs")
+    parser.add_argument("--eval-lanes", type=int, default=16, help="unseen-level envs")
+    parser.add_argument("--mode", default="easy")
+    parser.add_argument("--num-levels", type=int, default=200)
+    parser.add_argument("--persist", type=float, default=0.75, help="probability of repeating the last action")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replay-context", choices=("on", "off"), default="on",
+                        help="start sequences from the latents stored by earlier updates (DreamerV3)")
+    parser.add_argument("--data", help="read the dataset from this file ({game} is replaced)")
+    parser.add_argument("--save-data", help="write the dataset to this .npz file ({game} is replaced)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="write every evaluation as JSON lines to this file")
+    args = parser.parse_args(argv)
+
+    for game in args.games:
+        if game not in GAMES:
+            parser.error(f"unknown game {game!r}; allowed: {', '.join(GAMES)}")
+    if args.mode not in MODES[args.games[0]] or any(args.mode not in MODES[g] for g in args.games):
+        parser.error(f"distribution mode {args.mode!r} is not available for every game in {args.games}")
+    if args.size not in SIZES:
+        parser.error(f"unknown size {args.size!r}; allowed: {', '.join(SIZES)}")
+    for name in ("evals", "batch", "seq_len", "lanes", "eval_lanes", "num_levels"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.updates < 0 or (args.minutes is not None and args.minutes <= 0):
+        parser.error("--updates must be >= 0 and --minutes > 0")
+    if not 0 <= args.persist < 1:
+        parser.error("--persist must be in [0, 1)")
+    if args.train_steps < args.lanes * (args.seq_len + 1) or args.eval_steps < args.eval_lanes * (args.context + 16):
+        parser.error("--train-steps must give every lane at least seq_len steps, and --eval-steps "
+                     "every unseen lane at least context + 16")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model_kwargs = {"size": args.size, "overrides": parse_pairs(args.overrides, "--overrides") or None,
+                        **parse_pairs(args.model, "--model")}
+        Dreamer(**model_kwargs)  # refuse bad arguments before collecting anything
+        for game in args.games if args.data else ():
+            data_file(args, game)
+    except (TypeError, ValueError) as e:
+        parser.error(str(e).splitlines()[0])
+    results = []
+    for game in args.games:
+        results += run_game(args, game, model_kwargs)
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in results:
+                f.write(json.dumps({**r, "size": args.size, "overrides": args.overrides,
+                                    "model": args.model}) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The world-model quality benchmark on a tiny budget: it collects, trains, evaluates, writes its
+dataset to a file and trains from that file to the same figures, and refuses bad arguments."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import world_model_quality as wmq
+
+TINY = ["--games", "chaser", "--size", "tiny", "--updates", "4", "--evals", "2", "--batch", "4",
+        "--seq-len", "16", "--context", "8", "--train-steps", "1200", "--eval-steps", "800",
+        "--lanes", "4", "--eval-lanes", "4", "--threads", "1"]
+
+
+def test_benchmark_trains_evaluates_and_reproduces_from_its_dataset_file(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    data = tmp_path / "{game}.npz"
+    try:
+        collected = wmq.main([*TINY, "--save-data", str(data)])
+        out = capsys.readouterr().out
+        replayed = wmq.main([*TINY, "--data", str(data)])
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "chaser.npz").is_file()
+    assert [r["updates"] for r in collected] == [2, 4]
+    assert "skill_h5" in out and "rAUC" in out and "copy-last-frame MSE" in out
+    last = collected[-1]
+    for key in ("recon_mse", "skill_h1", "skill_h5", "skill_h15", "skill_changed_h5", "kl", "kl_above_free"):
+        assert math.isfinite(last[key]), key
+    assert 0 <= last["recon_mse"] < 1 and 0 <= last["kl_above_free"] <= 1
+    assert last["windows"] > 0 and last["rewarded_steps"] > 0  # chaser rewards every few steps
+    # the file holds exactly what was collected: training from it gives the same figures
+    for a, b in zip(collected, replayed):
+        for key in ("recon_mse", "skill_h5", "reward_auc", "kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, nan_ok=True), key
+
+
+def test_persistent_random_policy_repeats_its_action_as_often_as_asked():
+    policy = wmq.PersistentRandomPolicy(seed=0, persist=0.75)
+    actions = np.stack([policy.actions(64) for _ in range(400)])  # (steps, envs)
+    repeats = (actions[1:] == actions[:-1]).mean()
+    assert repeats == pytest.approx(0.75 + 0.25 / 15, abs=0.02)  # a fresh draw repeats 1 in 15
+    assert set(np.unique(actions)) == set(range(15))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--games", "pong"], "unknown game"),
+    (["--size", "huge"], "unknown size"),
+    (["--persist", "1.0"], "--persist"),
+    (["--model", "free_bits"], "key=value"),
+    (["--model", "goal_strategy=teleport"], "allowed"),
+])
+def test_benchmark_refuses_bad_arguments_with_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        wmq.main(args)
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", [None, b"not a numpy file", "wrong game"])
+def test_benchmark_refuses_a_missing_or_foreign_dataset_file(tmp_path, content, capsys):
+    path = tmp_path / "coinrun.npz"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "wrong game":
+        np.savez(path, meta=np.array('{"version": %d, "game": "bigfish"}' % wmq.FORMAT_VERSION))
+    with pytest.raises(SystemExit) as exit_info:
+        wmq.main(["--games", "coinrun", "--data", str(path)])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "dataset" in err and str(path) in err and "Traceback" not in err
