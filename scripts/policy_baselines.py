@@ -1,0 +1,102 @@
+"""What a learning agent must beat: the random policy and the best constant action.
+
+    python scripts/policy_baselines.py --game coinrun --num-levels 10 --episodes 128
+    python scripts/policy_baselines.py --config configs/learn_coinrun.yaml
+
+Plays ``--episodes`` episodes per policy on the training levels and on unseen levels, with the
+same envs and episode counting as validation (``ReplayDataModule.evaluate``), and prints mean
+return with its standard error for the uniformly random policy and for each of the 15 constant
+actions; the best constant action is chosen on the training levels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from datamodules.procgen import GAMES, NUM_ACTIONS  # noqa: E402
+from datamodules.replay_datamodule import RandomPolicy, ReplayDataModule, play_episodes  # noqa: E402
+
+SPLITS = ("train_levels", "unseen_levels")
+
+
+class ConstantPolicy:
+    """Always the same action."""
+
+    def __init__(self, action: int) -> None:
+        self.action = action
+
+    def act(self, obs, is_first, state=None, reward=None):
+        return torch.full((len(obs),), self.action, dtype=torch.long), None
+
+
+def mean_se(returns: list[float]) -> tuple[float, float]:
+    r = np.asarray(returns, np.float64)
+    return float(r.mean()), float(r.std(ddof=1) / np.sqrt(len(r))) if len(r) > 1 else float("nan")
+
+
+def baselines(game: str, num_levels: int, distribution_mode: str = "easy", start_level: int = 0,
+              episodes: int = 128, num_envs: int = 16, seed: int = 0,
+              actions: range | list[int] = range(NUM_ACTIONS)) -> dict[str, dict[str, tuple[float, float]]]:
+    """{"random" | "action <a>": {split: (mean return, standard error)}} over ``episodes`` episodes."""
+    dm = ReplayDataModule(game=game, num_levels=num_levels, distribution_mode=distribution_mode,
+                          start_level=start_level, num_envs=num_envs, seed=seed, replay_capacity=1024,
+                          seq_len=8)
+    dm.setup("validate")
+    policies = {"random": RandomPolicy(seed), **{f"action {a}": ConstantPolicy(a) for a in actions}}
+    return {
+        name: {split: mean_se(play_episodes(dm.eval_env(split), policy, episodes)[0]) for split in SPLITS}
+        for name, policy in policies.items()
+    }
+
+
+def best_constant(table: dict[str, dict[str, tuple[float, float]]]) -> str:
+    """The constant action with the highest mean return on the training levels."""
+    return max((k for k in table if k.startswith("action")), key=lambda k: table[k]["train_levels"][0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a training config: game, levels and mode are read from its data section")
+    parser.add_argument("--game", default="coinrun")
+    parser.add_argument("--num-levels", type=int, default=200)
+    parser.add_argument("--start-level", type=int, default=0)
+    parser.add_argument("--mode", default="easy")
+    parser.add_argument("--episodes", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.config:
+        try:
+            data = (yaml.safe_load(Path(args.config).read_text()) or {}).get("data", {})
+        except (OSError, yaml.YAMLError) as e:
+            parser.error(f"cannot read config {args.config}: {e}")
+        args.game = data.get("game", args.game)
+        args.num_levels = data.get("num_levels", args.num_levels)
+        args.start_level = data.get("start_level", args.start_level)
+        args.mode = data.get("distribution_mode", args.mode)
+    if args.game not in GAMES:
+        parser.error(f"unknown game {args.game!r}; allowed: {', '.join(GAMES)}")
+    if args.episodes < 2:
+        parser.error("--episodes must be >= 2 (a standard error needs two)")
+    try:
+        table = baselines(args.game, args.num_levels, args.mode, args.start_level, args.episodes, seed=args.seed)
+    except ValueError as e:
+        parser.error(str(e))
+    best = best_constant(table)
+    print(f"{args.game}, {args.mode}, levels [{args.start_level}, {args.start_level + args.num_levels}), "
+          f"{args.episodes} episodes per policy and split")
+    print(f"{'policy':<12}" + "".join(f"{s:>24}" for s in SPLITS))
+    for name, row in table.items():
+        mark = "  <- best constant" if name == best else ""
+        print(f"{name:<12}" + "".join(f"{m:>16.2f} +- {se:<5.2f}" for m, se in row.values()) + mark)
+
+
+if __name__ == "__main__":
+    main()
