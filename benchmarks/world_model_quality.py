@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from datamodules.procgen import GAMES, MODES, unseen_mode  # noqa: E402
 from datamodules.replay import FIRST, TERMINAL, SequenceReplay  # noqa: E402
 from datamodules.replay_datamodule import RandomPolicy, ReplayDataModule, replay_batch  # noqa: E402
-from dreamer.agent import SIZES, Dreamer  # noqa: E402
+from dreamer.agent import SIZES, Dreamer, restore_agent  # noqa: E402
+from dreamer.checkpoints import read_checkpoint  # noqa: E402
 from dreamer.quality import HORIZONS, dream_quality, posterior_quality  # noqa: E402
 
 FORMAT_VERSION = 1
@@ -192,7 +193,51 @@ def row(r: dict) -> str:
             + f" {r['updates_per_s']:>6.2f}")
 
 
+def evaluate(wm, lanes: dict, args: argparse.Namespace, game: str, updates: int, train_time: float,
+             updates_per_s: float) -> dict:
+    wm.eval()
+    t_eval = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):  # the same latent samples at every evaluation
+        torch.manual_seed(args.seed)
+        result = {"game": game, "updates": updates, "minutes": train_time / 60, "updates_per_s": updates_per_s,
+                  **posterior_quality(wm, lanes), **dream_quality(wm, lanes, context=args.context)}
+    result["eval_s"] = time.perf_counter() - t_eval
+    wm.train()
+    print(row(result), flush=True)
+    return result
+
+
+def summary(game: str, result: dict) -> None:
+    copy = " ".join(f"h{h} {result[f'copy_mse_h{h}']:.5f}" for h in HORIZONS)
+    print(f"[{game}] copy-last-frame MSE: {copy}; {result['rewarded_steps']} rewarded and "
+          f"{result['terminal_steps']} terminal steps, {int(result['windows'])} dream windows; "
+          f"{result['eval_s']:.0f} s per evaluation")
+
+
+def checkpoint_game(path: str, games: list[str]) -> None:
+    """Refuses (ValueError) an unreadable checkpoint or one trained on another game."""
+    saved = read_checkpoint(path).get("dreamer", {}).get("game")
+    if saved is not None and games != [saved]:
+        raise ValueError(f"{path} was trained on {saved}: give --games {saved}")
+
+
+def evaluate_checkpoint(args: argparse.Namespace, game: str) -> list[dict]:
+    """The world model of a training run's checkpoint, evaluated on this game's unseen-level data."""
+    ckpt = read_checkpoint(args.checkpoint)
+    agent, updates = restore_agent(ckpt, args.checkpoint), ckpt.get("dreamer", {}).get("updates", 0)
+    wm = agent.world_model.to(args.device)
+    lanes = eval_lanes(dataset(args, game)["eval"])
+    print(f"\n[{game}] world model of {args.checkpoint} ({agent.hparams.size}, {updates} updates); "
+          f"{lanes['action'].size} unseen-level steps")
+    print(HEADER)
+    result = evaluate(wm, lanes, args, game, updates, 0.0, float("nan"))
+    summary(game, result)
+    return [result]
+
+
 def run_game(args: argparse.Namespace, game: str, model_kwargs: dict) -> list[dict]:
+    if args.checkpoint:
+        return evaluate_checkpoint(args, game)
     data = dataset(args, game)
     if args.updates == 0 and args.minutes is None:
         return []
@@ -233,20 +278,9 @@ def run_game(args: argparse.Namespace, game: str, model_kwargs: dict) -> list[di
                                      post["stoch"].detach().argmax(-1).cpu().numpy())
             updates += 1
         train_time = elapsed0 + time.perf_counter() - t0
-        wm.eval()
-        t_eval = time.perf_counter()
-        result = {"game": game, "updates": updates, "minutes": train_time / 60,
-                  "updates_per_s": (updates - u0) / max(train_time - elapsed0, 1e-9),
-                  **posterior_quality(wm, lanes),
-                  **dream_quality(wm, lanes, context=args.context)}
-        result["eval_s"] = time.perf_counter() - t_eval
-        wm.train()
-        results.append(result)
-        print(row(result), flush=True)
-    copy = " ".join(f"h{h} {results[-1][f'copy_mse_h{h}']:.5f}" for h in HORIZONS)
-    print(f"[{game}] copy-last-frame MSE: {copy}; {results[-1]['rewarded_steps']} rewarded and "
-          f"{results[-1]['terminal_steps']} terminal steps, {int(results[-1]['windows'])} dream windows; "
-          f"{results[-1]['eval_s']:.0f} s per evaluation")
+        speed = (updates - u0) / max(train_time - elapsed0, 1e-9)
+        results.append(evaluate(wm, lanes, args, game, updates, train_time, speed))
+    summary(game, results[-1])
     return results
 
 
@@ -275,6 +309,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--replay-context", choices=("on", "off"), default="on",
                         help="start sequences from the latents stored by earlier updates (DreamerV3)")
     parser.add_argument("--data", help="read the dataset from this file ({game} is replaced)")
+    parser.add_argument("--checkpoint", help="evaluate the world model of this training checkpoint "
+                        "on the unseen-level data instead of training one")
     parser.add_argument("--save-data", help="write the dataset to this .npz file ({game} is replaced)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
@@ -304,6 +340,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model_kwargs = {"size": args.size, "overrides": parse_pairs(args.overrides, "--overrides") or None,
                         **parse_pairs(args.model, "--model")}
         Dreamer(**model_kwargs)  # refuse bad arguments before collecting anything
+        if args.checkpoint:
+            checkpoint_game(args.checkpoint, args.games)
         for game in args.games if args.data else ():
             data_file(args, game)
     except (TypeError, ValueError) as e:

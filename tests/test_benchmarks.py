@@ -1,6 +1,7 @@
 """The world-model quality benchmark on a tiny budget: it collects, trains, evaluates, writes its
 dataset to a file and trains from that file to the same figures, and refuses bad arguments."""
 
+import argparse
 import math
 
 import numpy as np
@@ -72,3 +73,29 @@ def test_benchmark_refuses_a_missing_or_foreign_dataset_file(tmp_path, content, 
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert "dataset" in err and str(path) in err and "Traceback" not in err
+
+
+def test_benchmark_evaluates_a_training_checkpoint_and_refuses_another_games(tmp_path, capsys):
+    from dreamer.agent import Dreamer
+    from dreamer.quality import posterior_quality
+
+    threads = torch.get_num_threads()
+    data = tmp_path / "{game}.npz"
+    torch.manual_seed(0)
+    agent = Dreamer(size="tiny")
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": dict(agent.hparams), "state_dict": agent.state_dict(),
+                "dreamer": {"game": "chaser", "updates": 7}}, ckpt)
+    try:
+        wmq.main([*TINY, "--updates", "0", "--save-data", str(data)])
+        result, = wmq.main([*TINY, "--data", str(data), "--checkpoint", str(ckpt)])
+        with pytest.raises(SystemExit):
+            wmq.main([*TINY, "--games", "coinrun", "--data", str(data), "--checkpoint", str(ckpt)])
+        lanes = wmq.eval_lanes(wmq.dataset(argparse.Namespace(data=str(data)), "chaser")["eval"])
+        torch.manual_seed(0)  # the benchmark evaluates with --seed's latent samples, on 1 thread
+        expected = posterior_quality(agent.world_model.eval(), lanes)["recon_mse"]
+    finally:
+        torch.set_num_threads(threads)
+    assert "trained on chaser: give --games chaser" in capsys.readouterr().err
+    assert result["updates"] == 7
+    assert result["recon_mse"] == pytest.approx(expected, rel=1e-6)
