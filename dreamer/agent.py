@@ -61,9 +61,10 @@ class Dreamer(pl.LightningModule):
 
     The networks follow the newest DreamerV3 (block-GRU core, truncated-normal initialisation,
     reward and continue heads of one layer, actor and critic of ``layers``, actor output scale
-    0.01) with ``norm`` LayerNorm (or ``rms``, DreamerV3's, slower on CPUs); the critic also learns from replayed returns at scale ``repval``; a batch with a
-    replay context (``replay_batch``) starts from the latents stored in replay, and the update
-    writes its posteriors back (``latent_sizes`` says what the replay keeps).
+    0.01) with ``norm`` LayerNorm (or ``rms``, DreamerV3's, slower on CPUs); the critic also
+    learns from replayed returns at scale ``repval``. A batch with a replay context
+    (``replay_batch``) starts from the latents stored in replay, and the update writes its
+    posteriors back (``latent_sizes`` says what the replay keeps).
 
     Goals (see ``dreamer/goals.py``): ``goal_model`` proposes goals with ``goal_strategy``
     (``value`` or ``replay``; ``goal_rollouts`` imagined rollouts, ``goal_offset`` steps ahead in
