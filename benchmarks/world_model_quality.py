@@ -17,7 +17,9 @@ training time, and at ``--evals`` points along the way prints, on the unseen-lev
   above 0 is better than copying the last real frame;
 - rAUC / r+ / r-: reward prediction on rewarded vs unrewarded steps (ROC AUC, means);
   cAUC: continue probability on non-terminal vs terminal steps (ROC AUC);
-- KL (dynamics KL per step) and >free (share of steps above free bits); upd/s (training only).
+- KL (dynamics KL per step) and >free (share of steps above free bits); upd/s (training only);
+- act_eff: variance across the 15 actions of the frame imagined 5 steps ahead when repeating
+  each action from the same states (0 = the dreams ignore the actions, and so would the actor).
 
 ``--save-data`` writes the dataset to a compressed file, ``--data`` trains from one (no procgen
 needed, e.g. on a GPU machine). ``--size``, ``--overrides`` and ``--model`` take any preset, size
@@ -181,7 +183,7 @@ def parse_pairs(pairs: list[str], what: str) -> dict:
 HEADER = (f"{'upd':>6} {'min':>5} {'recon':>7} "
           + " ".join(f"{'skill_h' + str(h):>9}" for h in HORIZONS) + " "
           + " ".join(f"{'skillc_h' + str(h):>10}" for h in HORIZONS)
-          + f" {'rAUC':>5} {'r+':>6} {'r-':>6} {'cAUC':>5} {'KL':>5} {'>free':>5} {'upd/s':>6}")
+          + f" {'rAUC':>5} {'r+':>6} {'r-':>6} {'cAUC':>5} {'KL':>5} {'>free':>5} {'act_eff':>8} {'upd/s':>6}")
 
 
 def row(r: dict) -> str:
@@ -189,7 +191,7 @@ def row(r: dict) -> str:
             + " ".join(f"{r[f'skill_h{h}']:>9.3f}" for h in HORIZONS) + " "
             + " ".join(f"{r[f'skill_changed_h{h}']:>10.3f}" for h in HORIZONS)
             + f" {r['reward_auc']:>5.2f} {r['reward_pos']:>6.2f} {r['reward_neg']:>6.2f}"
-            + f" {r['cont_auc']:>5.2f} {r['kl']:>5.2f} {r['kl_above_free']:>5.2f}"
+            + f" {r['cont_auc']:>5.2f} {r['kl']:>5.2f} {r['kl_above_free']:>5.2f} {r['action_effect']:>8.5f}"
             + f" {r['updates_per_s']:>6.2f}")
 
 

@@ -156,7 +156,8 @@ def dream_quality(
     For each window (``dream_windows``): observe ``context`` real frames (from a zero state, the
     window's first step taken as an episode start), then imagine ``horizon`` steps with the real
     actions. Steps from the first new episode on are left out (a reset cannot be predicted).
-    Returns ``SkillByHorizon.result`` for ``horizons`` and the number of ``windows``.
+    Returns ``SkillByHorizon.result`` for ``horizons``, the number of ``windows`` and
+    ``action_effect`` (see ``action_effect``; from the first batch of windows).
     """
     wm = world_model
     device = next(wm.parameters()).device
@@ -164,6 +165,7 @@ def dream_quality(
     windows = dream_windows(lanes["is_first"], context, horizon, stride)
     skill = SkillByHorizon(horizon)
     steps = np.arange(context + horizon)
+    effect = float("nan")
     for i in range(0, len(windows), batch):
         idx = (windows[i : i + batch, 0:1], windows[i : i + batch, 1:2] + steps)  # (K, C + H)
         frames = lanes["frames"][idx]
@@ -171,6 +173,8 @@ def dream_quality(
         is_first = _to(lanes["is_first"][idx][:, :context], device).bool()
         post, _ = rssm.observe(wm.encoder(_to(frames[:, :context], device)), action[:, :context], is_first)
         state = {k: v[:, -1] for k, v in post.items()}
+        if i == 0:
+            effect = action_effect(wm, state)
         feats = []
         for h in range(horizon):
             state = rssm.img_step(state, F.one_hot(action[:, context - 1 + h], rssm.num_actions).float())
@@ -180,4 +184,23 @@ def dream_quality(
         last = frames[:, context - 1].astype(np.float32) / 255.0
         valid = np.cumsum(lanes["is_first"][idx][:, context:], 1) == 0  # (K, H)
         skill.add(real, pred, last, valid)
-    return {"windows": float(len(windows)), **skill.result(horizons)}
+    return {"windows": float(len(windows)), "action_effect": effect, **skill.result(horizons)}
+
+
+@torch.no_grad()
+def action_effect(world_model, start: dict[str, torch.Tensor], steps: int = 5) -> float:
+    """How much the imagined future depends on the actions: from each start state (K, ...),
+    imagine ``steps`` steps repeating each action, taking the most likely stoch at each step (no
+    sampling noise); the variance across actions of the decoded frame (intensities in [0, 1]), per
+    pixel and channel, averaged. 0 = the dreams ignore the actions."""
+    rssm, n = world_model.rssm, start["deter"].shape[0]
+    state = {k: v.repeat(rssm.num_actions, *[1] * (v.dim() - 1)) for k, v in start.items()}  # (A * K, ...)
+    action = F.one_hot(torch.arange(rssm.num_actions, device=start["deter"].device).repeat_interleave(n),
+                       rssm.num_actions).float()
+    for _ in range(steps):
+        deter = rssm.step_deter(state, action)
+        logits = rssm.prior_logits(deter)
+        state = {"deter": deter, "stoch": F.one_hot(logits.argmax(-1), rssm.classes).to(deter.dtype)}
+    frames = world_model.decoder(rssm.features(state)).clamp(0, 1).float()
+    frames = frames.reshape(rssm.num_actions, n, -1)  # (A, K, pixels)
+    return float(frames.var(0, unbiased=False).mean())

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dreamer.agent import Dreamer
 from dreamer.distributions import TwoHot
 from dreamer.nets import MLP, BlockGRU
-from dreamer.quality import SkillByHorizon, dream_windows, roc_auc
+from dreamer.quality import SkillByHorizon, action_effect, dream_windows, roc_auc
 
 
 def _observe(wm, obs, action, is_first, seed=0):
@@ -203,3 +203,16 @@ def test_replay_context_starts_from_the_stored_state():
     # lane 1 had no stored latent: it starts fresh, as a sequence without context does
     torch.testing.assert_close(carried["deter"][1, 0], fresh["deter"][1, 0])
     assert not torch.allclose(carried["deter"][0, 0], fresh["deter"][0, 0])
+
+
+def test_action_effect_is_zero_exactly_when_the_dynamics_ignore_actions():
+    torch.manual_seed(0)
+    wm = Dreamer(size="tiny").world_model.eval()
+    rssm = wm.rssm
+    start = {"deter": torch.randn(6, rssm.deter),
+             "stoch": F.one_hot(torch.randint(0, rssm.classes, (6, rssm.stoch)), rssm.classes).float()}
+    assert action_effect(wm, start) > 1e-8  # a fresh model's action projection moves deter
+    with torch.no_grad():
+        for p in rssm.dynamics.action_in.parameters():
+            p.zero_()  # the action's projection is constant: every action gives the same future
+    assert action_effect(wm, start) == pytest.approx(0.0, abs=1e-12)
