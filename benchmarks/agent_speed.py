@@ -118,8 +118,11 @@ def main() -> None:
     parser.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
                         help="Dreamer arguments, e.g. norm=rms scale_dyn=0.5")
     args = parser.parse_args()
-    overrides = parse_pairs(args.overrides, "--overrides")
-    model_kwargs = parse_pairs(args.model, "--model")
+    try:
+        overrides = parse_pairs(args.overrides, "--overrides")
+        model_kwargs = parse_pairs(args.model, "--model")
+    except ValueError as e:
+        parser.error(str(e))
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"batch {args.batch} x {args.seq}, precision {args.precision}, compile {args.compile}, "

@@ -41,14 +41,13 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datamodules.procgen import GAMES, MODES, unseen_mode  # noqa: E402
-from datamodules.replay import FIRST, TERMINAL, SequenceReplay  # noqa: E402
-from datamodules.replay_datamodule import RandomPolicy, ReplayDataModule, replay_batch  # noqa: E402
+from datamodules.replay import FIELDS, FIRST, TERMINAL, SequenceReplay  # noqa: E402
+from datamodules.replay_datamodule import RandomPolicy, ReplayDataModule, replay_batch, store_posteriors  # noqa: E402
 from dreamer.agent import SIZES, Dreamer, restore_agent  # noqa: E402
 from dreamer.checkpoints import read_checkpoint  # noqa: E402
 from dreamer.quality import HORIZONS, dream_quality, posterior_quality  # noqa: E402
 
 FORMAT_VERSION = 1
-_FIELDS = ("frames", "action", "reward", "flags")
 
 
 class PersistentRandomPolicy(RandomPolicy):
@@ -84,7 +83,7 @@ def collect(game: str, mode: str, start_level: int, num_levels: int, lanes: int,
     dm.collect(per_lane)
     replay = dm.replay
     written = int(replay.count.max())
-    out = {k: np.ascontiguousarray(replay.data[k][:, :written]) for k in _FIELDS}
+    out = {k: np.ascontiguousarray(replay.data[k][:, :written]) for k in FIELDS}
     out["count"] = replay.count.copy()
     dm.train_env.close(), dm.test_env.close()
     return out
@@ -109,7 +108,7 @@ def dataset(args: argparse.Namespace, game: str) -> dict[str, dict[str, np.ndarr
     """{"train": arrays, "eval": arrays, "meta": ...}, collected or read from ``--data``."""
     if args.data:
         with np.load(data_file(args, game)) as f:
-            data = {split: {k: f[f"{split}_{k}"] for k in (*_FIELDS, "count")} for split in ("train", "eval")}
+            data = {split: {k: f[f"{split}_{k}"] for k in (*FIELDS, "count")} for split in ("train", "eval")}
             data["meta"] = json.loads(str(f["meta"]))
         return data
     meta = {
@@ -140,7 +139,7 @@ def dataset(args: argparse.Namespace, game: str) -> dict[str, dict[str, np.ndarr
 def train_replay(arrays: dict[str, np.ndarray], seed: int, latents: dict[str, int] | None) -> SequenceReplay:
     lanes, stored = arrays["action"].shape
     replay = SequenceReplay(lanes * stored, lanes, storage="ram", seed=seed, latents=latents)
-    for k in _FIELDS:
+    for k in FIELDS:
         replay.data[k][...] = arrays[k]
     replay.count[...] = arrays["count"]
     replay.size = np.minimum(replay.count, replay.lane_capacity)
@@ -275,9 +274,7 @@ def run_game(args: argparse.Namespace, game: str, model_kwargs: dict) -> list[di
             torch.nn.utils.clip_grad_norm_(wm.parameters(), clip)
             opt.step()
             if context:
-                replay.store_latents(sample["lane"], sample["step"][:, 1:],
-                                     post["deter"].detach().cpu().numpy(),
-                                     post["stoch"].detach().argmax(-1).cpu().numpy())
+                store_posteriors(replay, batch, post)
             updates += 1
         train_time = elapsed0 + time.perf_counter() - t0
         speed = (updates - u0) / max(train_time - elapsed0, 1e-9)

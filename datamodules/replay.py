@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 FIRST, LAST, TERMINAL, LATENT = 1, 2, 4, 8
-_FIELDS = ("frames", "action", "reward", "flags")
+FIELDS = ("frames", "action", "reward", "flags")  # stored per step (latents besides, optionally)
 _META = "meta.json"
 
 
@@ -312,7 +312,7 @@ class SequenceReplay:
         if self.storage == "ram":
             same_latents = state.get("latents") == self.latents
             for k, arr in self.data.items():
-                v = state["data"].get(k) if same_latents or k in _FIELDS else None
+                v = state["data"].get(k) if same_latents or k in FIELDS else None
                 written = v.shape[1] if v is not None else 0  # (lanes, written slots, ...)
                 if v is not None:
                     arr[:, :written] = v.numpy()

@@ -64,6 +64,16 @@ def replay_batch(sample: dict[str, np.ndarray], context: bool = False) -> dict[s
     return batch
 
 
+def store_posteriors(replay: SequenceReplay, batch: dict[str, torch.Tensor], post: dict[str, torch.Tensor]) -> None:
+    """Write the posterior states (B, T, ...) a model computed for ``batch`` (from ``replay_batch``)
+    back into ``replay``, to start later sequences from (replay context)."""
+    replay.store_latents(
+        batch["lane"].cpu().numpy(), batch["step"].cpu().numpy(),
+        post["deter"].detach().to(torch.float16).cpu().numpy(),
+        post["stoch"].detach().argmax(-1).cpu().numpy(),
+    )
+
+
 class RandomPolicy:
     """Uniformly random actions, seeded."""
 
@@ -244,13 +254,8 @@ class ReplayDataModule(pl.LightningDataModule):
     def store_latents(self, batch: dict[str, torch.Tensor], post: dict[str, torch.Tensor]) -> None:
         """Write the posterior states (B, T, ...) the model computed for ``batch`` back into the
         replay, to start later sequences from (replay context)."""
-        if self.context_steps == 0:
-            return
-        self.replay.store_latents(
-            batch["lane"].cpu().numpy(), batch["step"].cpu().numpy(),
-            post["deter"].detach().to(torch.float16).cpu().numpy(),
-            post["stoch"].detach().argmax(-1).cpu().numpy(),
-        )
+        if self.context_steps:
+            store_posteriors(self.replay, batch, post)
 
     def teardown(self, stage: str | None = None) -> None:
         if self.replay is not None:

@@ -23,8 +23,8 @@ from dreamer.world_model import WorldModel
 
 # deter / hidden / stoch (categoricals) / classes / cnn depth / mlp units / actor, critic and goal
 # matcher layers / gru blocks. 1M and up are DreamerV3's presets (32 latents throughout); tiny is for
-# tests; small is the CPU preset, chosen on benchmarks/world_model_quality.py by quality per
-# CPU-minute.
+# tests. 1M is the CPU configs' preset: it ties with small on benchmarks/world_model_quality.py by
+# quality per CPU-minute and is cheaper to act and imagine with.
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(deter=64, hidden=64, stoch=32, classes=4, depth=4, units=64, layers=1, gru_blocks=1),
     "1M": dict(deter=512, hidden=64, stoch=32, classes=4, depth=4, units=64, layers=3, gru_blocks=8),
