@@ -7,6 +7,8 @@ directory ``runs/<name>`` (checkpoints, memmap replay, config) and an MLflow run
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,9 +17,11 @@ from typing import Any
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
 
-from datamodules.replay_datamodule import ReplayDataModule
-from dreamer.agent import Dreamer, precision_problem
+from datamodules.replay_datamodule import ReplayDataModule, directory_problem
+from datamodules.procgen import validate_procgen_args
+from dreamer.agent import Dreamer, argument_problem, precision_problem
 from dreamer.checkpoints import CheckpointError, checkpoint_mismatch, read_checkpoint
+from dreamer.tracking import RunLogger, params_to_log, run_exists
 
 ROOT = Path(__file__).resolve().parent
 
@@ -39,27 +43,81 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 class LogConfigToLoggers(SaveConfigCallback):
-    """Writes the resolved config next to the run and logs it, flattened, as the run's params."""
+    """Writes the resolved config next to the run and logs it, flattened, as the run's params.
+
+    Written once the checkpoint (if any) has been restored, so a refused or failed resume leaves
+    the run's ``config.yaml`` as it was; a resume with another config keeps the earlier one as
+    ``config.<n>.yaml``. A resumed MLflow run gets the params it lacks, and changed values as the
+    tags ``resumed/<key>`` (MLflow never changes a param).
+    """
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        pass  # see on_fit_start / on_validation_start
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, RunLogger):
+                logger.reopen()
+        self._write(trainer, pl_module, "fit")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":
+            self._write(trainer, pl_module, "validate")
+
+    def _write(self, trainer, pl_module, stage: str) -> None:
         if self.already_saved:
             return
-        if trainer.is_global_zero:
-            root = Path(trainer.default_root_dir)
-            root.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, root / self.config_filename, skip_none=False,
-                             overwrite=True, multifile=False)
-            self.save_config(trainer, pl_module, stage)
         self.already_saved = True
+        if not trainer.is_global_zero:
+            return
+        root = Path(trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / self.config_filename
+        text = self.parser.dump(self.config, skip_none=False)
+        if path.exists() and path.read_text() != text:
+            n = 1
+            while path.with_suffix(f".{n}.yaml").exists():
+                n += 1
+            os.replace(path, path.with_suffix(f".{n}.yaml"))
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        self.save_config(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         config = self.config.as_dict()
-        params = {k: v for k, v in _flatten(config).items() if k != "config"}
+        params = {k: v for k, v in _flatten(config).items()
+                  if k not in ("config", "start_over") and not k.endswith("run_id")}
         text = self.parser.dump(self.config, skip_none=False)
         for logger in trainer.loggers:
-            logger.log_hyperparams(params)
             if isinstance(logger, MLFlowLogger):
-                logger.experiment.log_text(logger.run_id, text, "config.yaml")
+                new, changed = params_to_log(logger, params)
+                logger.log_hyperparams(new)
+                for key, value in changed.items():
+                    logger.experiment.set_tag(logger.run_id, f"resumed/{key}", str(value)[:5000])
+                name = "config.yaml" if not changed and len(new) == len(params) else \
+                    f"config_resumed_{trainer.datamodule.total_env_steps}.yaml"
+                logger.experiment.log_text(logger.run_id, text, name)
+            else:
+                logger.log_hyperparams(params)
+
+
+RUN_FILES = ("checkpoints", "replay", "config.yaml", "dreams", "mlflow_run.json")
+
+
+def run_files(root: Path) -> list[str]:
+    """What in ``root`` shows that a run lives there (empty for a new or empty directory)."""
+    if not root.is_dir():
+        return []
+    found = [name for name in RUN_FILES if (root / name).exists()
+             and not ((root / name).is_dir() and not any((root / name).iterdir()))]
+    return found + sorted(p.name for p in root.glob("episodes_rank*.csv"))
+
+
+def fail(message: str) -> None:
+    """End the command with ``error: <message>`` and exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 class DreamerCLI(LightningCLI):
@@ -68,7 +126,22 @@ class DreamerCLI(LightningCLI):
     Unlike LightningCLI's default, a checkpoint's hyperparameters do not replace the config: the
     run keeps what it was given (e.g. a larger ``max_env_steps`` to train on), and a checkpoint
     whose model size or game differs is refused with what differs.
+
+    A run owns its directory ``runs/<name>``: ``fit`` there again must resume it (``--ckpt_path``)
+    or say ``--start_over true``, which moves the earlier run to ``runs/<name>.old-<n>``. ``validate``
+    needs ``--ckpt_path`` and writes into a new directory of its own, ``runs/<name>-validate[-<n>]``.
+    A resumed fit continues the MLflow run the checkpoint's run started (``mlflow_run.json``).
     """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+                "validate": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--start_over", type=bool, default=False,
+                            help="fit: move an earlier run in the run directory aside "
+                                 "(to <dir>.old-<n>) and start a new one")
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
@@ -81,40 +154,111 @@ class DreamerCLI(LightningCLI):
         try:
             checkpoint = read_checkpoint(ckpt_path)
         except CheckpointError as e:
-            sys.exit(f"error: {e}")
+            fail(str(e))
         differences = checkpoint_mismatch(
             checkpoint, cfg.model.size, cfg.model.overrides, cfg.data.game
         )
         if differences:
-            sys.exit(f"error: checkpoint {ckpt_path} does not match this run; " + "; ".join(differences))
+            fail(f"checkpoint {ckpt_path} does not match this run; " + "; ".join(differences))
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        problem = precision_problem(cfg.trainer.precision)
-        if problem:
-            sys.exit(f"error: {problem}")
+        problem = precision_problem(cfg.trainer.precision) or argument_problem(cfg.model) \
+            or ReplayDataModule.argument_problem(cfg.data)
+        if problem:  # before anything is built: a refused command leaves no files behind
+            fail(problem)
+        try:
+            validate_procgen_args(cfg.data.game, cfg.data.num_envs, cfg.data.distribution_mode,
+                                  cfg.data.num_levels, cfg.data.start_level, cfg.data.seed,
+                                  cfg.data.procgen_options or {})
+        except ValueError as e:
+            fail(str(e))
         name = f"{cfg.data.game}-{cfg.model.size}-seed{cfg.data.seed}"
-        if cfg.trainer.default_root_dir is None:
-            cfg.trainer.default_root_dir = os.path.join("runs", name)
+        run_id = None
+        if self.subcommand == "validate":
+            if not cfg.get("ckpt_path"):
+                fail("validate needs --ckpt_path: the checkpoint to evaluate "
+                     "(e.g. runs/<name>/checkpoints/last.ckpt); without one it would score random weights")
+            if cfg.trainer.default_root_dir is None:
+                cfg.trainer.default_root_dir = str(_free_dir(Path("runs") / f"{name}-validate"))
+            elif run_files(Path(cfg.trainer.default_root_dir)):
+                fail(f"{cfg.trainer.default_root_dir} holds a run ({', '.join(run_files(Path(cfg.trainer.default_root_dir)))}); "
+                     "validate writes into a directory of its own: leave --trainer.default_root_dir unset "
+                     "or name a new directory")
+            cfg.data.replay_storage = "ram"  # validation plays fresh episodes and writes no replay
+        elif self.subcommand == "fit":
+            if cfg.trainer.default_root_dir is None:
+                cfg.trainer.default_root_dir = os.path.join("runs", name)
+            problem = directory_problem(Path(cfg.trainer.default_root_dir), "trainer.default_root_dir")
+            if problem:
+                fail(problem)
+            run_id = self._claim_run_dir(cfg)
         root = cfg.trainer.default_root_dir
         if cfg.data.replay_dir is None:
             cfg.data.replay_dir = os.path.join(root, "replay")
         loggers = cfg.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
-            if getattr(logger, "class_path", "").endswith("MLFlowLogger"):
+            if _is_mlflow(getattr(logger, "class_path", "")):
                 args = logger.init_args
                 if args.get("run_name") is None:
                     args.run_name = f"{name}-{self.subcommand}" if self.subcommand != "fit" else name
                 args.tags = {**(args.get("tags") or {}), "game": cfg.data.game,
                              "size": cfg.model.size, "seed": str(cfg.data.seed),
                              "subcommand": str(self.subcommand)}
+                if run_id is not None and args.get("run_id") is None:
+                    if run_exists(args.get("tracking_uri") or "", run_id):
+                        args.run_id = run_id
+                    else:
+                        print(f"note: MLflow run {run_id} of this run is not in "
+                              f"{args.get('tracking_uri')}; the resume logs to a new MLflow run")
         for callback in cfg.trainer.callbacks or []:
             if getattr(callback, "class_path", "").endswith("EnvStepCheckpoint"):
                 if callback.init_args.get("dirpath") is None:
                     callback.init_args.dirpath = os.path.join(root, "checkpoints")
 
+    def _claim_run_dir(self, cfg) -> str | None:
+        """Refuse to start a new run over an earlier one; returns the MLflow run id to continue on
+        a resume of this directory's run."""
+        root = Path(cfg.trainer.default_root_dir)
+        held = run_files(root)
+        replay_dir = Path(cfg.data.replay_dir) if cfg.data.replay_dir else None
+        outside_replay = replay_dir is not None and root not in replay_dir.parents and replay_dir.is_dir() \
+            and any(replay_dir.iterdir())
+        ckpt = cfg.get("ckpt_path")
+        if ckpt == "last":
+            last = root / "checkpoints" / "last.ckpt"
+            if not last.is_file():
+                fail(f"--ckpt_path last: no checkpoint to resume at {last}; leave --ckpt_path out "
+                     "to start a new run, or give the path of a .ckpt")
+            ckpt = str(last)
+        if ckpt is not None:  # a resume that cannot work is refused before any file is opened
+            try:
+                saved = read_checkpoint(ckpt)
+            except CheckpointError as e:
+                fail(str(e))
+            problem = ReplayDataModule.resume_problem(saved.get("ReplayDataModule") or {}, cfg.data)
+            if problem:
+                fail(problem)
+        resuming_here = ckpt is not None and root.resolve() in Path(ckpt).resolve().parents
+        if resuming_here or (ckpt is None and not held and not outside_replay):
+            return _saved_run_id(root) if resuming_here else None
+        if cfg.get("start_over"):
+            for old in ([root] if held else []) + ([replay_dir] if outside_replay else []):
+                aside = _free_dir(old.with_name(old.name + ".old"))
+                os.replace(old, aside)
+                print(f"start over: moved the earlier run's {old} to {aside}")
+            return None
+        what = f"{root} holds a run ({', '.join(held)})" if held else \
+            f"the replay directory {replay_dir} holds another run's replay"
+        if ckpt is not None:
+            fail(f"{what}, and --ckpt_path {cfg.get('ckpt_path')} is not one of its checkpoints; "
+                 "resume a run in its own directory, or name a new one with --trainer.default_root_dir")
+        fail(f"{what}; resume it with --ckpt_path last, start over with --start_over true "
+             "(moves it aside), or name another directory with --trainer.default_root_dir")
+
     def before_fit(self) -> None:
         self._print_locations()
+        self._record_mlflow_run()
 
     def after_fit(self) -> None:
         trainer, model, dm = self.trainer, self.model, self.datamodule
@@ -129,6 +273,18 @@ class DreamerCLI(LightningCLI):
     def before_validate(self) -> None:
         self._print_locations()
 
+    def _record_mlflow_run(self) -> None:
+        """``<run dir>/mlflow_run.json``: the MLflow run a resume continues."""
+        trainer = self.trainer
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger) and trainer.is_global_zero:
+                path = Path(trainer.default_root_dir) / "mlflow_run.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                record = {"run_id": logger.run_id, "tracking_uri": logger._tracking_uri}
+                tmp = path.with_suffix(".json.tmp")
+                tmp.write_text(json.dumps(record) + "\n")
+                os.replace(tmp, path)
+
     def _print_locations(self) -> None:
         trainer = self.trainer
         if not trainer.is_global_zero:
@@ -142,11 +298,93 @@ class DreamerCLI(LightningCLI):
             print(f"checkpoints: {trainer.checkpoint_callback.dirpath}")
 
 
+def _is_mlflow(class_path: str) -> bool:
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, MLFlowLogger)
+
+
+def _free_dir(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``... : the first that does not exist."""
+    n, free = 1, path
+    while free.exists():
+        n += 1
+        free = path.with_name(f"{path.name}-{n}")
+    return free
+
+
+def _saved_run_id(root: Path) -> str | None:
+    try:
+        return json.loads((root / "mlflow_run.json").read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# errors a user's input causes: their message is the answer, a traceback only on request
+USER_ERRORS = (ValueError, CheckpointError, OSError, FloatingPointError)
+
+
 def main(args: list[str] | None = None, run: bool = True) -> DreamerCLI:
+    """Run the CLI; an error caused by the input ends with one line ``error: ...`` (exit status 2)
+    unless ``DREAMER_TRACEBACK=1`` asks for the traceback."""
+    argv = sys.argv[1:] if args is None else args
+    for path in _config_files(argv):
+        problem = config_file_problem(path)
+        if problem:
+            fail(problem)
+    try:
+        return _cli(args, run)
+    except USER_ERRORS as e:
+        if os.environ.get("DREAMER_TRACEBACK") == "1":
+            raise
+        fail(one_line(e) + " (DREAMER_TRACEBACK=1 shows the traceback)")
+
+
+def one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    if isinstance(e, OSError) and not lines[:1]:
+        text = f"{type(e).__name__}: {e.strerror or ''} {e.filename or ''}".strip()
+    return text
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    files = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def config_file_problem(path: str) -> str | None:
+    """Why ``--config path`` cannot be read as a YAML mapping, or None."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        return f"cannot read config file {path}: {e.strerror or e}; give the path of a YAML file (e.g. configs/quickstart.yaml)"
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        return f"config file {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}"
+    if tree is not None and not isinstance(tree, dict):
+        return f"config file {path} must hold a mapping of sections (trainer, model, data), got {type(tree).__name__}"
+    return None
+
+
+def _cli(args: list[str] | None, run: bool) -> DreamerCLI:
     defaults = {"default_config_files": [str(ROOT / "configs" / "default.yaml")]}
     if run:
         parser_kwargs = {"parser_mode": "omegaconf", **{
-            command: defaults for command in ("fit", "validate", "test", "predict")}}
+            command: defaults for command in ("fit", "validate")}}
     else:
         parser_kwargs = {"parser_mode": "omegaconf", **defaults}
     return DreamerCLI(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import pytorch_lightning as pl
@@ -38,9 +39,14 @@ class EnvStepCheckpoint(ModelCheckpoint):
     def _save_now(self, trainer: pl.Trainer) -> None:
         candidates = self._monitor_candidates(trainer)
         candidates["env_steps"] = env_steps_of(trainer)
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
-        self._saved_at = env_steps_of(trainer)
+        # set first: the checkpoint records it, so a resume from it does not save it again
+        before, self._saved_at = self._saved_at, env_steps_of(trainer)
+        try:
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        except BaseException:
+            self._saved_at = before
+            raise
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         steps = env_steps_of(trainer)
@@ -56,7 +62,13 @@ class EnvStepCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         tmp = filepath + ".tmp"
-        trainer.save_checkpoint(tmp, self.save_weights_only)
+        try:
+            trainer.save_checkpoint(tmp, self.save_weights_only)
+        except BaseException:
+            # e.g. a full disk: no partial file stays behind, the previous checkpoint is untouched
+            if trainer.is_global_zero and os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         if trainer.is_global_zero:
             os.replace(tmp, filepath)
         trainer.strategy.barrier("EnvStepCheckpoint")
@@ -78,6 +90,8 @@ class EnvStepProgressBar(TQDMProgressBar):
     """Lightning's progress bar counting environment steps up to ``max_env_steps``, with updates/s
     and the latest episode return."""
 
+    _rate_window: tuple[float, int] | None = None
+
     def _reset_to_env_steps(self, trainer, pl_module) -> None:
         bar = self.train_progress_bar
         bar.reset(total=getattr(pl_module.hparams, "max_env_steps", None))
@@ -89,14 +103,26 @@ class EnvStepProgressBar(TQDMProgressBar):
         super().on_train_epoch_start(trainer, pl_module)
         self._reset_to_env_steps(trainer, pl_module)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._rate_window = (time.perf_counter(), getattr(pl_module, "updates", 0))
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         bar = self.train_progress_bar
         dm = trainer.datamodule
+        if bar.total is None:  # Lightning resets the bar without a total on a resume
+            bar.total = getattr(pl_module.hparams, "max_env_steps", None)
         bar.n = env_steps_of(trainer)
-        postfix = {"updates": getattr(pl_module, "updates", 0)}
-        ups = trainer.callback_metrics.get("perf/updates_per_s")
-        if ups is not None:
-            postfix["upd/s"] = f"{float(ups):.2f}"
+        updates = getattr(pl_module, "updates", 0)
+        postfix = {"updates": updates}
+        now = time.perf_counter()
+        if self._rate_window is not None:
+            t0, u0 = self._rate_window
+            if now - t0 >= 5.0:
+                self._rate = (updates - u0) / (now - t0)
+                self._rate_window = (now, updates)
+        if getattr(self, "_rate", None) is not None:
+            postfix["upd/s"] = f"{self._rate:.2f}"
         if dm is not None and dm.recent_episodes:
             postfix["return"] = f"{dm.recent_episodes[-1]['return']:.1f}"
         bar.set_postfix(postfix, refresh=False)

@@ -13,7 +13,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
 
 GAMES = (
     "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
@@ -123,6 +123,9 @@ def raw_procgen_env(**kwargs: Any):
     return env
 
 
+EPISODE_KEY = "procgen_episode"  # where step() reports finished episodes in info
+
+
 class ProcgenVectorEnv(VectorEnv):
     """A batch of ``num_envs`` Procgen games stepped by one call into procgen's C++ (gym3 API).
 
@@ -142,8 +145,15 @@ class ProcgenVectorEnv(VectorEnv):
     - ``info["level_seed"]`` (int, every step): the level each env is playing now;
     - ``info["prev_level_complete"]`` (bool, on steps where an episode ended, valid where
       ``info["_prev_level_complete"]``): the episode that just ended completed its level;
-    - ``info["episode"]`` = ``{"r": return, "l": length, "level_complete": bool,
-      "level_seed": seed of the finished level}``, arrays valid where ``info["_episode"]`` is true.
+    - ``info["procgen_episode"]`` = ``{"r": return, "l": length, "level_complete": bool,
+      "level_seed": seed of the finished level}``, arrays valid where ``info["_procgen_episode"]``
+      is true. Not ``info["episode"]``: that key belongs to gymnasium's ``RecordEpisodeStatistics``,
+      which can wrap this env and then reports the same returns and lengths.
+
+    Gymnasium's vector observation wrappers (``ResizeObservation``, ``GrayscaleObservation``, ...)
+    refuse every same-step env, because they cannot reach the terminal frames in
+    ``info["final_obs"]``; this env has none, so ``TransformObservations`` transforms its frames
+    correctly instead.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": ["rgb_array"]}
@@ -215,6 +225,7 @@ class ProcgenVectorEnv(VectorEnv):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Start new episodes in every env. With ``seed``, the batch is rebuilt from that seed."""
+        self._check_open()
         if seed is not None:
             _check_int("seed", seed, 0)
             self._seed_rng = np.random.default_rng(seed)
@@ -229,6 +240,7 @@ class ProcgenVectorEnv(VectorEnv):
     def step(
         self, actions: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        self._check_open()
         actions = np.asarray(actions)
         if actions.shape != (self.num_envs,) or actions.dtype.kind not in "iu":
             raise ValueError(
@@ -257,26 +269,55 @@ class ProcgenVectorEnv(VectorEnv):
         info["_prev_level_complete"] = done
         truncated = done & (self._lengths >= self.timeout) & ~complete
         terminated = done & ~truncated
-        info["episode"] = {
+        info[EPISODE_KEY] = {
             "r": np.where(done, self._returns, 0.0).astype(np.float32),
             "l": np.where(done, self._lengths, 0),
             "level_complete": complete,
             "level_seed": seeds_before,
         }
-        info["_episode"] = done
+        info[f"_{EPISODE_KEY}"] = done
         self._returns[done] = 0.0
         self._lengths[done] = 0
         return obs, rewards, terminated, truncated, info
 
     def render(self) -> np.ndarray:
         """The current observation of every env, ``uint8 (num_envs, 64, 64, 3)``."""
+        self._check_open()
         self._c_lib.libenv_observe(self._c_env)
         return self._obs_buf.copy()
+
+    def _check_open(self) -> None:
+        # procgen's C++ env is freed on close: using it afterwards would crash the process
+        if self._env is None:
+            raise RuntimeError(f"this {self.game} ProcgenVectorEnv is closed; make a new one to play on")
 
     def close_extras(self, **kwargs: Any) -> None:
         if self._env is not None:
             self._env.close()
             self._env = None
+
+
+class TransformObservations(VectorWrapper):
+    """Applies ``func`` to the batch of frames ``(num_envs, 64, 64, 3)`` a ``ProcgenVectorEnv``
+    returns from ``reset`` and ``step``; ``observation_space`` is the space of the result.
+
+    The same-step counterpart of gymnasium's ``TransformObservation``: Procgen shows no terminal
+    frame, so every frame the env returns is one to transform, and nothing else needs it.
+    """
+
+    def __init__(self, env: VectorEnv, func: Any, observation_space: gym.Space | None = None) -> None:
+        super().__init__(env)
+        self.func = func
+        if observation_space is not None:
+            self.observation_space = observation_space
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        obs, info = self.env.reset(**kwargs)
+        return self.func(obs), info
+
+    def step(self, actions: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        return self.func(obs), reward, terminated, truncated, info
 
 
 @dataclass

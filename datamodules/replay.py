@@ -302,10 +302,12 @@ class SequenceReplay:
         """
         shape = {k: state.get(k) for k in ("num_lanes", "lane_capacity", "obs_shape")}
         if shape != {k: v for k, v in self._meta().items() if k != "latents"}:
-            raise ValueError(f"saved replay has shape {shape}, this one {self._meta()}")
+            raise ValueError(f"the checkpoint's replay has shape {shape}, this run's {self._meta()}; resume "
+                             "with the checkpoint's data.num_envs and data.replay_capacity")
         if state["storage"] != self.storage:
             raise ValueError(
-                f"saved replay used storage {state['storage']!r}, this one {self.storage!r}"
+                f"the checkpoint's replay used storage {state['storage']!r}, this run {self.storage!r}; "
+                f"resume with --data.replay_storage {state['storage']}"
             )
         count = state["count"].numpy().astype(np.int64)
         size = state["size"].numpy().astype(np.int64)

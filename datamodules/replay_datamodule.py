@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.procgen import (
-    NUM_ACTIONS, ProcgenConfig, ProcgenVectorEnv, make_env_pair, normalized_score,
+    EPISODE_KEY, NUM_ACTIONS, ProcgenConfig, ProcgenVectorEnv, make_env_pair, normalized_score, validate_procgen_args,
 )
 from datamodules.replay import SequenceReplay
 
@@ -30,6 +30,22 @@ class Policy(Protocol):
     def act(
         self, obs: torch.Tensor, is_first: torch.Tensor, state: Any, reward: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, Any]: ...
+
+
+def directory_problem(path: Path, name: str) -> str | None:
+    """Why files cannot be kept under directory ``path`` (a virtual file system, a file in the way,
+    no write permission), or None."""
+    resolved = path.expanduser().resolve()
+    if resolved.parts[1:2] and resolved.parts[1] in ("proc", "sys", "dev"):
+        return f"{name} {path} lies in /{resolved.parts[1]}, which holds no files; give a directory on a disk"
+    for parent in [resolved, *resolved.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{name} {path}: {parent} is a file, not a directory; give a directory path"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"{name} {path}: cannot write in {parent}; give a directory you can write to"
+            return None
+    return None
 
 
 def replay_batch(sample: dict[str, np.ndarray], context: bool = False) -> dict[str, torch.Tensor]:
@@ -107,8 +123,8 @@ def play_episodes(env: ProcgenVectorEnv, policy: Policy, episodes: int) -> tuple
         is_first = terminated | truncated
         reward = np.where(is_first, 0.0, reward).astype(np.float32)
         for i in np.flatnonzero(is_first & (counted < per_env)):
-            returns.append(float(info["episode"]["r"][i]))
-            completes.append(float(info["episode"]["level_complete"][i]))
+            returns.append(float(info[EPISODE_KEY]["r"][i]))
+            completes.append(float(info[EPISODE_KEY]["level_complete"][i]))
             counted[i] += 1
     return returns, completes
 
@@ -167,21 +183,12 @@ class ReplayDataModule(pl.LightningDataModule):
         replay_context: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        for name in ("batch_size", "seq_len", "replay_capacity"):
-            if int(getattr(self.hparams, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self.hparams, name)}")
-        if not train_ratio > 0:
-            raise ValueError(f"train_ratio must be positive, got {train_ratio}")
-        if learning_starts < 0:
-            raise ValueError(f"learning_starts must be >= 0, got {learning_starts}")
-        if replay_storage not in ("ram", "memmap"):
-            raise ValueError(f"replay_storage must be 'ram' or 'memmap', got {replay_storage!r}")
-        if replay_capacity // num_envs < seq_len + 1:
-            raise ValueError(
-                f"replay_capacity ({replay_capacity}) split over {num_envs} envs leaves "
-                f"{replay_capacity // num_envs} steps per env, fewer than seq_len + 1 ({seq_len + 1})"
-            )
+        self.save_hyperparameters(logger=False)  # the CLI logs the whole config
+        problem = self.argument_problem(self.hparams)
+        if problem:
+            raise ValueError(problem)
+        validate_procgen_args(game, num_envs, distribution_mode, num_levels, start_level, seed,
+                              procgen_options or {})
         self.env_config = ProcgenConfig(
             game, num_envs, distribution_mode, num_levels, start_level, seed, test_num_envs
         )
@@ -192,11 +199,54 @@ class ReplayDataModule(pl.LightningDataModule):
         self.env_steps = 0
         self.episodes = 0
         self.batches_served = 0
+        self.batches_trained = 0
+        self._counts_trained = False  # batches reach training through Lightning (not next_batch alone)
         self.recent_episodes: deque[dict[str, float]] = deque(maxlen=100)
         self._new_episodes: list[dict[str, float]] = []
         self._restored = False
         self._obs: np.ndarray | None = None
         self._policy_state: Any = None
+
+    @staticmethod
+    def argument_problem(hp: Any) -> str | None:
+        """What is wrong with the DataModule's arguments (the first problem, with what is allowed)."""
+        positive = ("num_envs", "batch_size", "seq_len", "replay_capacity", "val_episodes")
+        for name in positive + ("learning_starts", "test_num_envs"):
+            value = hp[name]
+            if name == "test_num_envs" and value is None:
+                continue
+            low = 1 if name != "learning_starts" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                return f"data.{name} must be an integer >= {low}, got {value!r}"
+        if isinstance(hp.train_ratio, bool) or not isinstance(hp.train_ratio, (int, float)) \
+                or not 0 < hp.train_ratio < float("inf"):
+            return f"data.train_ratio must be a positive number, got {hp.train_ratio!r}"
+        if hp.replay_storage not in ("ram", "memmap"):
+            return f"data.replay_storage must be 'ram' or 'memmap', got {hp.replay_storage!r}"
+        if hp.replay_capacity // hp.num_envs < hp.seq_len + 1:
+            return (f"data.replay_capacity ({hp.replay_capacity}) split over {hp.num_envs} envs leaves "
+                    f"{hp.replay_capacity // hp.num_envs} steps per env, fewer than seq_len + 1 "
+                    f"({hp.seq_len + 1}); allowed: replay_capacity >= num_envs * (seq_len + 1)")
+        if hp.replay_storage == "memmap" and hp.replay_dir is not None:
+            return directory_problem(Path(hp.replay_dir), "data.replay_dir")
+        return None
+
+    @staticmethod
+    def resume_problem(saved: dict[str, Any], hp: Any) -> str | None:
+        """Why a checkpoint's DataModule state (``saved``) cannot be resumed with arguments ``hp``
+        (replay storage and layout), or None; asked before any replay file is opened."""
+        replay = saved.get("replay") if int(saved.get("world_size", 1)) == 1 else None
+        if not replay:
+            return None
+        if replay.get("storage") not in (None, hp["replay_storage"]):
+            return (f"the checkpoint's replay used storage {replay['storage']!r}, this run "
+                    f"{hp['replay_storage']!r}; resume with --data.replay_storage {replay['storage']}")
+        lanes, capacity = replay.get("num_lanes"), replay.get("lane_capacity")
+        if lanes is not None and (lanes != hp["num_envs"] or capacity != hp["replay_capacity"] // hp["num_envs"]):
+            return (f"the checkpoint's replay holds {lanes} envs x {capacity} steps, this run's "
+                    f"{hp['num_envs']} x {hp['replay_capacity'] // hp['num_envs']}; resume with "
+                    f"--data.num_envs {lanes} --data.replay_capacity {lanes * capacity}")
+        return None
 
     # ---------------------------------------------------------------- setup
     @property
@@ -220,13 +270,17 @@ class ReplayDataModule(pl.LightningDataModule):
             base = os.path.join(root, "replay")
         return Path(base) / f"rank{self.rank}"
 
+    def _rank_config(self) -> ProcgenConfig:
+        """Each DDP rank plays its own envs: different seeds, same levels."""
+        return ProcgenConfig(**{**self.env_config.__dict__, "seed": self.env_config.seed + 7919 * self.rank})
+
     def setup(self, stage: str | None = None) -> None:
-        if self.train_env is not None:
-            return
-        cfg = self.env_config
-        # Each DDP rank plays its own envs: different seeds, same levels.
-        cfg = ProcgenConfig(**{**cfg.__dict__, "seed": cfg.seed + 7919 * self.rank})
-        self.train_env, self.test_env = make_env_pair(cfg, **(self.hparams.procgen_options or {}))
+        cfg = self._rank_config()
+        if self.train_env is None:
+            self.train_env, self.test_env = make_env_pair(cfg, **(self.hparams.procgen_options or {}))
+            self.random_policy = RandomPolicy(cfg.seed)
+        if stage == "validate" or self.replay is not None:
+            return  # validation plays fresh episodes: no replay, no files
         hp = self.hparams
         self.replay = SequenceReplay(
             hp.replay_capacity,
@@ -236,7 +290,6 @@ class ReplayDataModule(pl.LightningDataModule):
             seed=cfg.seed,
             latents=self._latent_sizes(),
         )
-        self.random_policy = RandomPolicy(cfg.seed)
 
     def _latent_sizes(self) -> dict[str, int] | None:
         """Sizes of the latents the replay keeps for its context: the attached model's
@@ -256,6 +309,14 @@ class ReplayDataModule(pl.LightningDataModule):
         replay, to start later sequences from (replay context)."""
         if self.context_steps:
             store_posteriors(self.replay, batch, post)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning fetches one batch ahead: a checkpoint counts the batches trained on, so a
+        # resume serves the fetched-but-untrained one again instead of skipping it
+        if self.trainer is not None and self.trainer.training:
+            self.batches_trained += 1
+            self._counts_trained = True
+        return batch
 
     def teardown(self, stage: str | None = None) -> None:
         if self.replay is not None:
@@ -356,7 +417,7 @@ class ReplayDataModule(pl.LightningDataModule):
                     np.zeros(len(lanes), bool), np.ones(len(lanes), bool), terminated[lanes],
                     lanes=lanes,
                 )
-                self._record_episodes(info["episode"], lanes)
+                self._record_episodes(info[EPISODE_KEY], lanes)
             self._obs, self._is_first = next_obs, done
             reward[done] = 0.0
             self._reward = reward
@@ -462,7 +523,7 @@ class ReplayDataModule(pl.LightningDataModule):
         return {
             "env_steps": self.env_steps,
             "episodes": self.episodes,
-            "batches_served": self.batches_served,
+            "batches_served": self.batches_trained if self._counts_trained else self.batches_served,
             "recent_episodes": list(self.recent_episodes),
             "replay": self.replay.state_dict() if self.replay is not None else None,
             "random_policy_rng": self.random_policy.rng.bit_generator.state
@@ -492,7 +553,7 @@ class ReplayDataModule(pl.LightningDataModule):
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         self.env_steps = int(state_dict["env_steps"])
         self.episodes = int(state_dict["episodes"])
-        self.batches_served = int(state_dict["batches_served"])
+        self.batches_served = self.batches_trained = int(state_dict["batches_served"])
         self.recent_episodes = deque(state_dict["recent_episodes"], maxlen=100)
         if not validating:
             self._truncate_episodes()

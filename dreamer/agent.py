@@ -7,7 +7,6 @@ import os
 import time
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -16,9 +15,11 @@ from dreamer.actor_critic import ActorCritic
 from dreamer.checkpoints import CheckpointError, checkpoint_mismatch, rng_state, set_rng_state
 from dreamer.distributed import gather_objects, mean_over_ranks
 from dreamer.distributions import sample_actions
-from dreamer.goals import GoalMatcher, GoalStateModel, GoalTrack, isolated_rng, mixture_probs
+from dreamer.goals import STRATEGIES, GoalMatcher, GoalStateModel, GoalTrack, isolated_rng, mixture_probs
 from dreamer.metrics import GoalSuccess
+from dreamer.nets import NORMS
 from dreamer.rssm import State
+from dreamer.tracking import log_points
 from dreamer.world_model import WorldModel
 
 # deter / hidden / stoch (categoricals) / classes / cnn depth / mlp units / actor, critic and goal
@@ -49,6 +50,47 @@ def precision_problem(precision: str | int | None) -> str | None:
     return (f"trainer.precision {precision!r} is not supported; allowed: {', '.join(PRECISIONS)}. "
             "16-mixed's gradient scaler does not cover the updates the dream callbacks make, and "
             "half-precision weights (bf16-true, 16-true) merge the two-hot bins, which reach 4.9e8")
+
+
+# (lowest, highest, whether the lowest is allowed) for each numeric argument of Dreamer
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "horizon": (1, 1000, True), "gamma": (0, 1, False), "lam": (0, 1, True), "entropy": (0, 1, True),
+    "free_bits": (0, 100, True), "scale_dyn": (0, 100, True), "scale_rep": (0, 100, True),
+    "world_model_lr": (0, 1, False), "actor_lr": (0, 1, False), "critic_lr": (0, 1, False),
+    "matcher_lr": (0, 1, False), "world_model_eps": (0, 1, False), "actor_critic_eps": (0, 1, False),
+    "world_model_clip": (0, float("inf"), False), "actor_critic_clip": (0, float("inf"), False),
+    "max_env_steps": (1, float("inf"), True), "goal_threshold": (-1, 1, True),
+    "goal_rollouts": (1, 4096, True), "goal_offset": (1, 10_000, True), "goal_steps": (1, 1_000_000, True),
+    "repval": (0, 100, True),
+}
+INTEGER_ARGUMENTS = ("horizon", "max_env_steps", "goal_rollouts", "goal_offset", "goal_steps")
+
+
+def argument_problem(args: Any) -> str | None:
+    """What is wrong with Dreamer's arguments, a mapping of them (the first problem, with what is
+    allowed), or None. The CLI asks before it builds anything."""
+    size, overrides = args["size"], args["overrides"] or {}
+    if size not in SIZES:
+        return f"unknown model size {size!r}; allowed: {', '.join(SIZES)}"
+    unknown = set(overrides) - set(SIZES[size])
+    if unknown:
+        return f"unknown size overrides {sorted(unknown)}; allowed: {', '.join(SIZES[size])}"
+    for key, value in overrides.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"model.overrides.{key} must be a positive integer, got {value!r}"
+    for name, (low, high, low_ok) in RANGES.items():
+        value = args[name]
+        integer = name in INTEGER_ARGUMENTS
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
+            return f"model.{name} must be {'an integer' if integer else 'a number'}, got {value!r}"
+        if not (low <= value if low_ok else low < value) or not value <= high or value != value:
+            interval = f"{'[' if low_ok else '('}{low:g}, {high:g}]"
+            return f"model.{name} must lie in {interval}, got {value!r}"
+    if args["goal_strategy"] not in STRATEGIES:
+        return f"model.goal_strategy must be one of {', '.join(STRATEGIES)}, got {args['goal_strategy']!r}"
+    if args["norm"] not in NORMS:
+        return f"model.norm must be one of {', '.join(NORMS)}, got {args['norm']!r}"
+    return None
 
 
 class Dreamer(pl.LightningModule):
@@ -110,14 +152,10 @@ class Dreamer(pl.LightningModule):
         norm: str = "layer",
     ) -> None:
         super().__init__()
-        if size not in SIZES:
-            raise ValueError(f"unknown model size {size!r}; allowed: {', '.join(SIZES)}")
-        unknown = set(overrides or {}) - set(SIZES[size])
-        if unknown:
-            raise ValueError(
-                f"unknown size overrides {sorted(unknown)}; allowed: {', '.join(SIZES[size])}"
-            )
-        self.save_hyperparameters()
+        problem = argument_problem(dict(locals()))
+        if problem:
+            raise ValueError(problem)
+        self.save_hyperparameters(logger=False)  # the CLI logs the whole config
         arch = {**SIZES[size], **(overrides or {})}
         self.world_model = WorldModel(
             NUM_ACTIONS, **{k: v for k, v in arch.items() if k != "layers"}, free_bits=free_bits,
@@ -136,8 +174,6 @@ class Dreamer(pl.LightningModule):
             arch["deter"], goal_strategy, goal_threshold, goal_rollouts, horizon, goal_offset,
             gamma=gamma,
         )
-        if goal_steps < 1:
-            raise ValueError(f"goal_steps must be >= 1, got {goal_steps}")
         self.goal_metrics = torch.nn.ModuleDict(
             {split: GoalSuccess() for split in ("fit", "train_levels", "unseen_levels")}
         )
@@ -214,13 +250,28 @@ class Dreamer(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, metrics = self.loss(batch)
         hp = self.hparams
+        if not torch.isfinite(mean_over_ranks(loss.detach().float())):  # every rank stops together
+            bad = [f"{k} = {float(v):g}" for k, v in sorted(metrics.items()) if not torch.isfinite(v).all()]
+            raise FloatingPointError(
+                f"the loss diverged at update {self.updates + 1} ({', '.join(bad) or 'loss = ' + str(float(loss))}); "
+                "the run stopped without saving, so its last checkpoint holds the last good state; "
+                "lower the learning rates (model.world_model_lr, actor_lr, critic_lr) and resume or start over"
+            )
         optimizers = self.optimizers()[:3]  # world model, actor, critic (the matcher's is the 4th)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         clips = (hp.world_model_clip, hp.actor_critic_clip, hp.actor_critic_clip)
-        for opt, clip in zip(optimizers, clips):
-            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        norms = [torch.nn.utils.clip_grad_norm_(params_of(opt), clip) for opt, clip in zip(optimizers, clips)]
+        if not torch.isfinite(torch.stack(norms)).all():  # gradients are all-reduced: ranks agree
+            names = ("world model", "actor", "critic")
+            bad = [f"{n} {float(v):g}" for n, v in zip(names, norms) if not torch.isfinite(v)]
+            raise FloatingPointError(
+                f"non-finite gradient norm at update {self.updates + 1} ({', '.join(bad)}); nothing was "
+                "applied and the last checkpoint holds the last good state; lower the learning rates "
+                "(model.world_model_lr, actor_lr, critic_lr) and resume or start over"
+            )
+        for opt in optimizers:
             opt.step()
         self.actor_critic.update_slow_critic()
         dm = self.trainer.datamodule
@@ -245,27 +296,37 @@ class Dreamer(pl.LightningModule):
         names = sorted(metrics)  # losses: the mean over ranks, in one all-reduce
         averaged = mean_over_ranks(torch.stack([metrics[k].float() for k in names]))
         metrics = dict(zip(names, averaged.unbind()))
-        now = time.perf_counter()
-        t0, u0, e0 = self._perf
-        if now - t0 >= 5.0:
-            metrics["perf/updates_per_s"] = torch.tensor((self.updates - u0) / (now - t0))
-            metrics["perf/env_steps_per_s"] = torch.tensor((env_steps - e0) / (now - t0))
-            self._perf = (now, self.updates, env_steps)
-        episodes = dm.pop_episodes() if dm is not None else []
-        episodes = [e for rank in gather_objects(episodes) for e in rank]
-        if episodes:
-            for key in ("return", "length", "level_complete"):
-                metrics[f"episode/{key}"] = torch.tensor(np.mean([e[key] for e in episodes]))
-        goal_metric = self.goal_metrics["fit"]
-        if goal_metric.update_called:
-            for key, value in goal_metric.compute().items():
-                if not torch.isnan(value):
-                    metrics[f"goal/{key}"] = value.float()
-            goal_metric.reset()
         metrics["counters/updates"] = torch.tensor(float(self.updates))
         metrics["counters/env_steps"] = torch.tensor(float(env_steps))
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
         self.log("step", float(env_steps), on_step=True, on_epoch=False)
+        # facts of their own moment go to the loggers once, at their own env step (self.log would
+        # repeat the latest value at every later logging step)
+        points = []
+        now = time.perf_counter()
+        t0, u0, e0 = self._perf
+        if now - t0 >= 5.0:
+            points.append((env_steps, {"perf/updates_per_s": (self.updates - u0) / (now - t0),
+                                       "perf/env_steps_per_s": (env_steps - e0) / (now - t0)}))
+            self._perf = (now, self.updates, env_steps)
+        episodes = dm.pop_episodes() if dm is not None else []
+        world = self.trainer.world_size
+        for rank_episodes in gather_objects(episodes):
+            for e in rank_episodes:  # each rank counts its own env steps; the axis counts all ranks'
+                points.append((e["env_steps"] * world, {f"episode/{k}": e[k] for k in
+                                                        ("return", "length", "level_complete")}))
+        goal_metric = self.goal_metrics["fit"]
+        if goal_metric.update_called:
+            goals = {f"goal/{k}": float(v) for k, v in goal_metric.compute().items() if not torch.isnan(v)}
+            goal_metric.reset()
+            if goals:
+                points.append((env_steps, goals))
+        log_points(self.trainer.loggers, points)
+
+    def on_train_start(self) -> None:
+        # rates are measured from here: a resumed run's counters do not start at 0
+        dm = self.trainer.datamodule
+        self._perf = (time.perf_counter(), self.updates, dm.total_env_steps if dm is not None else 0)
 
     # ---------------------------------------------------------------- acting
     # Acting runs eagerly under --model.compile: its env counts and no-grad mode would make the
@@ -416,6 +477,11 @@ class Dreamer(pl.LightningModule):
             set_rng_state(per_rank[rank], device)
         elif "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])
+
+
+def params_of(optimizer) -> list[torch.Tensor]:
+    """The parameters an optimiser (or Lightning's wrapper of one) updates."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def restore_agent(ckpt: dict[str, Any], path: str | os.PathLike = "the checkpoint") -> Dreamer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: give the path of a .ckpt file written by "
                               "`cli.py fit` (runs/<name>/checkpoints/last.ckpt)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint (no zip "
+                              "archive inside); expected a .ckpt written by `cli.py fit`")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: a checkpoint holding a RAM replay can be many GB; only what is read is loaded
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        # torch's message for a refused pickle goes on to advise weights_only=False: never for us
+        reason = (str(e).strip().splitlines() or [""])[0].split(" In PyTorch 2.6")[0][:200]
         raise CheckpointError(f"cannot read checkpoint {path}: torch.load(weights_only=True) refused "
                               f"it ({type(e).__name__}: {reason}); expected a .ckpt written by "
                               "`cli.py fit`") from None

@@ -3,13 +3,14 @@
 import subprocess
 import sys
 
+import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.vector import AutoresetMode
 
 from datamodules.procgen import (
-    GAMES, MODES, TIMEOUTS, ProcgenConfig, ProcgenVectorEnv, make_env_pair, raw_procgen_env,
-    unseen_levels,
+    GAMES, MODES, TIMEOUTS, ProcgenConfig, ProcgenVectorEnv, TransformObservations, make_env_pair,
+    raw_procgen_env, unseen_levels,
 )
 
 
@@ -58,8 +59,8 @@ def test_autoreset_is_same_step_and_reports_finished_episodes():
         done = term | trunc
         assert not (term & trunc).any()
         if done.any():
-            ep = info["episode"]
-            np.testing.assert_array_equal(info["_episode"], done)
+            ep = info["procgen_episode"]
+            np.testing.assert_array_equal(info["_procgen_episode"], done)
             np.testing.assert_allclose(ep["r"][done], returns[done])
             np.testing.assert_array_equal(ep["l"][done], lengths[done])
             np.testing.assert_array_equal(ep["level_seed"][done], seeds[done])
@@ -69,7 +70,7 @@ def test_autoreset_is_same_step_and_reports_finished_episodes():
             finished += done.sum()
             returns[done], lengths[done] = 0, 0
         else:
-            assert "episode" not in info
+            assert "procgen_episode" not in info
         seeds = info["level_seed"].copy()
     assert finished >= 8
 
@@ -83,8 +84,8 @@ def test_timeout_is_truncation_not_termination():
         if t < TIMEOUTS["maze"]:
             assert not (term | trunc).any()
     assert trunc.all() and not term.any()
-    np.testing.assert_array_equal(info["episode"]["l"], [500, 500])
-    assert not info["episode"]["level_complete"].any()
+    np.testing.assert_array_equal(info["procgen_episode"]["l"], [500, 500])
+    assert not info["procgen_episode"]["level_complete"].any()
 
 
 def test_reset_with_seed_reproduces_and_reset_starts_new_episodes():
@@ -185,3 +186,27 @@ def test_exploration_runs_are_tested_on_hard_modes_ordinary_levels():
             _, info = env.reset()
             seeds.update(info["level_seed"].tolist())
     assert len(train_seeds) == 1 and len(test_seeds) > 1
+
+
+def test_gymnasium_episode_statistics_and_an_observation_transform_wrap_the_env():
+    from gymnasium.wrappers.vector import RecordEpisodeStatistics
+
+    gray = gym.spaces.Box(0, 255, (4, 64, 64, 1), np.uint8)
+    env = RecordEpisodeStatistics(TransformObservations(
+        ProcgenVectorEnv("coinrun", 4, num_levels=5, seed=0),
+        lambda o: o.mean(-1, keepdims=True).astype(np.uint8), gray,
+    ))
+    obs, _ = env.reset()
+    assert obs.shape == (4, 64, 64, 1) and env.observation_space == gray
+    rng, ended = np.random.default_rng(0), 0
+    for _ in range(3000):
+        obs, reward, terminated, truncated, info = env.step(rng.integers(0, 15, 4))
+        assert obs.shape == (4, 64, 64, 1)
+        if "episode" in info:
+            ours, theirs = info["procgen_episode"], info["episode"]
+            np.testing.assert_array_equal(info["_episode"], info["_procgen_episode"])
+            np.testing.assert_allclose(theirs["r"], ours["r"])
+            np.testing.assert_array_equal(theirs["l"], ours["l"])
+            ended += int(info["_episode"].sum())
+    assert ended >= 4
+    env.close()

@@ -116,6 +116,8 @@ def test_acts_with_the_attached_module_after_learning_starts_under_lightning(tmp
     assert model.batches[0]["obs"] == (torch.Size([3, 8, 64, 64, 3]), torch.uint8)
     assert model.batches[0]["action"] == (torch.Size([3, 8]), torch.int64)
     assert dm.batches_served == 21  # Lightning fetches one batch ahead of the step it runs
+    # a checkpoint counts the 20 batches trained on: a resume serves the fetched 21st again
+    assert dm.state_dict()["batches_served"] == 20
     # random before learning_starts (40 env steps = 10 vector steps), the module after
     r = dm.replay
     acting_steps = (r.data["flags"][:, : int(r.count.min())] & 2) == 0
@@ -155,7 +157,23 @@ def test_memmap_storage_lives_in_the_replay_dir_per_rank(tmp_path):
     (dict(learning_starts=-1), "learning_starts"),
     (dict(replay_storage="s3"), "replay_storage"),
     (dict(replay_capacity=16, num_envs=4, seq_len=8), "fewer than seq_len"),
+    (dict(num_envs=0), "data.num_envs must be an integer >= 1, got 0"),
+    (dict(val_episodes=0), "data.val_episodes must be an integer >= 1"),
+    (dict(test_num_envs=0), "data.test_num_envs must be an integer >= 1"),
+    (dict(game="pong"), "unknown procgen game 'pong'"),
+    (dict(replay_storage="memmap", replay_dir="/proc/replay"), "lies in /proc"),
 ])
 def test_bad_configuration_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ReplayDataModule(**kwargs)
+
+
+def test_a_resume_with_another_replay_layout_is_refused_before_any_file_is_opened():
+    saved = {"replay": {"storage": "ram", "num_lanes": 4, "lane_capacity": 2048}}
+    hp = dict(replay_storage="ram", num_envs=4, replay_capacity=8192)
+    assert ReplayDataModule.resume_problem(saved, hp) is None
+    assert "resume with --data.replay_storage ram" in ReplayDataModule.resume_problem(
+        saved, {**hp, "replay_storage": "memmap"})
+    assert "resume with --data.num_envs 4 --data.replay_capacity 8192" in ReplayDataModule.resume_problem(
+        saved, {**hp, "num_envs": 8})
+    assert ReplayDataModule.resume_problem({"world_size": 2, "rank_state": "x"}, hp) is None

@@ -1,0 +1,251 @@
+"""Nothing lost, nothing silent: refusals leave every file as it was, bad input is one line, a
+diverging loss stops the run, a closed env raises, metrics log each fact once."""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from clirun import ROOT, SMOKE
+from cli import run_files
+from datamodules.procgen import ProcgenVectorEnv
+from dreamer.agent import Dreamer, argument_problem
+
+RUN = os.path.join("runs", "coinrun-tiny-seed0")
+
+
+def _hashes(root):
+    """sha1 of every file under ``root`` (relative path -> digest)."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha1(f.read()).hexdigest()
+    return out
+
+
+# One Python process runs every case through cli.main (saves 10 s of imports per case), each in
+# its own child process, so a case that crashed the interpreter would show as such.
+DRIVER = r"""
+import io, json, sys, traceback, multiprocessing as mp
+sys.path.insert(0, sys.argv[1])
+
+def one(args, queue):
+    import contextlib, cli
+    err, out = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            cli.main(args)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc(file=err)
+            code = -1
+    queue.put((code, err.getvalue()))
+
+if __name__ == "__main__":
+    mp.set_start_method("fork")
+    results = []
+    for args in json.loads(sys.argv[2]):
+        queue = mp.Queue()
+        proc = mp.Process(target=one, args=(args, queue))
+        proc.start()
+        proc.join(300)
+        results.append(queue.get() if proc.exitcode == 0 else (proc.exitcode, "crashed"))
+    print(json.dumps(results))
+"""
+
+
+def test_bad_inputs_get_one_line_and_leave_the_run_as_it_was(smoke_run, tmp_path):
+    src, _ = smoke_run
+    shutil.copytree(src / "runs", tmp_path / "runs")
+    shutil.copy(src / "mlflow.db", tmp_path / "mlflow.db")
+    (tmp_path / "broken.yaml").write_text("model:\n  size: [tiny\n")
+    (tmp_path / "noise.ckpt").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "a_file").write_text("")
+    before = _hashes(tmp_path)
+    fit = ["fit", "--config", SMOKE]
+    cases = [
+        (fit, "holds a run (checkpoints, config.yaml"),  # a second fit never wipes the first
+        (["validate", "--config", SMOKE], "validate needs --ckpt_path"),
+        (fit + ["--ckpt_path", "last", "--data.replay_storage", "memmap"],
+         "resume with --data.replay_storage ram"),
+        (fit + ["--ckpt_path", os.path.join(RUN, "checkpoints", "last.ckpt"), "--model.size", "small"],
+         "size: checkpoint 'tiny', this run 'small'"),
+        (fit + ["--ckpt_path", "last", "--trainer.default_root_dir", "runs/new"], "no checkpoint to resume"),
+        (fit + ["--data.num_envs", "0"], "data.num_envs must be an integer >= 1, got 0"),
+        (fit + ["--data.num_envs", "-1"], "data.num_envs must be an integer >= 1, got -1"),
+        (fit + ["--data.val_episodes", "0"], "data.val_episodes must be an integer >= 1"),
+        (fit + ["--data.test_num_envs", "0"], "data.test_num_envs must be an integer >= 1"),
+        (fit + ["--model.max_env_steps", "0"], "model.max_env_steps must lie in [1, inf]"),
+        (fit + ["--model.world_model_lr", "1000"], "model.world_model_lr must lie in (0, 1]"),
+        (fit + ["--model.actor_lr", "1e10"], "model.actor_lr must lie in (0, 1]"),
+        (["fit", "--config", "broken.yaml"], "config file broken.yaml is not valid YAML at line 3"),
+        (["validate", "--config", SMOKE, "--ckpt_path", "noise.ckpt"], "is not a PyTorch checkpoint"),
+        (fit + ["--trainer.default_root_dir", "/proc/run"], "lies in /proc"),
+        (fit + ["--trainer.default_root_dir", "a_file/run"], "a_file is a file, not a directory"),
+        (fit + ["--trainer.default_root_dir", "runs/b", "--data.replay_storage", "memmap",
+                "--data.replay_dir", "/proc/replay"], "lies in /proc"),
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(ROOT), json.dumps([args for args, _ in cases])],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    for (args, expected), (code, stderr) in zip(cases, results):
+        last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        assert code == 2, (args, code, stderr[-2000:])
+        assert last.startswith("error: ") and expected in last, (args, last)
+        assert "Traceback" not in stderr, (args, stderr[-2000:])
+    after = _hashes(tmp_path)
+    assert after == before, {k for k in set(after) | set(before) if after.get(k) != before.get(k)}
+
+
+def test_fit_episode_metrics_are_logged_once_at_the_step_they_ended(smoke_run):
+    cwd, _ = smoke_run
+    rows = (cwd / RUN / "episodes_rank0.csv").read_text().splitlines()[1:]
+    played = sorted((int(r.split(",")[0]), float(r.split(",")[1])) for r in rows)
+    client = mlflow.MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    (run,) = client.search_runs(client.get_experiment_by_name("procgen-dreamer").experiment_id)
+    logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "episode/return"))
+    assert logged == played and played, (logged, played)
+    rates = [m.step for m in client.get_metric_history(run.info.run_id, "perf/updates_per_s")]
+    assert len(rates) == len(set(rates)), "a rate is logged once per window, not repeated"
+    assert run.info.status == "FINISHED"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    record = json.loads((cwd / RUN / "mlflow_run.json").read_text())
+    assert record["run_id"] == run.info.run_id
+
+
+def test_run_files_sees_a_run_in_any_of_its_files(tmp_path):
+    assert run_files(tmp_path / "missing") == [] and run_files(tmp_path) == []
+    (tmp_path / "checkpoints").mkdir()
+    assert run_files(tmp_path) == []  # an empty folder holds nothing to lose
+    (tmp_path / "replay" / "rank0").mkdir(parents=True)
+    (tmp_path / "replay" / "rank0" / "frames.bin").write_bytes(b"x")
+    (tmp_path / "episodes_rank0.csv").write_text("")
+    assert run_files(tmp_path) == ["replay", "episodes_rank0.csv"]
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(world_model_lr=1000.0), "model.world_model_lr must lie in (0, 1], got 1000.0"),
+    (dict(gamma=1.5), "model.gamma must lie in (0, 1]"),
+    (dict(horizon=2.5), "model.horizon must be an integer"),
+    (dict(max_env_steps=0), "model.max_env_steps must lie in [1, inf]"),
+    (dict(entropy=float("nan")), "model.entropy must lie in [0, 1]"),
+    (dict(goal_strategy="best"), "model.goal_strategy must be one of value, replay"),
+    (dict(norm="batch"), "model.norm must be one of"),
+    (dict(size="huge"), "unknown model size 'huge'"),
+    (dict(overrides={"deter": 0}), "model.overrides.deter must be a positive integer"),
+])
+def test_dreamer_refuses_each_bad_argument_with_what_is_allowed(change, message):
+    assert message in argument_problem({**_defaults(), **change})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Dreamer(**change)
+    assert argument_problem(_defaults()) is None
+
+
+def _defaults():
+    import inspect
+
+    return {k: p.default for k, p in inspect.signature(Dreamer.__init__).parameters.items() if k != "self"}
+
+
+def test_a_diverging_loss_stops_the_run_naming_the_loss_before_any_weight_changes(tmp_path):
+    torch.manual_seed(0)
+    model = Dreamer(size="tiny")
+    batch = {
+        "obs": torch.zeros(2, 4, 64, 64, 3, dtype=torch.uint8),
+        "action": torch.zeros(2, 4, dtype=torch.long),
+        "reward": torch.tensor([[0.0, float("nan"), 0.0, 0.0]] * 2),
+        "is_first": torch.tensor([[True, False, False, False]] * 2),
+        "is_last": torch.zeros(2, 4, dtype=torch.bool),
+        "is_terminal": torch.zeros(2, 4, dtype=torch.bool),
+    }
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(FloatingPointError, match=r"diverged at update 1 \(.*loss/reward = nan"):
+        trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader([batch] * 3, batch_size=None))
+    for k, v in model.named_parameters():  # no optimiser step was taken
+        assert torch.equal(v, weights[k]), k
+
+
+def test_a_closed_env_raises_instead_of_crashing_and_closes_twice():
+    env = ProcgenVectorEnv("coinrun", 2, num_levels=5, seed=0)
+    env.reset()
+    env.close()
+    env.close()
+    for call in (env.reset, lambda: env.step(np.zeros(2, np.int64)), env.render):
+        with pytest.raises(RuntimeError, match="closed; make a new one"):
+            call()
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_no_partial_file_and_the_last_one_intact(tmp_path):
+    import errno
+    from types import SimpleNamespace
+
+    from callbacks.training import EnvStepCheckpoint
+
+    last = tmp_path / "last.ckpt"
+    last.write_bytes(b"the last good checkpoint")
+
+    def save_checkpoint(path, weights_only=False):  # a disk that fills half-way through
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    trainer = SimpleNamespace(save_checkpoint=save_checkpoint, is_global_zero=True)
+    with pytest.raises(OSError, match="No space left"):
+        EnvStepCheckpoint(dirpath=str(tmp_path))._save_checkpoint(trainer, str(last))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert last.read_bytes() == b"the last good checkpoint"
+
+
+def test_the_run_logger_keeps_the_first_error_in_view_and_ends_the_run(tmp_path, capsys):
+    from dreamer.tracking import RunLogger
+
+    logger = RunLogger(experiment_name="e", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    run_id = logger.run_id
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    logger._scan_and_log_checkpoints = full_disk
+    logger._checkpoint_callback = object()
+    try:
+        raise OSError(28, "the run's own error")
+    except OSError:
+        logger.finalize("failed")  # as Lightning does, inside its handler of the run's error
+    assert "MLflow could not finish the run's records" in capsys.readouterr().err
+    assert logger.experiment.get_run(run_id).info.status == "FAILED"
+    refused = RunLogger(experiment_name="e", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", run_id=run_id)
+    assert refused.run_id == run_id
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        refused.finalize("failed")
+    # a resumed run that was never reopened (its resume refused) keeps its status
+    assert logger.experiment.get_run(run_id).info.status == "FAILED"
+    resumed = RunLogger(experiment_name="e", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", run_id=run_id)
+    resumed.reopen()
+    assert resumed.experiment.get_run(run_id).info.status == "RUNNING"
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        resumed.finalize("failed")
+    assert resumed.experiment.get_run(run_id).info.status == "KILLED"
