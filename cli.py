@@ -192,7 +192,10 @@ class DreamerCLI(LightningCLI):
             problem = directory_problem(Path(cfg.trainer.default_root_dir), "trainer.default_root_dir")
             if problem:
                 fail(problem)
-            run_id = self._claim_run_dir(cfg)
+            # Lightning's DDP launcher starts ranks > 0 as copies of this command, after rank 0
+            # has claimed (or moved aside) the directory: they must not claim it again
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+                run_id = self._claim_run_dir(cfg)
         root = cfg.trainer.default_root_dir
         if cfg.data.replay_dir is None:
             cfg.data.replay_dir = os.path.join(root, "replay")

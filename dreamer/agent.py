@@ -59,7 +59,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "world_model_lr": (0, 1, False), "actor_lr": (0, 1, False), "critic_lr": (0, 1, False),
     "matcher_lr": (0, 1, False), "world_model_eps": (0, 1, False), "actor_critic_eps": (0, 1, False),
     "world_model_clip": (0, float("inf"), False), "actor_critic_clip": (0, float("inf"), False),
-    "max_env_steps": (1, float("inf"), True), "goal_threshold": (-1, 1, True),
+    "max_env_steps": (1, float("inf"), True), "goal_threshold": (0, 1, False),
     "goal_rollouts": (1, 4096, True), "goal_offset": (1, 10_000, True), "goal_steps": (1, 1_000_000, True),
     "repval": (0, 100, True),
 }
@@ -87,9 +87,9 @@ def argument_problem(args: Any) -> str | None:
             interval = f"{'[' if low_ok else '('}{low:g}, {high:g}]"
             return f"model.{name} must lie in {interval}, got {value!r}"
     if args["goal_strategy"] not in STRATEGIES:
-        return f"model.goal_strategy must be one of {', '.join(STRATEGIES)}, got {args['goal_strategy']!r}"
+        return f"unknown model.goal_strategy {args['goal_strategy']!r}; allowed: {', '.join(STRATEGIES)}"
     if args["norm"] not in NORMS:
-        return f"model.norm must be one of {', '.join(NORMS)}, got {args['norm']!r}"
+        return f"unknown model.norm {args['norm']!r}; allowed: {', '.join(NORMS)}"
     return None
 
 

@@ -147,8 +147,8 @@ def test_run_files_sees_a_run_in_any_of_its_files(tmp_path):
     (dict(horizon=2.5), "model.horizon must be an integer"),
     (dict(max_env_steps=0), "model.max_env_steps must lie in [1, inf]"),
     (dict(entropy=float("nan")), "model.entropy must lie in [0, 1]"),
-    (dict(goal_strategy="best"), "model.goal_strategy must be one of value, replay"),
-    (dict(norm="batch"), "model.norm must be one of"),
+    (dict(goal_strategy="best"), "unknown model.goal_strategy 'best'; allowed: value, replay"),
+    (dict(norm="batch"), "unknown model.norm 'batch'; allowed: "),
     (dict(size="huge"), "unknown model size 'huge'"),
     (dict(overrides={"deter": 0}), "model.overrides.deter must be a positive integer"),
 ])
