@@ -68,7 +68,10 @@ def main() -> int:
     if command == "setup":
         return 0
     if command == "train":
-        cmd = [str(python), "cli.py", "fit", "--config", "configs/quickstart.yaml", *args]
+        # the main job runs again on every call: an earlier quickstart run is moved aside
+        # (runs/<name>.old...), never overwritten, unless the call resumes it
+        again = [] if any(a.split("=")[0] in ("--ckpt_path", "--start_over") for a in args) else ["--start_over", "true"]
+        cmd = [str(python), "cli.py", "fit", "--config", "configs/quickstart.yaml", *again, *args]
     else:
         ensure_chromium()
         cmd = [str(python), "-m", "pytest", *args]
