@@ -18,7 +18,6 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
 
 from datamodules.replay_datamodule import ReplayDataModule, directory_problem
-from datamodules.procgen import validate_procgen_args
 from dreamer.agent import Dreamer, argument_problem, precision_problem
 from dreamer.checkpoints import CheckpointError, checkpoint_mismatch, read_checkpoint
 from dreamer.tracking import RunLogger, params_to_log, run_exists
@@ -167,12 +166,6 @@ class DreamerCLI(LightningCLI):
             or ReplayDataModule.argument_problem(cfg.data)
         if problem:  # before anything is built: a refused command leaves no files behind
             fail(problem)
-        try:
-            validate_procgen_args(cfg.data.game, cfg.data.num_envs, cfg.data.distribution_mode,
-                                  cfg.data.num_levels, cfg.data.start_level, cfg.data.seed,
-                                  cfg.data.procgen_options or {})
-        except ValueError as e:
-            fail(str(e))
         name = f"{cfg.data.game}-{cfg.model.size}-seed{cfg.data.seed}"
         run_id = None
         if self.subcommand == "validate":
@@ -181,8 +174,8 @@ class DreamerCLI(LightningCLI):
                      "(e.g. runs/<name>/checkpoints/last.ckpt); without one it would score random weights")
             if cfg.trainer.default_root_dir is None:
                 cfg.trainer.default_root_dir = str(_free_dir(Path("runs") / f"{name}-validate"))
-            elif run_files(Path(cfg.trainer.default_root_dir)):
-                fail(f"{cfg.trainer.default_root_dir} holds a run ({', '.join(run_files(Path(cfg.trainer.default_root_dir)))}); "
+            elif held := run_files(Path(cfg.trainer.default_root_dir)):
+                fail(f"{cfg.trainer.default_root_dir} holds a run ({', '.join(held)}); "
                      "validate writes into a directory of its own: leave --trainer.default_root_dir unset "
                      "or name a new directory")
             cfg.data.replay_storage = "ram"  # validation plays fresh episodes and writes no replay

@@ -90,7 +90,8 @@ class EnvStepProgressBar(TQDMProgressBar):
     """Lightning's progress bar counting environment steps up to ``max_env_steps``, with updates/s
     and the latest episode return."""
 
-    _rate_window: tuple[float, int] | None = None
+    _rate_window: tuple[float, int] | None = None  # (time, updates) where the window began
+    _rate: float | None = None  # updates/s over the last finished window
 
     def _reset_to_env_steps(self, trainer, pl_module) -> None:
         bar = self.train_progress_bar
@@ -121,7 +122,7 @@ class EnvStepProgressBar(TQDMProgressBar):
             if now - t0 >= 5.0:
                 self._rate = (updates - u0) / (now - t0)
                 self._rate_window = (now, updates)
-        if getattr(self, "_rate", None) is not None:
+        if self._rate is not None:
             postfix["upd/s"] = f"{self._rate:.2f}"
         if dm is not None and dm.recent_episodes:
             postfix["return"] = f"{dm.recent_episodes[-1]['return']:.1f}"

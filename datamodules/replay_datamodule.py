@@ -187,8 +187,6 @@ class ReplayDataModule(pl.LightningDataModule):
         problem = self.argument_problem(self.hparams)
         if problem:
             raise ValueError(problem)
-        validate_procgen_args(game, num_envs, distribution_mode, num_levels, start_level, seed,
-                              procgen_options or {})
         self.env_config = ProcgenConfig(
             game, num_envs, distribution_mode, num_levels, start_level, seed, test_num_envs
         )
@@ -209,7 +207,8 @@ class ReplayDataModule(pl.LightningDataModule):
 
     @staticmethod
     def argument_problem(hp: Any) -> str | None:
-        """What is wrong with the DataModule's arguments (the first problem, with what is allowed)."""
+        """What is wrong with the DataModule's arguments (the first problem, with what is allowed),
+        procgen's included; the CLI asks before it builds anything."""
         positive = ("num_envs", "batch_size", "seq_len", "replay_capacity", "val_episodes")
         for name in positive + ("learning_starts", "test_num_envs"):
             value = hp[name]
@@ -228,7 +227,14 @@ class ReplayDataModule(pl.LightningDataModule):
                     f"{hp.replay_capacity // hp.num_envs} steps per env, fewer than seq_len + 1 "
                     f"({hp.seq_len + 1}); allowed: replay_capacity >= num_envs * (seq_len + 1)")
         if hp.replay_storage == "memmap" and hp.replay_dir is not None:
-            return directory_problem(Path(hp.replay_dir), "data.replay_dir")
+            problem = directory_problem(Path(hp.replay_dir), "data.replay_dir")
+            if problem:
+                return problem
+        try:  # game, levels, mode, seed and options: what procgen would abort on
+            validate_procgen_args(hp.game, hp.num_envs, hp.distribution_mode, hp.num_levels,
+                                  hp.start_level, hp.seed, hp.procgen_options or {})
+        except ValueError as e:
+            return str(e)
         return None
 
     @staticmethod
