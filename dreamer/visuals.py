@@ -148,41 +148,50 @@ def horizon_errors(
 
 # ------------------------------------------------------------------ pictures
 LABEL_H, MARGIN_W, GAP = 40, 64, 2
+WRAP = 5  # columns per block in the dream pictures: 714 px wide at scale 2, readable in MLflow's preview
 
 
-def frame_box(row: int, col: int, scale: int) -> tuple[slice, slice]:
-    """Where frame (row, col) lies in a ``render_rows`` picture: (rows, cols) slices."""
+def frame_box(row: int, col: int, scale: int, n_rows: int = 1, wrap: int | None = None) -> tuple[slice, slice]:
+    """Where frame (row, col) lies in a ``render_rows`` picture of ``n_rows`` rows wrapped every
+    ``wrap`` columns: (rows, cols) slices."""
     size = 64 * scale
-    top = LABEL_H + row * (size + GAP)
+    block, col = divmod(col, wrap) if wrap else (0, col)
+    top = block * (LABEL_H + n_rows * (size + GAP)) + LABEL_H + row * (size + GAP)
     left = MARGIN_W + col * (size + GAP)
     return slice(top, top + size), slice(left, left + size)
 
 
 def render_rows(
-    rows: list[tuple[str, np.ndarray]], labels: list[str] | None = None, scale: int = 2
+    rows: list[tuple[str, np.ndarray]], labels: list[str] | None = None, scale: int = 2,
+    wrap: int | None = None,
 ) -> np.ndarray:
     """A grid picture: one row per (name, frames (K, 64, 64, 3) uint8), frames enlarged
     ``scale`` times without smoothing, each column headed by its label (lines split on ``\\n``).
-    Returns uint8 (H, W, 3)."""
+    With ``wrap``, columns continue in a new block (label band and rows again) below every
+    ``wrap`` columns. Returns uint8 (H, W, 3)."""
     cols = max(len(frames) for _, frames in rows)
+    per_block = min(cols, wrap) if wrap else cols
+    blocks = -(-cols // per_block)
     size = 64 * scale
-    height = LABEL_H + len(rows) * (size + GAP)
-    width = MARGIN_W + cols * (size + GAP)
+    height = blocks * (LABEL_H + len(rows) * (size + GAP))
+    width = MARGIN_W + per_block * (size + GAP)
     canvas = np.full((height, width, 3), 255, np.uint8)
+    n = len(rows)
     for r, (_, frames) in enumerate(rows):
         for c, frame in enumerate(frames):
-            ys, xs = frame_box(r, c, scale)
+            ys, xs = frame_box(r, c, scale, n, wrap)
             canvas[ys, xs] = frame.repeat(scale, 0).repeat(scale, 1)
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
-    for r, (name, _) in enumerate(rows):
-        ys, _ = frame_box(r, 0, scale)
-        draw.text((4, ys.start + size // 2 - 6), name, fill=(0, 0, 0), font=font)
+    for block in range(blocks):
+        for r, (name, _) in enumerate(rows):
+            ys, _ = frame_box(r, block * per_block, scale, n, wrap)
+            draw.multiline_text((4, ys.start + size // 2 - 6), name, fill=(0, 0, 0), font=font, spacing=1)
     for c, label in enumerate(labels or []):
-        _, xs = frame_box(0, c, scale)
-        draw.multiline_text((xs.start + 2, 2), label, fill=(0, 0, 0), font=font, spacing=1)
-    # text never reaches into frames: the label band and the margin are outside every frame box
+        ys, xs = frame_box(0, c, scale, n, wrap)
+        draw.multiline_text((xs.start + 2, ys.start - LABEL_H + 2), label, fill=(0, 0, 0), font=font, spacing=1)
+    # text never reaches into frames: the label bands and the margin are outside every frame box
     return np.asarray(image)
 
 
@@ -203,13 +212,13 @@ def dream_vs_reality(dream: dict[str, np.ndarray], lane: int = 0, scale: int = 2
     difference rows, columns labelled with step, predicted reward and value."""
     real, pred = dream["real"][lane], dream["pred"][lane]
     rows = [("real", real), ("dream", pred), ("|diff|", difference(real, pred))]
-    return render_rows(rows, step_labels(dream, lane), scale)
+    return render_rows(rows, step_labels(dream, lane), scale, WRAP)
 
 
 def own_dream(dream: dict[str, np.ndarray], lane: int = 0, scale: int = 2) -> np.ndarray:
     """Picture of one lane of an ``open_loop`` dream with the actor's own actions."""
     labels = [f"{label}\na={a}" for label, a in zip(step_labels(dream, lane), dream["action"][lane])]
-    return render_rows([("actor's\ndream", dream["pred"][lane])], labels, scale)
+    return render_rows([("actor's\ndream", dream["pred"][lane])], labels, scale, WRAP)
 
 
 def save_gif(path: str | Path, dream: dict[str, np.ndarray], lane: int = 0, scale: int = 2,
@@ -218,7 +227,7 @@ def save_gif(path: str | Path, dream: dict[str, np.ndarray], lane: int = 0, scal
     real, pred = dream["real"][lane], dream["pred"][lane]
     frames = []
     for step, r, p in zip(dream["step"], real, pred):
-        frame = render_rows([("", r[None]), ("", p[None]), ("", difference(r, p)[None])],
+        frame = render_rows([("real", r[None]), ("dream", p[None]), ("|diff|", difference(r, p)[None])],
                             [f"t={step}"], scale)
         frames.append(Image.fromarray(frame))
     path = Path(path)

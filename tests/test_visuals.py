@@ -49,15 +49,37 @@ def test_render_rows_places_input_frames_exactly_and_labels_outside_them():
     assert (image[: visuals.LABEL_H] < 255).any(), "column labels are drawn"
 
 
+def test_wrapped_rows_keep_every_frame_and_label_each_block():
+    real, pred = frames(7), frames(7, lambda k: 200 - k)
+    image = visuals.render_rows([("real", real), ("dream", pred)], [f"t={k}" for k in range(7)], 2, wrap=3)
+    size = 64 * 2 + visuals.GAP
+    assert image.shape[:2] == (3 * (visuals.LABEL_H + 2 * size), visuals.MARGIN_W + 3 * size)
+    for col in range(7):
+        for row, source in ((0, real), (1, pred)):
+            ys, xs = visuals.frame_box(row, col, 2, 2, 3)
+            assert np.array_equal(image[ys, xs][::2, ::2], source[col]), (row, col)
+    for block in range(3):
+        top = block * (visuals.LABEL_H + 2 * size)
+        assert (image[top : top + visuals.LABEL_H] < 255).any(), f"block {block} has column labels"
+        assert (image[top + visuals.LABEL_H :, : visuals.MARGIN_W][: 2 * size] < 255).any(), "row names"
+
+
+def test_a_fifteen_step_dream_picture_fits_a_preview_pane():
+    real = frames(15)[None]
+    dream = {"real": real, "pred": real.copy(), "reward": np.zeros((1, 15)), "value": np.zeros((1, 15)),
+             "step": np.arange(5, 20)}
+    assert visuals.dream_vs_reality(dream, scale=2).shape[1] <= 800  # was 2,014 px in one strip
+
+
 def test_perfect_dream_has_zero_difference_row_and_zero_error_at_every_horizon():
     real = frames(6)[None]  # (1, 6, 64, 64, 3)
     picture = visuals.dream_vs_reality(
         {"real": real, "pred": real.copy(), "reward": np.zeros((1, 6)), "value": np.zeros((1, 6)),
          "step": np.arange(5, 11)}, lane=0, scale=1)
     for col in range(6):
-        ys, xs = visuals.frame_box(2, col, 1)
+        ys, xs = visuals.frame_box(2, col, 1, 3, visuals.WRAP)
         assert not picture[ys, xs].any(), "difference row of a perfect dream is black"
-        ys, xs = visuals.frame_box(0, col, 1)
+        ys, xs = visuals.frame_box(0, col, 1, 3, visuals.WRAP)
         assert np.array_equal(picture[ys, xs], real[0, col])
     errors = visuals.horizon_errors(real, real.copy(), frames(1, lambda k: 0)[0][None])
     assert np.all(errors["error"] == 0) and np.all(errors["psnr"] == visuals.PSNR_CAP)
@@ -134,6 +156,10 @@ def test_gif_and_plots_are_real_pictures(tmp_path):
     dream = {"real": real, "pred": real[:, ::-1].copy(), "step": np.arange(3, 10)}
     gif = Image.open(visuals.save_gif(tmp_path / "d.gif", dream, scale=1))
     assert gif.n_frames == 7
+    first = np.asarray(gif.convert("RGB"))
+    for row in range(3):  # real, dream, |diff| named in the margin
+        ys, _ = visuals.frame_box(row, 0, 1, 3)
+        assert (first[ys, : visuals.MARGIN_W] < 128).any(), f"GIF row {row} is labelled"
     err = visuals.error_plot(visuals.horizon_errors(real, real[:, ::-1], real[:, 0]))
     trace = visuals.value_trace_plot(np.linspace(0, 1, 50), np.where(np.arange(50) == 10, 1.0, 0.0))
     for picture in (err, trace):
@@ -160,6 +186,6 @@ def test_visualizer_writes_every_picture_and_leaves_training_randomness_alone(ag
     for path in files.values():
         assert path.is_file() and path.parent == tmp_path / "dreams"
     picture = np.asarray(Image.open(files["dream_vs_reality"]))
-    assert picture.shape[1] >= 6 * 128  # six dreamed columns at scale 2
+    assert picture.shape[:2] == (2 * (visuals.LABEL_H + 3 * 130), visuals.MARGIN_W + 5 * 130)  # 6 columns wrap at 5
     with pytest.raises(ValueError, match="horizon must be a positive integer"):
         DreamVisualizer(horizon=0)
