@@ -10,12 +10,15 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from datamodules.replay_datamodule import ReplayDataModule, directory_problem
 from dreamer.agent import Dreamer, argument_problem, precision_problem
@@ -167,21 +170,26 @@ class DreamerCLI(LightningCLI):
         if problem:  # before anything is built: a refused command leaves no files behind
             fail(problem)
         name = f"{cfg.data.game}-{cfg.model.size}-seed{cfg.data.seed}"
+        if self.subcommand == "validate":
+            if cfg.trainer.default_root_dir is None:
+                cfg.trainer.default_root_dir = str(_free_dir(Path("runs") / f"{name}-validate"))
+            cfg.data.replay_storage = "ram"  # validation plays fresh episodes and writes no replay
+        elif self.subcommand == "fit" and cfg.trainer.default_root_dir is None:
+            cfg.trainer.default_root_dir = os.path.join("runs", name)
+        self._place_files(cfg, name)
+        if self.print_config is not None:
+            print(self.config_text(cfg, self.print_config), end="")
+            sys.exit(0)
         run_id = None
         if self.subcommand == "validate":
             if not cfg.get("ckpt_path"):
                 fail("validate needs --ckpt_path: the checkpoint to evaluate "
                      "(e.g. runs/<name>/checkpoints/last.ckpt); without one it would score random weights")
-            if cfg.trainer.default_root_dir is None:
-                cfg.trainer.default_root_dir = str(_free_dir(Path("runs") / f"{name}-validate"))
-            elif held := run_files(Path(cfg.trainer.default_root_dir)):
+            if held := run_files(Path(cfg.trainer.default_root_dir)):
                 fail(f"{cfg.trainer.default_root_dir} holds a run ({', '.join(held)}); "
                      "validate writes into a directory of its own: leave --trainer.default_root_dir unset "
                      "or name a new directory")
-            cfg.data.replay_storage = "ram"  # validation plays fresh episodes and writes no replay
         elif self.subcommand == "fit":
-            if cfg.trainer.default_root_dir is None:
-                cfg.trainer.default_root_dir = os.path.join("runs", name)
             problem = directory_problem(Path(cfg.trainer.default_root_dir), "trainer.default_root_dir")
             if problem:
                 fail(problem)
@@ -189,28 +197,54 @@ class DreamerCLI(LightningCLI):
             # has claimed (or moved aside) the directory: they must not claim it again
             if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
                 run_id = self._claim_run_dir(cfg)
+        for args in _mlflow_args(cfg):
+            if run_id is not None and args.get("run_id") is None:
+                if run_exists(args.get("tracking_uri") or "", run_id):
+                    args.run_id = run_id
+                else:
+                    print(f"note: MLflow run {run_id} of this run is not in "
+                          f"{args.get('tracking_uri')}; the resume logs to a new MLflow run")
+
+    def _place_files(self, cfg, name: str) -> None:
+        """Fill in what the run's name decides: replay and checkpoint directories, MLflow run name and tags."""
         root = cfg.trainer.default_root_dir
         if cfg.data.replay_dir is None:
             cfg.data.replay_dir = os.path.join(root, "replay")
-        loggers = cfg.trainer.logger
-        for logger in loggers if isinstance(loggers, list) else [loggers]:
-            if _is_mlflow(getattr(logger, "class_path", "")):
-                args = logger.init_args
-                if args.get("run_name") is None:
-                    args.run_name = f"{name}-{self.subcommand}" if self.subcommand != "fit" else name
-                args.tags = {**(args.get("tags") or {}), "game": cfg.data.game,
-                             "size": cfg.model.size, "seed": str(cfg.data.seed),
-                             "subcommand": str(self.subcommand)}
-                if run_id is not None and args.get("run_id") is None:
-                    if run_exists(args.get("tracking_uri") or "", run_id):
-                        args.run_id = run_id
-                    else:
-                        print(f"note: MLflow run {run_id} of this run is not in "
-                              f"{args.get('tracking_uri')}; the resume logs to a new MLflow run")
+        for args in _mlflow_args(cfg):
+            if args.get("run_name") is None:
+                args.run_name = f"{name}-{self.subcommand}" if self.subcommand != "fit" else name
+            args.tags = {**(args.get("tags") or {}), "game": cfg.data.game,
+                         "size": cfg.model.size, "seed": str(cfg.data.seed),
+                         "subcommand": str(self.subcommand)}
         for callback in cfg.trainer.callbacks or []:
             if getattr(callback, "class_path", "").endswith("EnvStepCheckpoint"):
                 if callback.init_args.get("dirpath") is None:
                     callback.init_args.dirpath = os.path.join(root, "checkpoints")
+
+    # ``--print_config`` is answered after the run's name and paths are filled in (jsonargparse's
+    # own action prints before them, showing null)
+    print_config: str | None = None
+
+    def parse_arguments(self, parser, args) -> None:
+        if isinstance(args, (dict, Namespace)):
+            return super().parse_arguments(parser, args)
+        kept = []
+        for arg in sys.argv[1:] if args is None else args:
+            if arg == "--print_config" or arg.startswith("--print_config="):
+                self.print_config = arg.partition("=")[2]
+            else:
+                kept.append(arg)
+        self.config = parser.parse_args(kept)
+
+    @staticmethod
+    def config_text(cfg, flags: str = "") -> str:
+        """The resolved config as YAML that ``--config`` reads back; ``flags`` may hold
+        ``skip_null`` (jsonargparse's ``--print_config`` option)."""
+        import yaml
+
+        tree = _plain(cfg.as_dict(), skip_null="skip_null" in flags.split(","))
+        tree.pop("config", None)
+        return yaml.safe_dump(tree, sort_keys=False)
 
     def _claim_run_dir(self, cfg) -> str | None:
         """Refuse to start a new run over an earlier one; returns the MLflow run id to continue on
@@ -294,6 +328,23 @@ class DreamerCLI(LightningCLI):
             print(f"checkpoints: {trainer.checkpoint_callback.dirpath}")
 
 
+def _mlflow_args(cfg) -> list:
+    """``init_args`` of each MLflow logger in the config."""
+    loggers = cfg.trainer.logger
+    return [logger.init_args for logger in (loggers if isinstance(loggers, list) else [loggers])
+            if _is_mlflow(getattr(logger, "class_path", ""))]
+
+
+def _plain(tree: Any, skip_null: bool) -> Any:
+    """A parsed config as plain YAML types, without jsonargparse's ``__path__`` records."""
+    if isinstance(tree, dict):
+        return {k: _plain(v, skip_null) for k, v in tree.items()
+                if k != "__path__" and not (skip_null and v is None)}
+    if isinstance(tree, list):
+        return [_plain(v, skip_null) for v in tree]
+    return os.fspath(tree) if isinstance(tree, os.PathLike) else tree
+
+
 def _is_mlflow(class_path: str) -> bool:
     module, _, name = class_path.rpartition(".")
     try:
@@ -333,6 +384,9 @@ def main(args: list[str] | None = None, run: bool = True) -> DreamerCLI:
             fail(problem)
     try:
         return _cli(args, run)
+    except SIGTERMException:  # Lightning stops at the next batch and would exit with status 0
+        print("stopped by SIGTERM; resume from the last checkpoint with --ckpt_path last", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except USER_ERRORS as e:
         if os.environ.get("DREAMER_TRACEBACK") == "1":
             raise

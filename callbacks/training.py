@@ -64,10 +64,13 @@ class EnvStepCheckpoint(ModelCheckpoint):
         tmp = filepath + ".tmp"
         try:
             trainer.save_checkpoint(tmp, self.save_weights_only)
-        except BaseException:
+        except BaseException as e:
             # e.g. a full disk: no partial file stays behind, the previous checkpoint is untouched
             if trainer.is_global_zero and os.path.exists(tmp):
                 os.remove(tmp)
+            if isinstance(e, OSError):
+                raise OSError(f"could not write checkpoint {filepath} ({e.strerror or e}); the earlier "
+                              "checkpoints are intact: free disk space, then resume with --ckpt_path last") from e
             raise
         if trainer.is_global_zero:
             os.replace(tmp, filepath)

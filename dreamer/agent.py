@@ -112,9 +112,9 @@ class Dreamer(pl.LightningModule):
     (``value`` or ``replay``; ``goal_rollouts`` imagined rollouts, ``goal_offset`` steps ahead in
     replay), a state matches its goal at similarity >= ``goal_threshold``, and an unmatched goal
     is replaced after ``goal_steps`` environment steps. ``goal_matcher`` is trained only by the
-    dream callbacks. Goal success is measured in validation always, and while collecting during
-    fit when ``track_goals`` is set or DreamWeaning mixes the matcher into acting; the
-    measurement draws from its own random stream, so it never changes training.
+    dream callbacks. Goal success is measured (while collecting and in validation) when
+    ``track_goals`` is set or DreamWeaning mixes the matcher into acting; the measurement draws
+    from its own random stream, so it never changes training.
 
     ``compile`` compiles the networks and the RSSM steps (the body of the observe and imagine
     loops) with ``torch.compile`` when fitting starts; parameter names and checkpoints are
@@ -346,7 +346,7 @@ class Dreamer(pl.LightningModule):
         track = state[2] if state is not None else None
         post = self.observe_step(obs, is_first, state)
         feat = self.world_model.rssm.features(post)
-        if self.mix_weight is None and not self.hparams.track_goals and self.goal_split == "fit":
+        if not self.goals_on and self.goal_split == "fit":
             action = self.actor_critic.sample(feat)
             return action.cpu(), (post, action, None)
         if reward is None:
@@ -408,11 +408,18 @@ class Dreamer(pl.LightningModule):
         return track
 
     # ---------------------------------------------------------------- validation
+    @property
+    def goals_on(self) -> bool:
+        """Whether acting pursues goals: ``track_goals``, or DreamWeaning mixing in the matcher."""
+        return bool(self.hparams.track_goals) or self.mix_weight is not None
+
     def validation_step(self, split: str, batch_idx: int) -> None:
         dm = self.trainer.datamodule
         metric = self.goal_metrics[split]
         metric.reset()
-        self.goal_split = split
+        measure_goals = self.goals_on  # proposing goals costs 4x the acting itself
+        if measure_goals:
+            self.goal_split = split
         world = self.trainer.world_size
         # each rank plays its share of the episodes on its own envs; in float32, as when collecting
         try:
@@ -420,7 +427,7 @@ class Dreamer(pl.LightningModule):
                 summary = dm.evaluate(self, split, episodes=-(-dm.hparams.val_episodes // world))
         finally:
             self.goal_split = "fit"
-        for key, value in metric.compute().items():  # torchmetrics sums its states over ranks
+        for key, value in metric.compute().items() if measure_goals else ():  # summed over ranks
             summary[f"goal/{key}"] = float(value)
         for key, value in summary.items():
             self.log(f"val/{split}/{key}", value, on_step=False, on_epoch=True, batch_size=1,
@@ -429,8 +436,9 @@ class Dreamer(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.trainer.callback_metrics
-        keys = ("return", "normalized_score", "level_complete", "episodes", "goal/step_success",
-                "goal/episode_success")
+        keys = ("return", "normalized_score", "level_complete", "episodes")
+        if any(f"val/{split}/goal/step_success" in metrics for split in ("train_levels", "unseen_levels")):
+            keys += ("goal/step_success", "goal/episode_success")
         rows = []
         for split in ("train_levels", "unseen_levels"):
             vals = [metrics.get(f"val/{split}/{k}") for k in keys]

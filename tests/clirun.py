@@ -25,3 +25,19 @@ def cli(cwd, *args, timeout=300, check=True, extra_path=()):
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def quick_checkpoints(path, *callbacks: str) -> str:
+    """A config to layer over the smoke config: a checkpoint every 64 env steps from the start,
+    no validation or pictures (not even at the end), plus ``callbacks`` (class paths, or (class path, init args))."""
+    import yaml
+
+    listed = [{"class_path": "callbacks.training.EnvStepCheckpoint", "init_args": {"every_env_steps": 64}}]
+    for callback in callbacks:
+        class_path, init_args = callback if isinstance(callback, tuple) else (callback, {})
+        listed.append({"class_path": class_path, "init_args": init_args})
+    Path(path).write_text(yaml.safe_dump({
+        "trainer": {"val_check_interval": 100000, "limit_val_batches": 0, "callbacks": listed},
+        "data": {"learning_starts": 64},
+    }))
+    return str(path)

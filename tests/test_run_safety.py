@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from clirun import ROOT, SMOKE
+from clirun import ROOT, SMOKE, quick_checkpoints
 from cli import run_files
 from datamodules.procgen import ProcgenVectorEnv
 from dreamer.agent import Dreamer, argument_problem
@@ -210,10 +211,35 @@ def test_a_checkpoint_that_cannot_be_written_leaves_no_partial_file_and_the_last
         raise OSError(errno.ENOSPC, "No space left on device")
 
     trainer = SimpleNamespace(save_checkpoint=save_checkpoint, is_global_zero=True)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=r"could not write checkpoint .*last.ckpt \(No space left on device\); "
+                                      r"the earlier checkpoints are intact.*--ckpt_path last"):
         EnvStepCheckpoint(dirpath=str(tmp_path))._save_checkpoint(trainer, str(last))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     assert last.read_bytes() == b"the last good checkpoint"
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file-size limits")
+def test_a_disk_that_fills_mid_run_keeps_the_last_checkpoint_and_shows_the_first_error(tmp_path):
+    checkpoints = tmp_path / RUN / "checkpoints"
+    quick = quick_checkpoints(tmp_path / "quick.yaml", ("disk_probe.FillDiskAfterFirstCheckpoint",
+                                                        {"checkpoint": str(checkpoints / "last.ckpt")}))
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "fit", "--config", SMOKE, "--config", quick,
+         "--model.max_env_steps", "100000"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert re.fullmatch(r"error: could not write checkpoint \S+ \(File too large\); the earlier checkpoints "
+                        r"are intact: .*--ckpt_path last.*", out.stderr.strip().splitlines()[-1])
+    assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlruns", "quick.yaml", "runs"]
+    assert not [p for p in tmp_path.rglob("*.tmp")], "no partial file stays behind"
+    saved = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["ReplayDataModule"]["env_steps"] > 0  # the first checkpoint, whole
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs(client.get_experiment_by_name("procgen-dreamer").experiment_id)
+    assert run.info.status == "FAILED"
 
 
 def test_the_run_logger_keeps_the_first_error_in_view_and_ends_the_run(tmp_path, capsys):
