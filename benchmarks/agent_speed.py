@@ -11,6 +11,7 @@ every posterior state, actor and critic losses), one backward, clipping and thre
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -20,10 +21,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.env_replay import peak_rss_gb  # noqa: E402
 from benchmarks.world_model_quality import parse_pairs  # noqa: E402
-from datamodules.procgen import ProcgenVectorEnv  # noqa: E402
 from dreamer.agent import Dreamer  # noqa: E402
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it is not inherited over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def params(module: torch.nn.Module) -> float:
@@ -56,7 +63,8 @@ def one_update(model: Dreamer, optimizers, batch) -> None:
 
 
 def bench(size: str, batch: int, seq: int, updates: int, device, precision: str = "32",
-          compile: bool = False, overrides: dict | None = None, **model_kwargs) -> dict[str, float]:
+          compile: bool = False, overrides: dict | None = None, act: bool = True,
+          **model_kwargs) -> dict[str, float]:
     torch.manual_seed(0)
     model = Dreamer(size=size, overrides=overrides or None, **model_kwargs).to(device)
     optimizers = model.configure_optimizers()
@@ -81,16 +89,7 @@ def bench(size: str, batch: int, seq: int, updates: int, device, precision: str 
         torch.cuda.synchronize()
     update_s = (time.perf_counter() - start) / updates
 
-    env = ProcgenVectorEnv("coinrun", 16, num_levels=200, seed=0)
-    obs, _ = env.reset()
-    is_first, state = np.ones(16, bool), None
-    steps = 50
-    start = time.perf_counter()
-    for _ in range(steps):
-        actions, state = model.act(torch.from_numpy(obs), torch.from_numpy(is_first), state)
-        obs, _, term, trunc, _ = env.step(actions.numpy().astype(np.int64))
-        is_first = term | trunc
-    act_steps_s = steps * 16 / (time.perf_counter() - start)
+    act_steps_s = acting_speed(model) if act else float("nan")
     return {
         "first_update_s": first_s,
         "updates_per_s": 1 / update_s,
@@ -104,6 +103,23 @@ def bench(size: str, batch: int, seq: int, updates: int, device, precision: str 
     }
 
 
+def acting_speed(model: Dreamer, steps: int = 50) -> float:
+    """Env steps/s of ``Dreamer.act`` on 16 coinrun envs (procgen is imported only here: the GPU
+    machines have none)."""
+    from datamodules.procgen import ProcgenVectorEnv
+
+    env = ProcgenVectorEnv("coinrun", 16, num_levels=200, seed=0)
+    obs, _ = env.reset()
+    is_first, state = np.ones(16, bool), None
+    start = time.perf_counter()
+    for _ in range(steps):
+        actions, state = model.act(torch.from_numpy(obs), torch.from_numpy(is_first), state)
+        obs, _, term, trunc, _ = env.step(actions.numpy().astype(np.int64))
+        is_first = term | trunc
+    env.close()
+    return steps * 16 / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", nargs="+", default=["tiny", "12M", "25M"])
@@ -113,6 +129,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("32", "bf16"), default="32")
     parser.add_argument("--compile", action="store_true", help="torch.compile networks and RSSM steps")
+    parser.add_argument("--no-act", dest="act", action="store_false", help="skip acting (needs procgen)")
     parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="size entries for every size, e.g. stoch=32 gru_blocks=8")
     parser.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
@@ -131,10 +148,10 @@ def main() -> None:
           f"{'critic M':>9} {'peak RSS GB':>12} {'GPU GB':>7}")
     for size in args.sizes:
         r = bench(size, args.batch, args.seq, args.updates, device, args.precision, args.compile,
-                  overrides, **model_kwargs)
+                  overrides, args.act, **model_kwargs)
         print(f"{size:>6} {r['first_update_s']:>8.2f} {r['updates_per_s']:>8.3f} {r['seconds_per_update']:>8.3f} "
               f"{r['env_steps_per_s_acting']:>12.0f} {r['world_model_M']:>7.2f} {r['actor_M']:>8.2f} "
-              f"{r['critic_M']:>9.2f} {r['peak_rss_gb']:>12.2f} {r['gpu_peak_gb']:>7.2f}")
+              f"{r['critic_M']:>9.2f} {r['peak_rss_gb']:>12.2f} {r['gpu_peak_gb']:>7.2f}", flush=True)
 
 
 if __name__ == "__main__":

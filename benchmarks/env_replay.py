@@ -12,7 +12,6 @@ ring that has been filled once (every later pass of a long run).
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.agent_speed import peak_rss_gb  # noqa: E402
 from datamodules.procgen import ProcgenVectorEnv, raw_procgen_env  # noqa: E402
 from datamodules.replay import SequenceReplay  # noqa: E402
 from datamodules.replay_datamodule import ReplayDataModule  # noqa: E402
@@ -62,14 +62,6 @@ def datamodule(steps: int, warm: bool) -> float:
     start = time.perf_counter()
     dm.collect(steps)
     return steps * N / (time.perf_counter() - start)
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident memory (VmHWM; unlike ru_maxrss it is not inherited over exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def rss_child(directory: str, capacity: int) -> None:

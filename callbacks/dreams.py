@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 
 from callbacks.training import env_steps_of
-from dreamer.distributions import categorical_entropy, sample_actions
+from dreamer.distributions import categorical_entropy, sample_index
 from dreamer.goals import imagined_return, step_optimizer
 from dreamer.rssm import State
 
@@ -185,7 +185,7 @@ class DreamGeneration(pl.Callback):
         deter_dim = goal.shape[-1]
 
         def toward_goal(feat: torch.Tensor) -> torch.Tensor:
-            return sample_actions(matcher.policy_logits(feat, feat[..., :deter_dim], goal).exp())
+            return sample_index(matcher.policy_logits(feat, feat[..., :deter_dim], goal).exp())
 
         steps = gm.hp.offset
         return {

@@ -7,7 +7,7 @@ import copy
 import pytorch_lightning as pl
 import torch
 
-from dreamer.distributions import TwoHot, categorical_entropy, sample_actions, unimix_logits
+from dreamer.distributions import TwoHot, categorical_entropy, sample_index, unimix_logits
 from dreamer.distributed import gather_cat
 from dreamer.nets import MLP, init_args
 
@@ -93,7 +93,7 @@ class ActorCritic(pl.LightningModule):
         return unimix_logits(self.actor(feat), self.hp.unimix)
 
     def sample(self, feat: torch.Tensor) -> torch.Tensor:
-        return sample_actions(self.policy_logits(feat).exp())
+        return sample_index(self.policy_logits(feat).exp())
 
     def value(self, feat: torch.Tensor) -> torch.Tensor:
         return self.twohot.mean(self.critic(feat))

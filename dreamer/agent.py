@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from dreamer.actor_critic import ActorCritic
 from dreamer.checkpoints import CheckpointError, checkpoint_mismatch, rng_state, set_rng_state
 from dreamer.distributed import gather_objects, mean_over_ranks
-from dreamer.distributions import sample_actions
+from dreamer.distributions import sample_index
 from dreamer.goals import STRATEGIES, GoalMatcher, GoalStateModel, GoalTrack, isolated_rng, mixture_probs
 from dreamer.metrics import GoalSuccess
 from dreamer.nets import NORMS
@@ -37,6 +37,9 @@ SIZES: dict[str, dict[str, int]] = {
     "200M": dict(deter=8192, hidden=1024, stoch=32, classes=64, depth=64, units=1024, layers=3, gru_blocks=8),
 }
 NUM_ACTIONS = 15
+# CNN channels per stage are depth x these (DreamerV3's); an override (``cnn_mults``) can match
+# another implementation exactly, e.g. SheepRL's (1, 2, 4, 8)
+CNN_MULTS = (2, 3, 4, 4)
 
 
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -72,11 +75,16 @@ def argument_problem(args: Any) -> str | None:
     size, overrides = args["size"], args["overrides"] or {}
     if size not in SIZES:
         return f"unknown model size {size!r}; allowed: {', '.join(SIZES)}"
-    unknown = set(overrides) - set(SIZES[size])
+    unknown = set(overrides) - set(SIZES[size]) - {"cnn_mults"}
     if unknown:
-        return f"unknown size overrides {sorted(unknown)}; allowed: {', '.join(SIZES[size])}"
+        return f"unknown size overrides {sorted(unknown)}; allowed: {', '.join(SIZES[size])}, cnn_mults"
     for key, value in overrides.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if key == "cnn_mults":
+            if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 6 or \
+                    any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in value):
+                return (f"model.overrides.cnn_mults must be a list of 1 to 6 positive integers "
+                        f"(channels per 64x64 -> 4x4 conv stage, in units of depth), got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return f"model.overrides.{key} must be a positive integer, got {value!r}"
     for name, (low, high, low_ok) in RANGES.items():
         value = args[name]
@@ -124,7 +132,7 @@ class Dreamer(pl.LightningModule):
     def __init__(
         self,
         size: str = "tiny",
-        overrides: dict[str, int] | None = None,
+        overrides: dict[str, int | list[int]] | None = None,
         horizon: int = 15,
         gamma: float = 1 - 1 / 333,
         lam: float = 0.95,
@@ -156,7 +164,7 @@ class Dreamer(pl.LightningModule):
         if problem:
             raise ValueError(problem)
         self.save_hyperparameters(logger=False)  # the CLI logs the whole config
-        arch = {**SIZES[size], **(overrides or {})}
+        arch = {**SIZES[size], "cnn_mults": CNN_MULTS, **(overrides or {})}
         self.world_model = WorldModel(
             NUM_ACTIONS, **{k: v for k, v in arch.items() if k != "layers"}, free_bits=free_bits,
             scale_dyn=scale_dyn, scale_rep=scale_rep, norm=norm,
@@ -357,7 +365,7 @@ class Dreamer(pl.LightningModule):
         else:
             matcher_logits = self.goal_matcher.policy_logits(feat, post["deter"], track.goal)
             probs = mixture_probs(self.actor_critic.policy_logits(feat), matcher_logits, self.mix_weight)
-            action = sample_actions(probs)
+            action = sample_index(probs)
         return action.cpu(), (post, action, track)
 
     @torch.compiler.set_stance("force_eager")

@@ -89,14 +89,26 @@ class RSSM(nn.Module):
         stoch, logits = self._latent(self.prior_net(deter))
         return {"deter": deter, "stoch": stoch, "logits": logits}
 
+    def embed_projection(self, embed: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) the posterior's first layer applied to the image embedding (..., E) alone:
+        one large matmul for a whole sequence instead of one per step."""
+        return F.linear(embed, self.post_net[0].weight[:, self.deter :])
+
     def obs_step(
-        self, state: State, action: torch.Tensor, embed: torch.Tensor, is_first: torch.Tensor
+        self, state: State, action: torch.Tensor, embed: torch.Tensor, is_first: torch.Tensor,
+        projected: bool = False,
     ) -> State:
-        """Posterior after taking one-hot ``action`` from ``state`` and seeing ``embed``."""
+        """Posterior after taking one-hot ``action`` from ``state`` and seeing ``embed`` (N, E), or
+        with ``projected`` its ``embed_projection`` (N, hidden)."""
         keep = (~is_first).to(embed.dtype).unsqueeze(-1)  # (N, 1)
         state = {"deter": state["deter"] * keep, "stoch": state["stoch"] * keep.unsqueeze(-1)}
         deter = self.step_deter(state, action * keep)
-        stoch, logits = self._latent(self.post_net(torch.cat([deter, embed], -1)))
+        first = self.post_net[0]
+        x = F.linear(deter, first.weight[:, : self.deter], first.bias)
+        x = x + (embed if projected else self.embed_projection(embed))
+        for layer in list(self.post_net)[1:]:  # norm, SiLU, output layer
+            x = layer(x)
+        stoch, logits = self._latent(x)
         return {"deter": deter, "stoch": stoch, "logits": logits}
 
     def observe(
@@ -122,9 +134,10 @@ class RSSM(nn.Module):
             is_first[:, 0] = True
         onehot = F.one_hot(action, self.num_actions).float()  # (B, T, A)
         prev = F.one_hot(prev_action, self.num_actions).float()
+        projected = self.embed_projection(embed)  # (B, T, hidden)
         posts = []
         for t in range(length):
-            state = self.obs_step(state, prev, embed[:, t], is_first[:, t])
+            state = self.obs_step(state, prev, projected[:, t], is_first[:, t], projected=True)
             posts.append(state)
             prev = onehot[:, t]
         post = {k: torch.stack([s[k] for s in posts], 1) for k in posts[0]}

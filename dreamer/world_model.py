@@ -29,6 +29,7 @@ class WorldModel(pl.LightningModule):
         stoch: int = 32,
         classes: int = 16,
         depth: int = 16,
+        cnn_mults: tuple[int, ...] = (2, 3, 4, 4),
         units: int = 256,
         gru_blocks: int = 1,
         unimix: float = 0.01,
@@ -42,11 +43,11 @@ class WorldModel(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.hp = init_args(locals())
-        self.encoder = Encoder(depth)
+        self.encoder = Encoder(depth, tuple(cnn_mults))
         self.rssm = RSSM(self.encoder.embed_dim, num_actions, deter, hidden, stoch, classes,
                          gru_blocks, unimix, norm=norm)
         feat = self.rssm.feat_dim
-        self.decoder = Decoder(feat, depth)
+        self.decoder = Decoder(feat, depth, tuple(cnn_mults))
         self.reward_head = MLP(feat, units, 1, 255, outscale=0.0, norm=norm)
         self.continue_head = MLP(feat, units, 1, 1, norm=norm)
         self.twohot = TwoHot()

@@ -99,3 +99,29 @@ def test_benchmark_evaluates_a_training_checkpoint_and_refuses_another_games(tmp
     assert "trained on chaser: give --games chaser" in capsys.readouterr().err
     assert result["updates"] == 7
     assert result["recon_mse"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_sheeprl_comparison_says_how_to_set_sheeprl_up_when_it_is_missing(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_sheeprl.py"
+    out = subprocess.run([sys.executable, str(script), "--venv", str(tmp_path / "none")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: no SheepRL venv") and "setup.sh" in out.stderr
+    out = subprocess.run([sys.executable, str(script), "--rounds", "0"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--rounds must be a positive integer" in out.stderr
+
+
+def test_sheeprl_configuration_maps_onto_our_size_overrides():
+    from benchmarks.vs_sheeprl import xs_overrides
+    from dreamer.agent import Dreamer
+
+    config = {"algo": {"dense_units": 256, "mlp_layers": 1, "world_model": {
+        "recurrent_model": {"recurrent_state_size": 256, "dense_units": 256}, "stochastic_size": 32,
+        "discrete_size": 32, "encoder": {"cnn_channels_multiplier": 24}}}}
+    model = Dreamer(size="tiny", overrides=xs_overrides(config))
+    encoder = sum(p.numel() for p in model.world_model.encoder.parameters())
+    assert round(encoder / 1e6, 2) == 0.39  # SheepRL's XS encoder, by its own count

@@ -14,6 +14,7 @@ from dreamer.agent import Dreamer
 from dreamer.distributions import (
     TwoHot,
     categorical_kl,
+    sample_index,
     sample_one_hot,
     symexp,
     symlog,
@@ -269,6 +270,18 @@ def test_sample_one_hot_is_straight_through():
     logits = torch.zeros(5, 3, requires_grad=True)
     (sample_one_hot(logits) * torch.tensor([1.0, 0.0, 0.0])).sum().backward()
     torch.testing.assert_close(logits.grad, torch.tensor([[2 / 9, -1 / 9, -1 / 9]] * 5))
+
+
+def test_sample_index_draws_each_class_at_its_probability_and_never_an_impossible_one():
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 1.0]]).expand(3, 50000, 2, 4)
+    index = sample_index(probs * 7.0)  # unnormalised weights draw alike
+    assert index.shape == (3, 50000, 2) and index.dtype == torch.long
+    counts = torch.stack([torch.bincount(index[..., j].flatten(), minlength=4) for j in range(2)]).float()
+    frequencies = counts / counts.sum(-1, keepdim=True)
+    assert counts[0, 1] == 0 and (counts[1, :3] == 0).all()
+    # 150,000 draws: a standard error of at most 0.0013 per class
+    torch.testing.assert_close(frequencies[0], torch.tensor([0.5, 0.0, 0.3, 0.2]), atol=0.005, rtol=0)
 
 
 def test_sample_one_hot_forward_is_bit_exact():

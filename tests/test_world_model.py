@@ -216,3 +216,39 @@ def test_action_effect_is_zero_exactly_when_the_dynamics_ignore_actions():
         for p in rssm.dynamics.action_in.parameters():
             p.zero_()  # the action's projection is constant: every action gives the same future
     assert action_effect(wm, start) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_observe_with_the_embedding_projected_once_equals_stepping_one_frame_at_a_time():
+    torch.manual_seed(0)
+    wm = Dreamer(size="tiny").world_model
+    obs = torch.randint(0, 256, (3, 6, 64, 64, 3), dtype=torch.uint8)
+    action = torch.randint(0, 15, (3, 6))
+    is_first = torch.zeros(3, 6, dtype=torch.bool)
+    is_first[1, 3] = True
+    post = _observe(wm, obs, action, is_first)
+    rssm, embed = wm.rssm, wm.encoder(obs)
+    torch.manual_seed(0)  # the same draws, one frame at a time through the whole posterior layer
+    state, prev = rssm.initial(3, "cpu"), torch.zeros(3, 15)
+    first = is_first.clone()
+    first[:, 0] = True
+    with torch.no_grad():
+        for t in range(6):
+            state = rssm.obs_step(state, prev, embed[:, t], first[:, t])
+            reference = torch.cat([state["deter"], embed[:, t]], -1)
+            torch.testing.assert_close(rssm.post_net(reference).reshape(3, rssm.stoch, rssm.classes).softmax(-1),
+                                       state["logits"].exp().sub(rssm.unimix / rssm.classes).div(1 - rssm.unimix))
+            torch.testing.assert_close(post["deter"][:, t], state["deter"])
+            assert torch.equal(post["stoch"][:, t], state["stoch"])
+            prev = F.one_hot(action[:, t], 15).float()
+
+
+def test_cnn_channel_multipliers_are_a_setting_and_checked():
+    model = Dreamer(size="tiny", overrides={"depth": 24, "cnn_mults": [1, 2, 4, 8]})
+    convs = [m for m in model.world_model.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [24, 48, 96, 192]
+    assert model.world_model.encoder.embed_dim == 192 * 4 * 4
+    deconvs = [m for m in model.world_model.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [c.out_channels for c in deconvs] == [96, 48, 24, 3]
+    for bad in ([], [1, 2, 0, 4], [1] * 7, 4, ["2"]):
+        with pytest.raises(ValueError, match="cnn_mults must be a list of 1 to 6 positive integers"):
+            Dreamer(size="tiny", overrides={"cnn_mults": bad})
