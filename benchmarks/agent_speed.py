@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.world_model_quality import parse_pairs  # noqa: E402
 from dreamer.agent import Dreamer  # noqa: E402
+from dreamer.update import update  # noqa: E402
 
 
 def peak_rss_gb() -> float:
@@ -50,16 +51,8 @@ def fake_batch(batch: int, seq: int, device) -> dict[str, torch.Tensor]:
 
 
 def one_update(model: Dreamer, optimizers, batch) -> None:
-    """``Dreamer.training_step`` without Lightning: the same loss, clipping and steps."""
-    loss, _ = model.loss(batch)
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    loss.backward()
-    hp = model.hparams
-    for opt, clip in zip(optimizers, (hp.world_model_clip, hp.actor_critic_clip, hp.actor_critic_clip)):
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
-        opt.step()
-    model.actor_critic.update_slow_critic()
+    """``Dreamer.training_step``'s update without Lightning (``dreamer.update.update``)."""
+    update(model, optimizers[:3], batch)
 
 
 def bench(size: str, batch: int, seq: int, updates: int, device, precision: str = "32",

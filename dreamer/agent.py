@@ -20,6 +20,7 @@ from dreamer.metrics import GoalSuccess
 from dreamer.nets import NORMS
 from dreamer.rssm import State
 from dreamer.tracking import log_points
+from dreamer.update import update
 from dreamer.world_model import WorldModel
 
 # deter / hidden / stoch (categoricals) / classes / cnn depth / mlp units / actor, critic and goal
@@ -256,32 +257,9 @@ class Dreamer(pl.LightningModule):
         return wm_loss + ac_loss, {**metrics, **ac_metrics}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, metrics = self.loss(batch)
         hp = self.hparams
-        if not torch.isfinite(mean_over_ranks(loss.detach().float())):  # every rank stops together
-            bad = [f"{k} = {float(v):g}" for k, v in sorted(metrics.items()) if not torch.isfinite(v).all()]
-            raise FloatingPointError(
-                f"the loss diverged at update {self.updates + 1} ({', '.join(bad) or 'loss = ' + str(float(loss))}); "
-                "the run stopped without saving, so its last checkpoint holds the last good state; "
-                "lower the learning rates (model.world_model_lr, actor_lr, critic_lr) and resume or start over"
-            )
         optimizers = self.optimizers()[:3]  # world model, actor, critic (the matcher's is the 4th)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        clips = (hp.world_model_clip, hp.actor_critic_clip, hp.actor_critic_clip)
-        norms = [torch.nn.utils.clip_grad_norm_(params_of(opt), clip) for opt, clip in zip(optimizers, clips)]
-        if not torch.isfinite(torch.stack(norms)).all():  # gradients are all-reduced: ranks agree
-            names = ("world model", "actor", "critic")
-            bad = [f"{n} {float(v):g}" for n, v in zip(names, norms) if not torch.isfinite(v)]
-            raise FloatingPointError(
-                f"non-finite gradient norm at update {self.updates + 1} ({', '.join(bad)}); nothing was "
-                "applied and the last checkpoint holds the last good state; lower the learning rates "
-                "(model.world_model_lr, actor_lr, critic_lr) and resume or start over"
-            )
-        for opt in optimizers:
-            opt.step()
-        self.actor_critic.update_slow_critic()
+        _, metrics = update(self, optimizers, batch, backward=self.manual_backward)
         dm = self.trainer.datamodule
         if "context" in batch and dm is not None:
             dm.store_latents(batch, self.last_post)
@@ -493,11 +471,6 @@ class Dreamer(pl.LightningModule):
             set_rng_state(per_rank[rank], device)
         elif "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])
-
-
-def params_of(optimizer) -> list[torch.Tensor]:
-    """The parameters an optimiser (or Lightning's wrapper of one) updates."""
-    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def restore_agent(ckpt: dict[str, Any], path: str | os.PathLike = "the checkpoint") -> Dreamer:

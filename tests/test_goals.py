@@ -12,6 +12,7 @@ from callbacks.dreams import BridgeDistillation, DreamBuffer, DreamGeneration, D
 from dreamer.agent import NUM_ACTIONS, Dreamer
 from dreamer.goals import GoalStateModel, cosine_max, mixture_probs
 from dreamer.metrics import GoalSuccess
+from dreamer.update import update
 
 DETER, STOCH, CLASSES = 64, 8, 8  # the tiny preset
 
@@ -471,7 +472,8 @@ def test_goal_tracking_leaves_acting_and_training_unchanged():
 
 
 def golden_run(**kwargs):
-    """Losses of 2 hand-made training steps and 10 acting steps of a tiny Dreamer, all seeded.
+    """Losses of 2 hand-made training steps (``dreamer.update.update``, what ``training_step``
+    runs) and 10 acting steps of a tiny Dreamer, all seeded.
 
     The same function (acting with ``act(obs, is_first, state)``, which both versions accept)
     gave the first GOLDEN numbers on commit 1bccd7a, before the goal framework existed; they were
@@ -481,21 +483,8 @@ def golden_run(**kwargs):
     model = Dreamer(size="tiny", **kwargs)
     g = torch.Generator().manual_seed(1234)
     batch = _batch(generator=g)  # g goes on to draw the acting frames below
-    hp = model.hparams
     optimizers = model.configure_optimizers()[:3]  # world model, actor, critic
-    clips = (hp.world_model_clip, hp.actor_critic_clip, hp.actor_critic_clip)
-    losses = []
-    for _ in range(2):  # what training_step does
-        loss, _ = model.loss(batch)
-        losses.append(loss.item())
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt, clip in zip(optimizers, clips):
-            params = [p for group in opt.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, clip)
-            opt.step()
-        model.actor_critic.update_slow_critic()
+    losses = [update(model, optimizers, batch)[0].item() for _ in range(2)]  # training_step's update
     with torch.no_grad():
         losses.append(model.loss(batch)[0].item())
     param_sum = sum(p.double().sum().item() for p in model.world_model.parameters())
