@@ -148,7 +148,7 @@ class DemoSession:
     def filmstrip(self) -> np.ndarray:
         """The actor's imagined next ``DREAM_STEPS`` frames from the current state."""
         agent = self.loaded.agent
-        post = self.state[0]
+        post = self.state.post
         with torch.no_grad():
             _, feat, _ = agent.world_model.rssm.imagine(post, agent.actor_critic.sample, DREAM_STEPS)
             feat = feat[1:, 0]  # (H, F)
@@ -164,7 +164,7 @@ class DemoSession:
         return visuals.value_trace_plot(np.array(self.values), rewards, "value estimate this episode")
 
     def goal(self) -> tuple[np.ndarray | None, str]:
-        track = self.state[2]
+        track = self.state.goals
         if not self.show_goals or track is None:
             return None, "goals off (tick 'show goals')"
         image = visuals.decode_goal(self.loaded.agent, track.goal)[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -41,6 +41,14 @@ NUM_ACTIONS = 15
 # CNN channels per stage are depth x these (DreamerV3's); an override (``cnn_mults``) can match
 # another implementation exactly, e.g. SheepRL's (1, 2, 4, 8)
 CNN_MULTS = (2, 3, 4, 4)
+
+
+class ActingState(NamedTuple):
+    """What ``Dreamer.act`` carries from one step to the next, per env lane."""
+
+    post: State  # posterior (N, ...) after the latest frames
+    action: torch.Tensor  # (N,) the actions just taken from it
+    goals: GoalTrack | None = None  # goal pursuit, when goals are on
 
 
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -320,21 +328,22 @@ class Dreamer(pl.LightningModule):
     @torch.compiler.set_stance("force_eager")
     @torch.no_grad()
     def act(
-        self, obs: torch.Tensor, is_first: torch.Tensor, state: Any = None,
+        self, obs: torch.Tensor, is_first: torch.Tensor, state: ActingState | None = None,
         reward: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Any]:
-        """Sample actions (N,) for uint8 frames (N, 64, 64, 3), carrying (RSSM state, last action,
-        goal track). The recurrent state and previous action are zeroed where ``is_first``.
+    ) -> tuple[torch.Tensor, ActingState]:
+        """Sample actions (N,) for uint8 frames (N, 64, 64, 3), carrying an ``ActingState``
+        (posterior, last action, goal track). The recurrent state and previous action are zeroed
+        where ``is_first``.
 
         ``reward`` (N,), received on arriving at ``obs``, only feeds the goal metrics.
         """
         is_first = is_first.to(self.device) if state is not None else torch.ones_like(is_first, device=self.device)
-        track = state[2] if state is not None else None
+        track = ActingState(*state).goals if state is not None else None
         post = self.observe_step(obs, is_first, state)
         feat = self.world_model.rssm.features(post)
         if not self.goals_on and self.goal_split == "fit":
             action = self.actor_critic.sample(feat)
-            return action.cpu(), (post, action, None)
+            return action.cpu(), ActingState(post, action)
         if reward is None:
             reward = torch.zeros(len(obs))
         track = self._pursue_goals(post, is_first.bool(), reward.to(self.device), track)
@@ -344,7 +353,7 @@ class Dreamer(pl.LightningModule):
             matcher_logits = self.goal_matcher.policy_logits(feat, post["deter"], track.goal)
             probs = mixture_probs(self.actor_critic.policy_logits(feat), matcher_logits, self.mix_weight)
             action = sample_index(probs)
-        return action.cpu(), (post, action, track)
+        return action.cpu(), ActingState(post, action, track)
 
     @torch.compiler.set_stance("force_eager")
     @torch.no_grad()
@@ -358,7 +367,7 @@ class Dreamer(pl.LightningModule):
             prev_action = torch.zeros(len(obs), dtype=torch.long, device=self.device)
             is_first = torch.ones_like(is_first)
         else:
-            prev, prev_action = state[0], state[1]
+            prev, prev_action = state[0], state[1]  # an ActingState or (posterior, action)
         embed = self.world_model.encoder(obs)
         post = rssm.obs_step(prev, F.one_hot(prev_action, NUM_ACTIONS).float(), embed, is_first)
         return post

@@ -166,14 +166,14 @@ def test_act_with_zero_mix_weight_acts_like_the_plain_actor():
     model = Dreamer(size="tiny")
     frames = _frames(1)
     plain, plain_state, plain_rng = _act_sequence(model, 7, frames, FIRSTS)
-    assert plain_state[2] is None  # the plain path keeps no goal track
+    assert plain_state.goals is None  # the plain path keeps no goal track
 
     model.mix_weight = 0.0
     mixed, mixed_state, mixed_rng = _act_sequence(model, 7, frames, FIRSTS)
-    assert mixed_state[2] is not None and mixed_state[2].active.all()  # goals were pursued
+    assert mixed_state.goals is not None and mixed_state.goals.active.all()  # goals were pursued
     assert mixed == plain
     assert torch.equal(mixed_rng, plain_rng)
-    assert torch.equal(mixed_state[0]["deter"], plain_state[0]["deter"])
+    assert torch.equal(mixed_state.post["deter"], plain_state.post["deter"])
 
 
 def test_act_samples_from_the_weighted_mixture():
@@ -463,7 +463,7 @@ def test_goal_tracking_leaves_acting_and_training_unchanged():
         loss, metrics = model.loss(_batch(seed=3))
         runs.append((model, actions, state, rng, loss, metrics))
     (_, a0, s0, rng0, l0, m0), (tracked, a1, s1, rng1, l1, m1) = runs
-    assert s0[2] is None and s1[2] is not None  # only the second pursued goals
+    assert s0.goals is None and s1.goals is not None  # only the second pursued goals
     assert tracked.goal_metrics["fit"].update_called
     assert a0 == a1
     assert torch.equal(rng0, rng1)
