@@ -104,6 +104,18 @@ def test_print_config_shows_the_run_name_and_paths_and_reads_back(tmp_path):
     assert validate["trainer"]["default_root_dir"] == "runs/coinrun-tiny-seed0-validate"
 
 
+def test_dreams_config_adds_its_callbacks_to_those_of_the_config_below(tmp_path):
+    import yaml
+
+    out = cli(tmp_path, "fit", "--config", SMOKE, "--config", str(ROOT / "configs" / "dreams.yaml"),
+              "--print_config")
+    callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"]
+                 for c in yaml.safe_load(out.stdout)["trainer"]["callbacks"]}
+    assert list(callbacks) == ["EnvStepCheckpoint", "EnvStepProgressBar", "DreamVisualizer",
+                               "DreamGeneration", "BridgeDistillation", "DreamWeaning"]
+    assert callbacks["EnvStepCheckpoint"]["every_env_steps"] == 256  # the smoke config's cadence
+
+
 def test_sigterm_ends_the_mlflow_run_killed_and_the_resume_continues_it(tmp_path):
     quick = quick_checkpoints(tmp_path / "quick.yaml")
     args = ["fit", "--config", SMOKE, "--config", quick, "--model.max_env_steps", "100000"]
