@@ -310,7 +310,7 @@ class DreamerCLI(LightningCLI):
             if isinstance(logger, MLFlowLogger) and trainer.is_global_zero:
                 path = Path(trainer.default_root_dir) / "mlflow_run.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                record = {"run_id": logger.run_id, "tracking_uri": logger._tracking_uri}
+                record = {"run_id": logger.run_id, "tracking_uri": logger.experiment.tracking_uri}
                 tmp = path.with_suffix(".json.tmp")
                 tmp.write_text(json.dumps(record) + "\n")
                 os.replace(tmp, path)
@@ -321,9 +321,10 @@ class DreamerCLI(LightningCLI):
             return
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
-                print(f"MLflow: tracking URI {logger._tracking_uri}, experiment "
-                      f"'{logger._experiment_name}', run {logger.run_id} "
-                      f"(browse with: mlflow ui --backend-store-uri {logger._tracking_uri})")
+                client = logger.experiment
+                name = client.get_experiment(logger.experiment_id).name
+                print(f"MLflow: tracking URI {client.tracking_uri}, experiment '{name}', run {logger.run_id} "
+                      f"(browse with: mlflow ui --backend-store-uri {client.tracking_uri})")
         if trainer.checkpoint_callback is not None:
             print(f"checkpoints: {trainer.checkpoint_callback.dirpath}")
 

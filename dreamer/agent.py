@@ -281,9 +281,10 @@ class Dreamer(pl.LightningModule):
             self.trainer.should_stop = True
 
     def _log_training(self, metrics: dict[str, torch.Tensor]) -> None:
-        # Lightning keeps only every log_every_n_steps-th step's values; log (and take the finished
-        # episodes) only then, so no episode is dropped between two logged steps.
-        if not self.trainer._logger_connector.should_update_logs:
+        # Lightning keeps only every log_every_n_steps-th step's values (counting batches from 1,
+        # as ``updates`` does); log (and take the finished episodes) only then, so no episode is
+        # dropped between two logged steps.
+        if self.updates % self.trainer.log_every_n_steps and not self.trainer.should_stop:
             return
         dm = self.trainer.datamodule
         env_steps = dm.total_env_steps if dm is not None else 0
