@@ -220,6 +220,10 @@ class Dreamer(pl.LightningModule):
             raise ValueError(problem)
         if self.hparams.compile and stage == "fit":
             self.compile_networks()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Lightning seeds every rank alike (the weights start equal); from here each rank
+            # draws its own acting and imagination noise. A resume restores each rank's stream.
+            torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
 
     def compile_networks(self) -> None:
         """``torch.compile`` the encoder, decoder, heads, actor, critic, the RSSM's step functions
