@@ -5,7 +5,7 @@
 
 One update = ``Dreamer.loss`` (world-model loss on B x T replayed steps, 15-step imagination from
 every posterior state, actor and critic losses), one backward, clipping and three optimiser steps:
-``Dreamer.training_step`` without Lightning's loop. Acting = ``Dreamer.act`` on 16 procgen envs.
+``dreamer.update.update``, what ``Dreamer.training_step`` runs. Acting = ``Dreamer.act`` on 16 procgen envs.
 """
 
 from __future__ import annotations
@@ -50,17 +50,12 @@ def fake_batch(batch: int, seq: int, device) -> dict[str, torch.Tensor]:
     }
 
 
-def one_update(model: Dreamer, optimizers, batch) -> None:
-    """``Dreamer.training_step``'s update without Lightning (``dreamer.update.update``)."""
-    update(model, optimizers[:3], batch)
-
-
 def bench(size: str, batch: int, seq: int, updates: int, device, precision: str = "32",
           compile: bool = False, overrides: dict | None = None, act: bool = True,
           **model_kwargs) -> dict[str, float]:
     torch.manual_seed(0)
     model = Dreamer(size=size, overrides=overrides or None, **model_kwargs).to(device)
-    optimizers = model.configure_optimizers()
+    optimizers = model.configure_optimizers()[:3]  # world model, actor, critic
     data = fake_batch(batch, seq, device)
     if compile:
         model.compile_networks()
@@ -70,14 +65,14 @@ def bench(size: str, batch: int, seq: int, updates: int, device, precision: str 
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with autocast:
-        one_update(model, optimizers, data)  # warm-up (and compilation)
+        update(model, optimizers, data)  # warm-up (and compilation)
     if device.type == "cuda":
         torch.cuda.synchronize()
     first_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(updates):
         with autocast:
-            one_update(model, optimizers, data)
+            update(model, optimizers, data)
     if device.type == "cuda":
         torch.cuda.synchronize()
     update_s = (time.perf_counter() - start) / updates

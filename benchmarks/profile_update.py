@@ -21,9 +21,10 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.agent_speed import fake_batch, one_update  # noqa: E402
+from benchmarks.agent_speed import fake_batch  # noqa: E402
 from callbacks.dreams import BridgeDistillation, DreamGeneration  # noqa: E402
 from dreamer.agent import Dreamer  # noqa: E402
+from dreamer.update import params_of, update  # noqa: E402
 
 PHASES = ("world_model", "imagination", "actor_critic", "backward_and_steps", "dream_generation",
           "distillation")
@@ -55,7 +56,7 @@ def timed_update(model: Dreamer, optimizers, batch, dreams: DreamGeneration, bri
         opt.zero_grad(set_to_none=True)
     (wm_loss + ac_loss).backward()
     for opt, clip in zip(optimizers[:3], (hp.world_model_clip, hp.actor_critic_clip, hp.actor_critic_clip)):
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
+        torch.nn.utils.clip_grad_norm_(params_of(opt), clip)
         opt.step()
     model.actor_critic.update_slow_critic()
     t = mark("backward_and_steps", t)
@@ -83,7 +84,7 @@ def profile_size(size: str, batch_size: int, seq: int, updates: int, device) -> 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
-        one_update(model, optimizers, batch)
+        update(model, optimizers[:3], batch)
         sync(device)
         wall = time.perf_counter() - start
     ops = sum(e.self_device_time_total if gpu else e.self_cpu_time_total

@@ -84,8 +84,9 @@ def main() -> None:
     import yaml
 
     sys.path.insert(0, str(ROOT))
-    from benchmarks.agent_speed import fake_batch, one_update
+    from benchmarks.agent_speed import fake_batch
     from dreamer.agent import Dreamer
+    from dreamer.update import update
 
     torch.set_num_threads(args.threads)
     config = yaml.safe_load(config_path.read_text())
@@ -102,7 +103,7 @@ def main() -> None:
         for _ in range(n):
             start = time.perf_counter()
             with autocast:
-                one_update(model, optimizers, data)
+                update(model, optimizers, data)
             times.append(time.perf_counter() - start)
         return times
 

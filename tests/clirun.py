@@ -27,7 +27,7 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def quick_checkpoints(path, *callbacks: str) -> str:
+def quick_checkpoints(path, *callbacks: str | tuple[str, dict]) -> str:
     """A config to layer over the smoke config: a checkpoint every 64 env steps from the start,
     no validation or pictures (not even at the end), plus ``callbacks`` (class paths, or (class path, init args))."""
     import yaml
