@@ -226,12 +226,8 @@ def test_a_disk_that_fills_mid_run_keeps_the_last_checkpoint_and_shows_the_first
     checkpoints = tmp_path / RUN / "checkpoints"
     quick = quick_checkpoints(tmp_path / "quick.yaml", ("disk_probe.FillDiskAfterFirstCheckpoint",
                                                         {"checkpoint": str(checkpoints / "last.ckpt")}))
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), "fit", "--config", SMOKE, "--config", quick,
-         "--model.max_env_steps", "100000"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
-    )
+    out = cli(tmp_path, "fit", "--config", SMOKE, "--config", quick, "--model.max_env_steps", "100000",
+              timeout=600, check=False, extra_path=[ROOT / "tests"])
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert re.fullmatch(r"error: could not write checkpoint \S+ \(File too large\); the earlier checkpoints "
                         r"are intact: .*--ckpt_path last.*", out.stderr.strip().splitlines()[-1])
