@@ -23,6 +23,13 @@ def cli(cwd, *args, timeout=300, check=True, extra_path=()):
     return out
 
 
+def start_cli(cwd, *args, **popen_kwargs) -> subprocess.Popen:
+    """``cli.py`` started in the background (for tests that signal it), output discarded unless asked."""
+    popen_kwargs = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen_kwargs}
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, **popen_kwargs)
+
+
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 

@@ -1,6 +1,5 @@
 """The CLI end to end, in subprocesses: fit, MLflow records, SIGKILL and resume, refusals, validate."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import time
 import mlflow
 import pytest
 
-from clirun import ROOT, SMOKE, cli, load, quick_checkpoints
+from clirun import ROOT, SMOKE, cli, load, quick_checkpoints, start_cli
 
 
 def test_fit_smoke_writes_checkpoint_mlflow_run_and_config(smoke_run):
@@ -119,11 +118,7 @@ def test_dreams_config_adds_its_callbacks_to_those_of_the_config_below(tmp_path)
 def test_sigterm_ends_the_mlflow_run_killed_and_the_resume_continues_it(tmp_path):
     quick = quick_checkpoints(tmp_path / "quick.yaml")
     args = ["fit", "--config", SMOKE, "--config", quick, "--model.max_env_steps", "100000"]
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "cli.py"), *args], cwd=tmp_path,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    proc = start_cli(tmp_path, *args, stderr=subprocess.PIPE, text=True)
     last = tmp_path / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     try:
@@ -154,11 +149,7 @@ def test_sigkill_then_resume_continues_counters_and_memmap_replay(tmp_path):
     quick = quick_checkpoints(tmp_path / "quick.yaml")
     args = ["fit", "--config", SMOKE, "--config", quick, "--data.replay_storage", "memmap",
             "--model.max_env_steps", "100000"]
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "cli.py"), *args], cwd=tmp_path,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    proc = start_cli(tmp_path, *args)
     last = tmp_path / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     try:
