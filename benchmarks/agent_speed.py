@@ -1,11 +1,15 @@
 """Updates/s, env steps/s (acting with the agent), peak memory and parameter counts per model size.
 
     python benchmarks/agent_speed.py [--sizes tiny 12M 25M] [--batch 16] [--seq 64] [--updates 5]
-                                     [--precision 32|bf16] [--compile]
+                                     [--precision 32|bf16] [--compile] [--floor]
 
 One update = ``Dreamer.loss`` (world-model loss on B x T replayed steps, 15-step imagination from
 every posterior state, actor and critic losses), one backward, clipping and three optimiser steps:
 ``dreamer.update.update``, what ``Dreamer.training_step`` runs. Acting = ``Dreamer.act`` on 16 procgen envs.
+
+``--floor`` adds the FLOP floor: the FLOPs of one whole update (``torch.utils.flop_counter``)
+divided by the sustained rate of one large matmul in the same precision on the same threads,
+measured in the same run; "x floor" is seconds per update over that floor.
 """
 
 from __future__ import annotations
@@ -34,6 +38,30 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def matmul_gflops(device, precision: str = "32", n: int = 2048, seconds: float = 1.0) -> float:
+    """Sustained GFLOP/s of an n x n matmul (the device's best case for dense work)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def update_gflop(model: Dreamer, optimizers, data, autocast) -> float:
+    """FLOPs of one update, forward and backward, in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, autocast:
+        update(model, optimizers, data)
+    return counter.get_total_flops() / 1e9
+
+
 def params(module: torch.nn.Module) -> float:
     return sum(p.numel() for p in module.parameters()) / 1e6
 
@@ -52,7 +80,7 @@ def fake_batch(batch: int, seq: int, device) -> dict[str, torch.Tensor]:
 
 def bench(size: str, batch: int, seq: int, updates: int, device, precision: str = "32",
           compile: bool = False, overrides: dict | None = None, act: bool = True,
-          **model_kwargs) -> dict[str, float]:
+          floor: bool = False, **model_kwargs) -> dict[str, float]:
     torch.manual_seed(0)
     model = Dreamer(size=size, overrides=overrides or None, **model_kwargs).to(device)
     optimizers = model.configure_optimizers()[:3]  # world model, actor, critic
@@ -78,7 +106,12 @@ def bench(size: str, batch: int, seq: int, updates: int, device, precision: str 
     update_s = (time.perf_counter() - start) / updates
 
     act_steps_s = acting_speed(model) if act else float("nan")
+    gflop = update_gflop(model, optimizers, data, autocast) if floor else float("nan")
+    floor_s = gflop / matmul_gflops(device, precision) if floor else float("nan")
     return {
+        "gflop_per_update": gflop,
+        "floor_s": floor_s,
+        "times_floor": update_s / floor_s,
         "first_update_s": first_s,
         "updates_per_s": 1 / update_s,
         "seconds_per_update": update_s,
@@ -118,6 +151,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=("32", "bf16"), default="32")
     parser.add_argument("--compile", action="store_true", help="torch.compile networks and RSSM steps")
     parser.add_argument("--no-act", dest="act", action="store_false", help="skip acting (needs procgen)")
+    parser.add_argument("--floor", action="store_true", help="FLOPs per update and the FLOP floor")
     parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="size entries for every size, e.g. stoch=32 gru_blocks=8")
     parser.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
@@ -133,13 +167,15 @@ def main() -> None:
           f"batch {args.batch} x {args.seq}, precision {args.precision}, compile {args.compile}, "
           f"overrides {overrides or '-'}, model {model_kwargs or '-'}")
     print(f"{'size':>6} {'first s':>8} {'upd/s':>8} {'s/upd':>8} {'act steps/s':>12} {'WM M':>7} {'actor M':>8} "
-          f"{'critic M':>9} {'peak RSS GB':>12} {'GPU GB':>7}")
+          f"{'critic M':>9} {'peak RSS GB':>12} {'GPU GB':>7}" + (f" {'GFLOP':>8} {'floor s':>8} {'x floor':>8}" if args.floor else ""))
     for size in args.sizes:
         r = bench(size, args.batch, args.seq, args.updates, device, args.precision, args.compile,
-                  overrides, args.act, **model_kwargs)
+                  overrides, args.act, args.floor, **model_kwargs)
         print(f"{size:>6} {r['first_update_s']:>8.2f} {r['updates_per_s']:>8.3f} {r['seconds_per_update']:>8.3f} "
               f"{r['env_steps_per_s_acting']:>12.0f} {r['world_model_M']:>7.2f} {r['actor_M']:>8.2f} "
-              f"{r['critic_M']:>9.2f} {r['peak_rss_gb']:>12.2f} {r['gpu_peak_gb']:>7.2f}", flush=True)
+              f"{r['critic_M']:>9.2f} {r['peak_rss_gb']:>12.2f} {r['gpu_peak_gb']:>7.2f}"
+              + (f" {r['gflop_per_update']:>8.1f} {r['floor_s']:>8.3f} {r['times_floor']:>8.1f}" if args.floor else ""),
+              flush=True)
 
 
 if __name__ == "__main__":

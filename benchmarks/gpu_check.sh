@@ -1,48 +1,84 @@
 #!/usr/bin/env bash
-# The GPU check, one call on the device machine (about 4 minutes on an H100/H200):
+# The GPU check: one unattended call on the device machine, about 8 minutes on an H100/H200.
 #   1. the same update on CPU and on the GPU gives the same losses (fp32), and a finite one in bf16;
-#   2. seconds per update per model size, fp32 against bf16-mixed, eager against torch.compile.
-# Needs torch with CUDA and pytorch-lightning; no procgen (acting is skipped). Writes everything to
-# $OUT/gpu_check.txt (the device tool brings $OUT back). Usage: bash benchmarks/gpu_check.sh
+#   2. seconds per update and peak GPU memory at 12M, 50M and 200M, fp32 and bf16-mixed, eager;
+#   3. the same with torch.compile (each precision under its own time limit: sizes not reached
+#      by then are missing from the table);
+#   4. world-model quality, fp32 against bf16-mixed, for the same minutes of training on the
+#      bigfish dataset shipped in benchmarks/datasets/ (collected on a CPU machine with
+#      benchmarks/world_model_quality.py --save-data; no procgen needed here).
+# Needs torch with CUDA, pytorch-lightning, numpy and PyYAML; no procgen, gymnasium, mlflow or
+# omegaconf. Everything goes to $OUT/gpu_check.txt (the device tool brings $OUT back).
+#   bash benchmarks/gpu_check.sh
+# A CPU smoke run of the same steps (what tests/test_benchmarks.py runs):
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_SIZES=tiny GPU_CHECK_UPDATES=1 GPU_CHECK_MINUTES=0.05 \
+#   GPU_CHECK_COMPILE_S=0 bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check}"
+DEVICE="${GPU_CHECK_DEVICE:-cuda}"
+SIZES="${GPU_CHECK_SIZES:-12M 50M 200M}"
+UPDATES="${GPU_CHECK_UPDATES:-3}"
+MINUTES="${GPU_CHECK_MINUTES:-1}"
+QUALITY_SIZE="${GPU_CHECK_QUALITY_SIZE:-${SIZES%% *}}"
+COMPILE_S="${GPU_CHECK_COMPILE_S:-90}"  # per precision; 0 skips the compiled runs
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.txt"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 GPU_CHECK_DEVICE="$DEVICE"
 {
   date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)"
+  if [ "$DEVICE" = cuda ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  fi
+  python3 -c "import torch, numpy, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__, 'numpy', numpy.__version__)"
 
-  echo "== 1. CPU and GPU compute the same update"
-  python3 - <<'EOF'
+  echo "== 1. CPU and $DEVICE compute the same update"
+  timeout 120 python3 - <<'EOF'
+import os
+
 import torch
+
 from benchmarks.agent_speed import fake_batch
 from dreamer.agent import Dreamer
 
+device = os.environ["GPU_CHECK_DEVICE"]
 losses = {}
-for device in ("cpu", "cuda"):
+for where in ("cpu", device):
     torch.manual_seed(0)
-    model = Dreamer(size="small").to(device)
-    batch = fake_batch(16, 64, torch.device(device))
+    model = Dreamer(size="small").to(where)
+    batch = fake_batch(16, 64, torch.device(where))
     torch.manual_seed(1)
     _, metrics = model.loss(batch)
-    losses[device] = {k: float(v) for k, v in metrics.items() if k.startswith("loss/") and k != "loss/actor"}
-worst = max(abs(losses["cpu"][k] - losses["cuda"][k]) / max(abs(losses["cpu"][k]), 1e-3) for k in losses["cpu"])
+    losses[where] = {k: float(v) for k, v in metrics.items() if k.startswith("loss/") and k != "loss/actor"}
+worst = max(abs(losses["cpu"][k] - losses[device][k]) / max(abs(losses["cpu"][k]), 1e-3) for k in losses["cpu"])
 for k in sorted(losses["cpu"]):
-    print(f"{k:<22} cpu {losses['cpu'][k]:>12.5f}  cuda {losses['cuda'][k]:>12.5f}")
+    print(f"{k:<22} cpu {losses['cpu'][k]:>12.5f}  {device} {losses[device][k]:>12.5f}")
 print(f"largest relative difference {worst:.2e}: {'OK' if worst < 1e-3 else 'MISMATCH'}")
-with torch.autocast("cuda", dtype=torch.bfloat16):
+with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
     loss, _ = model.loss(batch)
+loss = loss.detach()
 print(f"bf16-mixed loss {float(loss):.4f}: {'finite' if torch.isfinite(loss) else 'NOT FINITE'}")
 EOF
 
-  echo "== 2. seconds per update (batch 16 x 64), fp32 then bf16-mixed, eager"
-  python3 benchmarks/agent_speed.py --device cuda --no-act --sizes 1M 12M 25M 50M --updates 5
-  python3 benchmarks/agent_speed.py --device cuda --no-act --sizes 1M 12M 25M 50M --updates 5 --precision bf16
-  echo "== 2b. torch.compile, 12M, fp32 and bf16"
-  timeout 240 python3 benchmarks/agent_speed.py --device cuda --no-act --sizes 12M --updates 5 --compile
-  timeout 240 python3 benchmarks/agent_speed.py --device cuda --no-act --sizes 12M --updates 5 --compile --precision bf16
+  echo "== 2. seconds per update (batch 16 x 64) and peak GPU memory, eager, fp32 then bf16-mixed"
+  for precision in 32 bf16; do
+    timeout 240 python3 benchmarks/agent_speed.py --device "$DEVICE" --no-act --sizes $SIZES \
+      --updates "$UPDATES" --precision "$precision" || echo "(stopped: status $?)"
+  done
+
+  echo "== 3. the same with torch.compile (at most ${COMPILE_S} s per precision)"
+  if [ "$COMPILE_S" -gt 0 ]; then
+    for precision in 32 bf16; do
+      timeout "$COMPILE_S" python3 benchmarks/agent_speed.py --device "$DEVICE" --no-act --sizes $SIZES \
+        --updates "$UPDATES" --precision "$precision" --compile || echo "(stopped: status $?)"
+    done
+  fi
+
+  echo "== 4. world-model quality after ${MINUTES} min of training, $QUALITY_SIZE, fp32 then bf16-mixed"
+  for precision in 32 bf16; do
+    timeout 200 python3 benchmarks/world_model_quality.py --games bigfish --data "benchmarks/datasets/{game}.npz" \
+      --size "$QUALITY_SIZE" --minutes "$MINUTES" --evals 2 --device "$DEVICE" --precision "$precision" \
+      --json "$OUT/quality.jsonl" || echo "(stopped: status $?)"
+  done
   date -u
 } 2>&1 | tee "$LOG"

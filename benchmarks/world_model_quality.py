@@ -23,7 +23,8 @@ training time, and at ``--evals`` points along the way prints, on the unseen-lev
 
 ``--save-data`` writes the dataset to a compressed file, ``--data`` trains from one (no procgen
 needed, e.g. on a GPU machine). ``--size``, ``--overrides`` and ``--model`` take any preset, size
-entry and ``Dreamer`` argument.
+entry and ``Dreamer`` argument. ``--precision bf16`` trains under bf16 autocast, as Lightning's
+``bf16-mixed`` does; evaluations always run in float32, so both precisions are judged alike.
 """
 
 from __future__ import annotations
@@ -40,9 +41,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datamodules.procgen import GAMES, MODES, unseen_mode  # noqa: E402
-from datamodules.replay import FIELDS, FIRST, TERMINAL, SequenceReplay  # noqa: E402
-from datamodules.replay_datamodule import RandomPolicy, ReplayDataModule, replay_batch, store_posteriors  # noqa: E402
+from datamodules.games import GAMES, MODES, RandomPolicy, unseen_mode  # noqa: E402
+from datamodules.replay import FIELDS, FIRST, TERMINAL, SequenceReplay, replay_batch, store_posteriors  # noqa: E402
 from dreamer.agent import SIZES, Dreamer, restore_agent  # noqa: E402
 from dreamer.checkpoints import read_checkpoint  # noqa: E402
 from dreamer.quality import HORIZONS, dream_quality, posterior_quality  # noqa: E402
@@ -72,6 +72,8 @@ def collect(game: str, mode: str, start_level: int, num_levels: int, lanes: int,
             seed: int, persist: float) -> dict[str, np.ndarray]:
     """``steps`` env steps over ``lanes`` envs, written by the training collector into a replay;
     returns its arrays (lanes, stored steps) and the stored steps per lane (``count``)."""
+    from datamodules.replay_datamodule import ReplayDataModule  # procgen: not needed with --data
+
     per_lane = -(-steps // lanes)
     dm = ReplayDataModule(
         game=game, num_envs=lanes, distribution_mode=mode, num_levels=num_levels,
@@ -256,11 +258,12 @@ def run_game(args: argparse.Namespace, game: str, model_kwargs: dict) -> list[di
         marks = [round(args.updates * (k + 1) / args.evals) for k in range(args.evals)]
     params = sum(p.numel() for p in wm.parameters())
     print(f"\n[{game}] world model {params / 1e6:.2f}M params, {agent.hparams.size} "
-          f"{agent.hparams.overrides or ''}, batch {args.batch} x {args.seq_len}, replay context "
+          f"{agent.hparams.overrides or ''}, batch {args.batch} x {args.seq_len}, precision {args.precision}, replay context "
           f"{args.replay_context}; "
           f"{lanes['action'].size} unseen-level steps, {int(lanes['reward'].__gt__(0).sum())} rewarded, "
           f"{int(lanes['is_terminal'].sum())} terminal")
     print(HEADER)
+    autocast = torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.precision == "bf16")
     results, updates, train_time = [], 0, 0.0
     for mark in marks:
         t0 = time.perf_counter()
@@ -268,7 +271,8 @@ def run_game(args: argparse.Namespace, game: str, model_kwargs: dict) -> list[di
         while (train_time + time.perf_counter() - t0 < mark) if args.minutes is not None else updates < mark:
             sample = replay.sample(args.batch, args.seq_len + context)
             batch = move(replay_batch(sample, context), args.device)
-            loss, _, post = wm.loss(batch)
+            with autocast:
+                loss, _, post = wm.loss(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(wm.parameters(), clip)
@@ -313,6 +317,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--save-data", help="write the dataset to this .npz file ({game} is replaced)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=("32", "bf16"), default="32", help="training precision")
     parser.add_argument("--json", help="write every evaluation as JSON lines to this file")
     args = parser.parse_args(argv)
 
@@ -352,7 +357,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with open(args.json, "a") as f:
             for r in results:
                 f.write(json.dumps({**r, "size": args.size, "overrides": args.overrides,
-                                    "model": args.model}) + "\n")
+                                    "model": args.model, "precision": args.precision}) + "\n")
     return results
 
 

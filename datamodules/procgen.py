@@ -15,27 +15,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
 
-GAMES = (
-    "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
-    "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot",
-)
-NUM_ACTIONS = 15
-OBS_SHAPE = (64, 64, 3)
-
-_EXTRA_MODES = {
-    "extreme": {"chaser", "dodgeball", "leaper", "starpilot"},
-    "memory": {"caveflyer", "dodgeball", "heist", "jumper", "maze", "miner"},
-    "exploration": {"caveflyer", "climber", "coinrun", "heist", "jumper", "leaper", "maze", "ninja"},
-}
-MODES = {
-    game: ("easy", "hard") + tuple(mode for mode, games in _EXTRA_MODES.items() if game in games)
-    for game in GAMES
-}
-
-# Steps after which procgen ends an episode by timeout (reported by procgen as an ordinary done).
-TIMEOUTS = {game: 1000 for game in GAMES} | {
-    "bigfish": 6000, "bossfight": 4000, "plunder": 4000, "leaper": 500, "maze": 500,
-}
+from datamodules.games import GAMES, MODES, NUM_ACTIONS, OBS_SHAPE, TIMEOUTS, unseen_mode
 
 # Procgen options this wrapper passes through, with their types.
 OPTION_TYPES = {
@@ -351,11 +331,6 @@ def unseen_levels(cfg: ProcgenConfig) -> tuple[int, int]:
     if start >= MAX_LEVEL_SEED:
         raise ValueError("the training levels leave no level seeds above them for testing")
     return start, MAX_LEVEL_SEED + 1 - start
-
-
-def unseen_mode(distribution_mode: str) -> str:
-    """The mode unseen levels are played in: exploration mode's are hard mode's ordinary levels."""
-    return "hard" if distribution_mode == "exploration" else distribution_mode
 
 
 def unseen_env(cfg: ProcgenConfig, num_envs: int, seed: int, **procgen_options: Any) -> ProcgenVectorEnv:

@@ -333,3 +333,45 @@ class SequenceReplay:
         self.count[...] = count
         self.size = size
         self.rng.bit_generator.state = state["rng"]
+
+
+def replay_batch(sample: dict[str, np.ndarray], context: bool = False) -> dict[str, torch.Tensor]:
+    """A ``SequenceReplay.sample`` as the model's batch: obs, action, reward, is_first, is_last,
+    is_terminal, each (B, T, ...), and ``lane`` (B,) / ``step`` (B, T) where the steps came from.
+
+    With ``context`` the sample holds T + 1 steps with latents (DreamerV3's replay context): the
+    first step only supplies the starting state, ``context`` = {``deter`` (B, D) float32,
+    ``stoch`` (B, S) class indices, ``valid`` (B,) whether a latent was stored there, ``action``
+    (B,) the action taken from it}, and the other T steps are trained on.
+    """
+    batch = {
+        "obs": torch.from_numpy(sample["frames"]),
+        "action": torch.from_numpy(sample["action"]),
+        "reward": torch.from_numpy(sample["reward"]),
+        "is_first": torch.from_numpy(sample["is_first"]),
+        "is_last": torch.from_numpy(sample["is_last"]),
+        "is_terminal": torch.from_numpy(sample["is_terminal"]),
+        "lane": torch.from_numpy(sample["lane"]),
+        "step": torch.from_numpy(sample["step"]),
+    }
+    if not context:
+        return batch
+    start = {
+        "deter": torch.from_numpy(sample["deter"][:, 0].astype(np.float32)),
+        "stoch": torch.from_numpy(sample["stoch"][:, 0].astype(np.int64)),
+        "valid": torch.from_numpy(sample["has_latent"][:, 0] & ~sample["is_last"][:, 0]),
+        "action": batch["action"][:, 0],
+    }
+    batch = {k: v if k == "lane" else v[:, 1:] for k, v in batch.items()}
+    batch["context"] = start
+    return batch
+
+
+def store_posteriors(replay: SequenceReplay, batch: dict[str, torch.Tensor], post: dict[str, torch.Tensor]) -> None:
+    """Write the posterior states (B, T, ...) a model computed for ``batch`` (from ``replay_batch``)
+    back into ``replay``, to start later sequences from (replay context)."""
+    replay.store_latents(
+        batch["lane"].cpu().numpy(), batch["step"].cpu().numpy(),
+        post["deter"].detach().to(torch.float16).cpu().numpy(),
+        post["stoch"].detach().argmax(-1).cpu().numpy(),
+    )

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from datamodules.games import NUM_ACTIONS
 from dreamer.actor_critic import ActorCritic
 from dreamer.checkpoints import CheckpointError, checkpoint_mismatch, rng_state, set_rng_state
 from dreamer.distributed import gather_objects, mean_over_ranks
@@ -37,7 +38,6 @@ SIZES: dict[str, dict[str, int]] = {
     "100M": dict(deter=6144, hidden=768, stoch=32, classes=48, depth=48, units=768, layers=3, gru_blocks=8),
     "200M": dict(deter=8192, hidden=1024, stoch=32, classes=64, depth=64, units=1024, layers=3, gru_blocks=8),
 }
-NUM_ACTIONS = 15
 # CNN channels per stage are depth x these (DreamerV3's); an override (``cnn_mults``) can match
 # another implementation exactly, e.g. SheepRL's (1, 2, 4, 8)
 CNN_MULTS = (2, 3, 4, 4)

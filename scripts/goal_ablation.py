@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from callbacks.dreams import DreamGeneration  # noqa: E402
 from cli import main  # noqa: E402
-from datamodules.replay_datamodule import replay_batch  # noqa: E402
+from datamodules.replay import replay_batch  # noqa: E402
 
 ROWS = [
     ("goal step success", "goal/step_success"),

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datamodules.replay import SequenceReplay  # noqa: E402
-from datamodules.replay_datamodule import replay_batch  # noqa: E402
+from datamodules.replay import replay_batch  # noqa: E402
 from dreamer.agent import Dreamer, restore_agent  # noqa: E402
 from dreamer.checkpoints import CheckpointError, read_checkpoint  # noqa: E402
 from dreamer.quality import roc_auc  # noqa: E402

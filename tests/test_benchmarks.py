@@ -3,6 +3,10 @@ dataset to a file and trains from that file to the same figures, and refuses bad
 
 import argparse
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +14,7 @@ import torch
 
 from benchmarks import world_model_quality as wmq
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--games", "chaser", "--size", "tiny", "--updates", "4", "--evals", "2", "--batch", "4",
         "--seq-len", "16", "--context", "8", "--train-steps", "1200", "--eval-steps", "800",
         "--lanes", "4", "--eval-lanes", "4", "--threads", "1"]
@@ -125,3 +130,31 @@ def test_sheeprl_configuration_maps_onto_our_size_overrides():
     model = Dreamer(size="tiny", overrides=xs_overrides(config))
     encoder = sum(p.numel() for p in model.world_model.encoder.parameters())
     assert round(encoder / 1e6, 2) == 0.39  # SheepRL's XS encoder, by its own count
+
+
+NO_ENV_LIBS = "import sys; sys.modules.update(dict.fromkeys(['procgen', 'gymnasium', 'mlflow', 'omegaconf']))"
+
+
+def run_without_env_libs(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``script`` run as on the GPU machines: procgen, gymnasium, mlflow and omegaconf cannot be imported."""
+    code = f"{NO_ENV_LIBS}; import runpy; sys.argv = {[script, *args]!r}; runpy.run_path({script!r}, run_name='__main__')"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_the_gpu_check_runs_without_procgen_on_its_shipped_dataset():
+    """What benchmarks/gpu_check.sh runs on a GPU machine (no procgen, gymnasium, mlflow or
+    omegaconf there), at the smallest size on this CPU: the update benchmark and the world-model
+    quality benchmark in bf16 on the bigfish dataset shipped with the check."""
+    assert subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], cwd=ROOT).returncode == 0
+    speed = run_without_env_libs("benchmarks/agent_speed.py", "--sizes", "tiny", "--no-act", "--updates", "1",
+                                 "--batch", "2", "--seq", "8", "--precision", "bf16")
+    assert speed.returncode == 0, speed.stderr
+    assert re.search(r"^\s+tiny\s+[\d.]+\s+[\d.]+", speed.stdout, re.M), speed.stdout
+    quality = run_without_env_libs("benchmarks/world_model_quality.py", "--games", "bigfish", "--data",
+                                   "benchmarks/datasets/{game}.npz", "--size", "tiny", "--updates", "1",
+                                   "--evals", "1", "--batch", "4", "--seq-len", "16", "--precision", "bf16")
+    assert quality.returncode == 0, quality.stderr
+    assert "precision bf16" in quality.stdout and "copy-last-frame MSE" in quality.stdout
+    assert re.search(r"8016 unseen-level steps, \d+ rewarded", quality.stdout), quality.stdout
+    blocked = subprocess.run([sys.executable, "-c", f"{NO_ENV_LIBS}; import procgen"], capture_output=True)
+    assert blocked.returncode != 0  # the blocker works, so the runs above did not use procgen
