@@ -214,3 +214,42 @@ def test_world_model_probe_reads_a_checkpoint_and_its_replay(smoke_run, tmp_path
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "world_model_probe.py"), str(bad)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and f"cannot read checkpoint {bad}" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_precision_auto_picks_bf16_only_where_it_is_fast(tmp_path, monkeypatch):
+    import torch
+
+    from cli import auto_precision, cpu_has_amx
+
+    amx, avx2 = tmp_path / "amx", tmp_path / "avx2"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 amx_bf16 amx_tile amx_int8\n")
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512_bf16\n")
+    assert cpu_has_amx(str(amx)) and not cpu_has_amx(str(avx2)) and not cpu_has_amx(str(tmp_path / "none"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("cli.cpu_has_amx", lambda: True)
+    assert auto_precision("auto")[0] == auto_precision("cpu")[0] == "bf16-mixed"
+    assert auto_precision("mps")[0] == "32-true"
+    monkeypatch.setattr("cli.cpu_has_amx", lambda: False)
+    assert auto_precision("auto")[0] == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100")
+    assert auto_precision("auto") == ("bf16-mixed", "NVIDIA H100 computes in bf16")
+    assert auto_precision("cpu")[0] == "32-true"  # a GPU machine told to train on its CPU
+
+
+def test_precision_auto_from_the_command_line_or_a_config_file_and_the_last_setting_wins(tmp_path):
+    import yaml
+
+    from cli import auto_precision
+
+    here = auto_precision("auto")[0]
+    out = cli(tmp_path, "fit", "--config", SMOKE, "--trainer.precision", "auto", "--print_config")
+    assert yaml.safe_load(out.stdout)["trainer"]["precision"] == here
+    assert f"trainer.precision auto: {here} (" in out.stderr
+    (tmp_path / "auto.yaml").write_text("trainer:\n  precision: auto\n")
+    out = cli(tmp_path, "fit", "--config", SMOKE, "--config", "auto.yaml", "--print_config")
+    assert yaml.safe_load(out.stdout)["trainer"]["precision"] == here
+    out = cli(tmp_path, "fit", "--config", "auto.yaml", "--config", SMOKE, "--trainer.precision=bf16-mixed",
+              "--print_config")
+    assert yaml.safe_load(out.stdout)["trainer"]["precision"] == "bf16-mixed" and "auto" not in out.stderr
