@@ -21,7 +21,8 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from datamodules.replay_datamodule import ReplayDataModule, directory_problem
-from dreamer.agent import Dreamer, argument_problem, precision_problem
+from dreamer.agent import Dreamer
+from dreamer.config import argument_problem, precision_problem
 from dreamer.checkpoints import CheckpointError, checkpoint_mismatch, read_checkpoint
 from dreamer.tracking import RunLogger, params_to_log, run_exists
 

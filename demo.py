@@ -118,7 +118,7 @@ class DemoSession:
 
     def _observe(self, is_first: np.ndarray, reward: float) -> None:
         agent = self.loaded.agent
-        agent.hparams.track_goals = self.show_goals
+        agent.goals.track = self.show_goals
         with torch.no_grad():
             self.action, self.state = agent.act(
                 torch.from_numpy(self.obs), torch.from_numpy(is_first), self.state,

@@ -131,8 +131,8 @@ class DreamGeneration(pl.Callback):
         self.buffer.to(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.last_post is not None and pl_module.updates % self.every_n_updates == 0:
-            self.metrics = self.generate(pl_module, pl_module.last_post, batch["is_first"])
+        if pl_module.updates % self.every_n_updates == 0:  # outputs: what training_step returned
+            self.metrics = self.generate(pl_module, outputs["post"], batch["is_first"])
         _log(pl_module, self.metrics)
 
     def generate(self, pl_module, post: State, is_first: torch.Tensor) -> dict[str, float]:
@@ -286,8 +286,8 @@ class DreamWeaning(pl.Callback):
         return max(self.w_min, 1.0 - env_steps / self.anneal_env_steps)
 
     def _apply(self, trainer, pl_module) -> float:
-        pl_module.mix_weight = self.weight(env_steps_of(trainer))
-        return pl_module.mix_weight
+        pl_module.goals.mix_weight = self.weight(env_steps_of(trainer))
+        return pl_module.goals.mix_weight
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._apply(trainer, pl_module)

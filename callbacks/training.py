@@ -1,4 +1,5 @@
-"""Run plumbing on our own counters: env-step checkpoints, the progress bar, config to MLflow."""
+"""Run plumbing on our own counters: env-step checkpoints, the progress bar, what every update
+logs, and the validation table. ``Dreamer.configure_callbacks`` adds the last two to every run."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import time
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+
+from dreamer.distributed import gather_objects, mean_over_ranks
+from dreamer.tracking import log_points
 
 
 def env_steps_of(trainer: pl.Trainer) -> int:
@@ -132,3 +137,76 @@ class EnvStepProgressBar(TQDMProgressBar):
         bar.set_postfix(postfix, refresh=False)
         if batch_idx % self.refresh_rate == 0 or (bar.total is not None and bar.n >= bar.total):
             bar.refresh()
+
+
+class TrainingLog(Callback):
+    """Logs what an update returned (its losses, averaged over ranks), the update and env-step
+    counters, and, once each at their own env step: updates/s and env steps/s (every 5 s or
+    more), the episodes that finished (every rank's) and the goal success measured while acting.
+
+    Lightning keeps only every ``log_every_n_steps``-th step's values (counting batches from 1, as
+    ``updates`` does): this logs, and takes the finished episodes, only then, so none is dropped.
+    """
+
+    def __init__(self) -> None:
+        self._perf = (time.perf_counter(), 0, 0)  # (time, updates, env steps) where the rates start
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # a resumed run's counters do not start at 0
+        self._perf = (time.perf_counter(), pl_module.updates, env_steps_of(trainer))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.updates % trainer.log_every_n_steps and not trainer.should_stop:
+            return
+        env_steps = env_steps_of(trainer)
+        names = sorted(outputs["metrics"])  # the mean over ranks, in one all-reduce
+        averaged = mean_over_ranks(torch.stack([outputs["metrics"][k].float() for k in names]))
+        metrics = dict(zip(names, averaged.unbind()))
+        metrics["counters/updates"] = torch.tensor(float(pl_module.updates))
+        metrics["counters/env_steps"] = torch.tensor(float(env_steps))
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
+        pl_module.log("step", float(env_steps), on_step=True, on_epoch=False)
+        # facts of their own moment go to the loggers once (self.log would repeat the latest value
+        # at every later logging step)
+        points = []
+        now = time.perf_counter()
+        t0, u0, e0 = self._perf
+        if now - t0 >= 5.0:
+            points.append((env_steps, {"perf/updates_per_s": (pl_module.updates - u0) / (now - t0),
+                                       "perf/env_steps_per_s": (env_steps - e0) / (now - t0)}))
+            self._perf = (now, pl_module.updates, env_steps)
+        dm = trainer.datamodule
+        episodes = dm.pop_episodes() if dm is not None else []
+        for rank_episodes in gather_objects(episodes):
+            for e in rank_episodes:  # each rank counts its own env steps; the axis counts all ranks'
+                points.append((e["env_steps"] * trainer.world_size,
+                               {f"episode/{k}": e[k] for k in ("return", "length", "level_complete")}))
+        goal_metric = pl_module.goals.metrics["fit"]
+        if goal_metric.update_called:
+            goals = {f"goal/{k}": float(v) for k, v in goal_metric.compute().items() if not torch.isnan(v)}
+            goal_metric.reset()
+            if goals:
+                points.append((env_steps, goals))
+        log_points(trainer.loggers, points)
+
+
+class ValidationTable(Callback):
+    """Prints the validation results, one row per level split (training levels, unseen levels),
+    with goal success when it was measured."""
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        keys = ("return", "normalized_score", "level_complete", "episodes")
+        if any(f"val/{split}/goal/step_success" in metrics for split in ("train_levels", "unseen_levels")):
+            keys += ("goal/step_success", "goal/episode_success")
+        rows = []
+        for split in ("train_levels", "unseen_levels"):
+            vals = [metrics.get(f"val/{split}/{k}") for k in keys]
+            if vals[0] is not None:
+                rows.append(f"{split:<14}" + "".join(
+                    f"{float(v) if v is not None else float('nan'):>22.3f}" for v in vals))
+        if rows:
+            header = f"{'levels':<14}" + "".join(f"{k.replace('goal/', 'goal_'):>22}" for k in keys)
+            print("\n" + header + "\n" + "\n".join(rows))

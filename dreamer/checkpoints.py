@@ -1,4 +1,5 @@
-"""Checkpoint reading and checking, and the random streams a checkpoint carries."""
+"""Checkpoint reading and checking, and what a Dreamer checkpoint carries beside the weights:
+the update count, every rank's random streams and the game."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from dreamer.distributed import gather_objects
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -71,3 +74,51 @@ def checkpoint_mismatch(
     if game is not None and ckpt_game is not None and ckpt_game != game:
         differences.append(f"game: checkpoint {ckpt_game!r}, this run {game!r}")
     return differences
+
+
+def trainer_of(module) -> Any:
+    """The Trainer ``module`` is attached to, or None (Lightning's ``module.trainer`` raises then)."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
+
+
+def save_agent_state(agent, checkpoint: dict[str, Any]) -> None:
+    """Adds ``checkpoint["dreamer"]``: updates, the random streams of every rank, the game."""
+    trainer = trainer_of(agent)
+    dm = trainer.datamodule if trainer is not None else None
+    checkpoint["dreamer"] = {
+        "updates": agent.updates,
+        "torch_rng": torch.get_rng_state(),
+        "rng_per_rank": gather_objects(rng_state(agent.device)),  # objects: nccl gathers no CPU tensors
+        "game": dm.hparams.game if dm is not None else None,
+    }
+
+
+def load_agent_state(agent, checkpoint: dict[str, Any]) -> None:
+    """Refuses (ValueError) a checkpoint of another size, game or architecture; restores the update
+    count and this rank's random streams."""
+    trainer = trainer_of(agent)
+    dm = trainer.datamodule if trainer is not None else None
+    hp = agent.hparams
+    differences = checkpoint_mismatch(checkpoint, hp.size, hp.overrides, dm.hparams.game if dm is not None else None)
+    if differences:
+        raise ValueError("checkpoint does not match this run; " + "; ".join(differences))
+    saved = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
+    own = {k: tuple(v.shape) for k, v in agent.state_dict().items()}
+    if saved and saved != own:
+        changed = sorted(set(saved) ^ set(own)) or sorted(k for k in own if saved[k] != own[k])
+        raise ValueError(f"checkpoint holds a model of another architecture (e.g. {changed[0]}), written "
+                         "by an earlier version of this code; start a new run or use that version")
+    state = checkpoint.get("dreamer", {})
+    agent.updates = int(state.get("updates", 0))
+    # checkpoints before the CUDA stream was saved hold the CPU states only
+    per_rank = state.get("rng_per_rank") or [{"cpu": s} for s in state.get("torch_rng_per_rank", [])]
+    rank = trainer.global_rank if trainer is not None else 0
+    # the model is not on its device yet: the strategy's device is where it will run
+    device = trainer.strategy.root_device if trainer is not None else agent.device
+    if rank < len(per_rank):
+        set_rng_state(per_rank[rank], device)
+    elif "torch_rng" in state:
+        torch.set_rng_state(state["torch_rng"])

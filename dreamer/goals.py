@@ -20,6 +20,7 @@ from torch import nn
 
 from dreamer.distributed import mean_over_ranks, world_size
 from dreamer.distributions import unimix_logits
+from dreamer.metrics import GoalSuccess
 from dreamer.nets import MLP, init_args
 from dreamer.rssm import State
 
@@ -245,4 +246,59 @@ def mixture_probs(actor_logits: torch.Tensor, matcher_logits: torch.Tensor, weig
     return weight * matcher_logits.exp() + (1.0 - weight) * actor_logits.exp()
 
 
+class GoalPursuit(nn.Module):
+    """Goal pursuit while acting, in one of three modes: off (plain DreamerV3 acting), ``track``
+    (propose goals and measure goal success while the actor acts) or ``mix_weight`` set (DreamWeaning
+    acts with ``w * matcher + (1 - w) * actor``). Goals are proposed and scored only when on.
 
+    ``metrics`` hold goal success per split (``fit`` while collecting, and each validation split);
+    ``split`` says which one acting updates. Proposals draw from their own random stream, so
+    pursuing goals never changes the training's.
+    """
+
+    SPLITS = ("fit", "train_levels", "unseen_levels")
+
+    def __init__(self, goal_steps: int, track: bool = False) -> None:
+        super().__init__()
+        self.goal_steps, self.track = goal_steps, track
+        self.metrics = nn.ModuleDict({split: GoalSuccess() for split in self.SPLITS})
+        self.split = "fit"
+        self.mix_weight: float | None = None
+        self._seed = 0
+
+    @property
+    def on(self) -> bool:
+        return bool(self.track) or self.mix_weight is not None
+
+    def step(
+        self, post: State, is_first: torch.Tensor, reward: torch.Tensor, track: GoalTrack | None,
+        goal_model: GoalStateModel, world_model, actor_critic,
+    ) -> GoalTrack:
+        """Scores the states ``post`` (N, ...) against their goals, then gives new goals where
+        needed (none yet, matched, or older than ``goal_steps``). ``is_first`` (N,) starts an
+        episode: the previous one's matches are counted and its goal dropped."""
+        metric = self.metrics[self.split]
+        if track is None:
+            track = GoalTrack.empty(len(reward), post["deter"].shape[-1], post["deter"].device)
+        ended = is_first & track.in_episode
+        if ended.any():
+            metric.update(episode_matches=track.matches[ended])
+        track.matches[is_first] = 0
+        track.active &= ~is_first
+        track.in_episode[:] = True
+        if track.active.any():
+            active = track.active.clone()
+            matched = goal_model.matched(track.goal, post) & active
+            metric.update(matched=matched[active], reward=reward[active])
+            track.matches += matched.long()
+            track.age += active.long()
+            track.active &= ~matched & (track.age < self.goal_steps)
+        need = ~track.active
+        if need.any():
+            self._seed += 1
+            with isolated_rng(post["deter"].device, self._seed):
+                goal = goal_model.propose({k: v[need] for k, v in post.items()}, world_model, actor_critic)
+            track.goal[need] = goal
+            track.active[need] = True
+            track.age[need] = 0
+        return track

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from callbacks.dreams import BridgeDistillation, DreamBuffer, DreamGeneration, DreamWeaning
-from dreamer.agent import NUM_ACTIONS, Dreamer
+from datamodules.games import NUM_ACTIONS
+from dreamer.agent import Dreamer
 from dreamer.goals import GoalStateModel, cosine_max, mixture_probs
 from dreamer.metrics import GoalSuccess
 from dreamer.update import update
@@ -115,14 +116,14 @@ def test_weaning_weight_falls_linearly_to_w_min(w_min, expected):
     assert got == pytest.approx(expected, abs=1e-12)
 
     # the callback hooks write the weight of the datamodule's env steps into the model
-    model = SimpleNamespace(mix_weight=None, logged={})
+    model = SimpleNamespace(goals=SimpleNamespace(mix_weight=None), logged={})
     model.log_dict = lambda metrics, **kwargs: model.logged.update(metrics)
     trainer = SimpleNamespace(datamodule=SimpleNamespace(total_env_steps=500))
     weaning.on_fit_start(trainer, model)
-    assert model.mix_weight == pytest.approx(0.5)
+    assert model.goals.mix_weight == pytest.approx(0.5)
     trainer.datamodule.total_env_steps = 2000
     weaning.on_train_batch_end(trainer, model, None, None, 0)
-    assert model.mix_weight == pytest.approx(w_min)
+    assert model.goals.mix_weight == pytest.approx(w_min)
     assert model.logged == {"weaning/weight": pytest.approx(w_min)}
 
 
@@ -168,7 +169,7 @@ def test_act_with_zero_mix_weight_acts_like_the_plain_actor():
     plain, plain_state, plain_rng = _act_sequence(model, 7, frames, FIRSTS)
     assert plain_state.goals is None  # the plain path keeps no goal track
 
-    model.mix_weight = 0.0
+    model.goals.mix_weight = 0.0
     mixed, mixed_state, mixed_rng = _act_sequence(model, 7, frames, FIRSTS)
     assert mixed_state.goals is not None and mixed_state.goals.active.all()  # goals were pursued
     assert mixed == plain
@@ -188,11 +189,11 @@ def test_act_samples_from_the_weighted_mixture():
     n = 2000
     obs = _frames(2, n=1, steps=1)[0].expand(n, -1, -1, -1)
     first = torch.ones(n, dtype=torch.bool)
-    model.mix_weight = 1.0
+    model.goals.mix_weight = 1.0
     action, _ = model.act(obs, first)
     assert (action == target).all()
 
-    model.mix_weight = 0.8
+    model.goals.mix_weight = 0.8
     torch.manual_seed(3)
     action, (post, _, _) = model.act(obs, first)
     actor_p = model.actor_critic.policy_logits(model.world_model.rssm.features(post)).exp()[:, target]
@@ -305,7 +306,7 @@ def test_goal_success_hand_computed():
     assert math.isnan(out["step_success"].item()) and math.isnan(out["alignment"].item())
 
 
-# --------------------------------------------------------------------------- 6. _pursue_goals
+# --------------------------------------------------------------------------- 6. GoalPursuit.step
 def _e(i, scale=1.0):
     v = torch.zeros(DETER)
     v[i] = scale
@@ -320,7 +321,7 @@ def _post(*deters):
 
 def test_pursue_goals_bookkeeping_hand_made():
     model = Dreamer(size="tiny", goal_steps=3, goal_threshold=0.7)
-    metric = model.goal_metrics["fit"]
+    metric = model.goals.metrics["fit"]
     calls, queue = [], []
 
     def propose(state, world_model, actor_critic):
@@ -333,7 +334,8 @@ def test_pursue_goals_bookkeeping_hand_made():
         post = _post(*deters)
         queue[:] = [torch.stack(new_goals)] if new_goals else []
         n_calls = len(calls)
-        track = model._pursue_goals(post, torch.tensor(is_first), torch.tensor(reward), track)
+        track = model.goals.step(post, torch.tensor(is_first), torch.tensor(reward), track, model.goal_model,
+                                 model.world_model, model.actor_critic)
         assert not queue
         if proposed_for:
             assert len(calls) == n_calls + 1
@@ -464,7 +466,7 @@ def test_goal_tracking_leaves_acting_and_training_unchanged():
         runs.append((model, actions, state, rng, loss, metrics))
     (_, a0, s0, rng0, l0, m0), (tracked, a1, s1, rng1, l1, m1) = runs
     assert s0.goals is None and s1.goals is not None  # only the second pursued goals
-    assert tracked.goal_metrics["fit"].update_called
+    assert tracked.goals.metrics["fit"].update_called
     assert a0 == a1
     assert torch.equal(rng0, rng1)
     assert torch.equal(l0, l1)

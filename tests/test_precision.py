@@ -5,7 +5,8 @@ import pytorch_lightning as pl
 import torch
 
 from benchmarks.agent_speed import fake_batch
-from dreamer.agent import Dreamer, precision_problem
+from dreamer.agent import Dreamer
+from dreamer.config import precision_problem
 
 
 def losses(model, batch, autocast: bool):

@@ -19,7 +19,8 @@ import torch
 from clirun import ROOT, SMOKE, cli, quick_checkpoints
 from cli import run_files
 from datamodules.procgen import ProcgenVectorEnv
-from dreamer.agent import Dreamer, argument_problem
+from dreamer.agent import Dreamer
+from dreamer.config import argument_problem
 
 RUN = os.path.join("runs", "coinrun-tiny-seed0")
 
