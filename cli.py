@@ -20,7 +20,8 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from datamodules.replay_datamodule import ReplayDataModule, directory_problem
+from datamodules.checks import directory_problem
+from datamodules.replay_datamodule import ReplayDataModule
 from dreamer.agent import Dreamer
 from dreamer.config import argument_problem, precision_problem
 from dreamer.checkpoints import CheckpointError, checkpoint_mismatch, read_checkpoint
@@ -326,10 +327,10 @@ class DreamerCLI(LightningCLI):
         trainer, model, dm = self.trainer, self.model, self.datamodule
         if not trainer.is_global_zero:
             return
-        episodes = list(dm.recent_episodes)
+        episodes = list(dm.collector.recent_episodes)
         recent = (f", mean return of the last {len(episodes)} episodes "
                   f"{sum(e['return'] for e in episodes) / len(episodes):.2f}") if episodes else ""
-        print(f"\ndone: {dm.total_env_steps} env steps, {model.updates} updates, {dm.episodes} episodes{recent}")
+        print(f"\ndone: {dm.total_env_steps} env steps, {model.updates} updates, {dm.collector.episodes} episodes{recent}")
         self._print_locations()
 
     def before_validate(self) -> None:

@@ -132,8 +132,8 @@ class EnvStepProgressBar(TQDMProgressBar):
                 self._rate_window = (now, updates)
         if self._rate is not None:
             postfix["upd/s"] = f"{self._rate:.2f}"
-        if dm is not None and dm.recent_episodes:
-            postfix["return"] = f"{dm.recent_episodes[-1]['return']:.1f}"
+        if dm is not None and dm.collector.recent_episodes:
+            postfix["return"] = f"{dm.collector.recent_episodes[-1]['return']:.1f}"
         bar.set_postfix(postfix, refresh=False)
         if batch_idx % self.refresh_rate == 0 or (bar.total is not None and bar.n >= bar.total):
             bar.refresh()
@@ -176,7 +176,7 @@ class TrainingLog(Callback):
                                        "perf/env_steps_per_s": (env_steps - e0) / (now - t0)}))
             self._perf = (now, pl_module.updates, env_steps)
         dm = trainer.datamodule
-        episodes = dm.pop_episodes() if dm is not None else []
+        episodes = dm.collector.pop_episodes() if dm is not None else []
         for rank_episodes in gather_objects(episodes):
             for e in rank_episodes:  # each rank counts its own env steps; the axis counts all ranks'
                 points.append((e["env_steps"] * trainer.world_size,

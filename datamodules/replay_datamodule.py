@@ -3,76 +3,19 @@
 from __future__ import annotations
 
 import os
-from collections import deque
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.procgen import (
-    EPISODE_KEY, ProcgenConfig, ProcgenVectorEnv, make_env_pair, normalized_score, validate_procgen_args,
-)
+from datamodules import checks
+from datamodules.collector import Collector, Policy, play_episodes
 from datamodules.games import RandomPolicy
-from datamodules.replay import SequenceReplay, replay_batch, store_posteriors
-
-
-class Policy(Protocol):
-    """What the DataModule acts with (``Dreamer`` implements it).
-
-    ``obs`` is uint8 (N, 64, 64, 3) and ``is_first`` bool (N,), both on the CPU; ``state`` is
-    whatever the policy returned last time (None at the start); ``reward`` (N,) float32 the reward
-    received on arriving at ``obs`` (0 on an episode's first frame). It must reset its recurrent
-    state where ``is_first`` is true and return int actions (N,) in [0, 15) and its new state.
-    """
-
-    def act(
-        self, obs: torch.Tensor, is_first: torch.Tensor, state: Any, reward: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, Any]: ...
-
-
-def directory_problem(path: Path, name: str) -> str | None:
-    """Why files cannot be kept under directory ``path`` (a virtual file system, a file in the way,
-    no write permission), or None."""
-    resolved = path.expanduser().resolve()
-    if resolved.parts[1:2] and resolved.parts[1] in ("proc", "sys", "dev"):
-        return f"{name} {path} lies in /{resolved.parts[1]}, which holds no files; give a directory on a disk"
-    for parent in [resolved, *resolved.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                return f"{name} {path}: {parent} is a file, not a directory; give a directory path"
-            if not os.access(parent, os.W_OK | os.X_OK):
-                return f"{name} {path}: cannot write in {parent}; give a directory you can write to"
-            return None
-    return None
-
-
-def play_episodes(env: ProcgenVectorEnv, policy: Policy, episodes: int) -> tuple[list[float], list[float]]:
-    """Returns and level completions of ``episodes`` fresh episodes of ``policy`` on ``env``.
-
-    Every env counts the same number of its first episodes (``ceil(episodes / num_envs)``), so long
-    episodes are not under-represented.
-    """
-    per_env = -(-episodes // env.num_envs)
-    counted = np.zeros(env.num_envs, np.int64)
-    returns, completes = [], []
-    obs, _ = env.reset()
-    is_first, state = np.ones(env.num_envs, bool), None
-    reward = np.zeros(env.num_envs, np.float32)
-    while (counted < per_env).any():
-        actions, state = policy.act(
-            torch.from_numpy(obs), torch.from_numpy(is_first), state, reward=torch.from_numpy(reward)
-        )
-        obs, reward, terminated, truncated, info = env.step(actions.cpu().numpy().astype(np.int64))
-        is_first = terminated | truncated
-        reward = np.where(is_first, 0.0, reward).astype(np.float32)
-        for i in np.flatnonzero(is_first & (counted < per_env)):
-            returns.append(float(info[EPISODE_KEY]["r"][i]))
-            completes.append(float(info[EPISODE_KEY]["level_complete"][i]))
-            counted[i] += 1
-    return returns, completes
+from datamodules.procgen import ProcgenConfig, ProcgenVectorEnv, make_env_pair, normalized_score
+from datamodules.replay import SequenceReplay, read_rank_state, replay_batch, store_posteriors, write_rank_state
 
 
 class _ForeverBatches(IterableDataset):
@@ -94,19 +37,18 @@ class _Splits(IterableDataset):
 
 
 class ReplayDataModule(pl.LightningDataModule):
-    """Owns the train and test ``ProcgenVectorEnv`` and the ``SequenceReplay``.
+    """Wires the training envs, the ``Collector`` that plays them into a ``SequenceReplay`` (its
+    docstring gives the replay layout) and the train ratio; serves replayed sequences to Lightning
+    and plays the validation episodes.
 
     Train ratio (as in DreamerV3) = replayed steps per environment step: batch k is served once
     ``env_steps >= learning_starts + k * batch_size * seq_len / train_ratio``. Until
     ``learning_starts`` env steps, and whenever no LightningModule with an ``act`` method is
     attached, it acts uniformly at random.
-
-    Replay layout: each env writes the step it acts from (frame, action, reward received on
-    arriving there, is_first). Procgen never shows a terminal frame, so when an episode ends one
-    extra step is written for it: the episode's last frame again, with the final reward,
-    ``is_last`` and ``is_terminal`` (false on a timeout), and no action (0). The next episode's
-    first frame follows with ``is_first``.
     """
+
+    argument_problem = staticmethod(checks.argument_problem)
+    resume_problem = staticmethod(checks.resume_problem)
 
     def __init__(
         self,
@@ -140,65 +82,11 @@ class ReplayDataModule(pl.LightningDataModule):
         self.test_env: ProcgenVectorEnv | None = None
         self.eval_train_env: ProcgenVectorEnv | None = None
         self.replay: SequenceReplay | None = None
-        self.env_steps = 0
-        self.episodes = 0
+        self.collector = Collector()  # its envs, replay and episode file are set up in setup
         self.batches_served = 0
         self.batches_trained = 0
         self._counts_trained = False  # batches reach training through Lightning (not next_batch alone)
-        self.recent_episodes: deque[dict[str, float]] = deque(maxlen=100)
-        self._new_episodes: list[dict[str, float]] = []
         self._restored = False
-        self._obs: np.ndarray | None = None
-        self._policy_state: Any = None
-
-    @staticmethod
-    def argument_problem(hp: Any) -> str | None:
-        """What is wrong with the DataModule's arguments (the first problem, with what is allowed),
-        procgen's included; the CLI asks before it builds anything."""
-        positive = ("num_envs", "batch_size", "seq_len", "replay_capacity", "val_episodes")
-        for name in positive + ("learning_starts", "test_num_envs"):
-            value = hp[name]
-            if name == "test_num_envs" and value is None:
-                continue
-            low = 1 if name != "learning_starts" else 0
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                return f"data.{name} must be an integer >= {low}, got {value!r}"
-        if isinstance(hp.train_ratio, bool) or not isinstance(hp.train_ratio, (int, float)) \
-                or not 0 < hp.train_ratio < float("inf"):
-            return f"data.train_ratio must be a positive number, got {hp.train_ratio!r}"
-        if hp.replay_storage not in ("ram", "memmap"):
-            return f"data.replay_storage must be 'ram' or 'memmap', got {hp.replay_storage!r}"
-        if hp.replay_capacity // hp.num_envs < hp.seq_len + 1:
-            return (f"data.replay_capacity ({hp.replay_capacity}) split over {hp.num_envs} envs leaves "
-                    f"{hp.replay_capacity // hp.num_envs} steps per env, fewer than seq_len + 1 "
-                    f"({hp.seq_len + 1}); allowed: replay_capacity >= num_envs * (seq_len + 1)")
-        if hp.replay_storage == "memmap" and hp.replay_dir is not None:
-            problem = directory_problem(Path(hp.replay_dir), "data.replay_dir")
-            if problem:
-                return problem
-        try:  # game, levels, mode, seed and options: what procgen would abort on
-            validate_procgen_args(hp.game, hp.num_envs, hp.distribution_mode, hp.num_levels,
-                                  hp.start_level, hp.seed, hp.procgen_options or {})
-        except ValueError as e:
-            return str(e)
-        return None
-
-    @staticmethod
-    def resume_problem(saved: dict[str, Any], hp: Any) -> str | None:
-        """Why a checkpoint's DataModule state (``saved``) cannot be resumed with arguments ``hp``
-        (replay storage and layout), or None; asked before any replay file is opened."""
-        replay = saved.get("replay") if int(saved.get("world_size", 1)) == 1 else None
-        if not replay:
-            return None
-        if replay.get("storage") not in (None, hp["replay_storage"]):
-            return (f"the checkpoint's replay used storage {replay['storage']!r}, this run "
-                    f"{hp['replay_storage']!r}; resume with --data.replay_storage {replay['storage']}")
-        lanes, capacity = replay.get("num_lanes"), replay.get("lane_capacity")
-        if lanes is not None and (lanes != hp["num_envs"] or capacity != hp["replay_capacity"] // hp["num_envs"]):
-            return (f"the checkpoint's replay holds {lanes} envs x {capacity} steps, this run's "
-                    f"{hp['num_envs']} x {hp['replay_capacity'] // hp['num_envs']}; resume with "
-                    f"--data.num_envs {lanes} --data.replay_capacity {lanes * capacity}")
-        return None
 
     # ---------------------------------------------------------------- setup
     @property
@@ -208,6 +96,11 @@ class ReplayDataModule(pl.LightningDataModule):
     @property
     def world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
+
+    @property
+    def env_steps(self) -> int:
+        """This rank's environment steps."""
+        return self.collector.env_steps
 
     @property
     def total_env_steps(self) -> int:
@@ -231,10 +124,12 @@ class ReplayDataModule(pl.LightningDataModule):
         if self.train_env is None:
             self.train_env, self.test_env = make_env_pair(cfg, **(self.hparams.procgen_options or {}))
             self.random_policy = RandomPolicy(cfg.seed)
+            self.collector.env = self.train_env
+        self.collector.episodes_file = self.episodes_file()
         if stage == "validate" or self.replay is not None:
             return  # validation plays fresh episodes: no replay, no files
         hp = self.hparams
-        self.replay = SequenceReplay(
+        self.replay = self.collector.replay = SequenceReplay(
             hp.replay_capacity,
             cfg.num_envs,
             storage=hp.replay_storage,
@@ -333,64 +228,12 @@ class ReplayDataModule(pl.LightningDataModule):
 
     def collect(self, vector_steps: int) -> None:
         """Step every train env ``vector_steps`` times with the current policy, writing replay."""
-        env, replay = self.train_env, self.replay
         if not self._restored and self.env_steps == 0:
-            if len(replay):
-                replay.clear()  # a fresh run never trains on a previous run's files
-            self._set_aside_episodes()
+            if len(self.replay):
+                self.replay.clear()  # a fresh run never trains on a previous run's files
+            self.collector.set_aside_episodes_file()
         self._restored = True
-        n = env.num_envs
-        if self._obs is None:
-            self._obs, _ = env.reset()
-            self._is_first = np.ones(n, bool)
-            self._reward = np.zeros(n, np.float32)
-            self._policy_state = None
-        zeros = np.zeros(n, bool)
-        for _ in range(vector_steps):
-            obs, is_first = self._obs, self._is_first
-            policy = self.policy()
-            if policy is self.random_policy:  # no torch round trip for random actions
-                actions = policy.actions(n)
-            else:
-                with torch.inference_mode():
-                    actions, self._policy_state = policy.act(
-                        torch.from_numpy(obs), torch.from_numpy(is_first), self._policy_state,
-                        reward=torch.from_numpy(self._reward),
-                    )
-                actions = actions.cpu().numpy().astype(np.int64)
-            replay.add(obs, actions, self._reward, is_first, zeros, zeros)
-            next_obs, reward, terminated, truncated, info = env.step(actions)
-            self.env_steps += n
-            done = terminated | truncated
-            if done.any():
-                lanes = np.flatnonzero(done)
-                replay.add(
-                    obs[lanes], np.zeros(len(lanes), np.int64), reward[lanes],
-                    np.zeros(len(lanes), bool), np.ones(len(lanes), bool), terminated[lanes],
-                    lanes=lanes,
-                )
-                self._record_episodes(info[EPISODE_KEY], lanes)
-            self._obs, self._is_first = next_obs, done
-            reward[done] = 0.0
-            self._reward = reward
-
-    def _record_episodes(self, episode: dict[str, np.ndarray], lanes: np.ndarray) -> None:
-        rows = []
-        for i in lanes:
-            stats = {
-                "return": float(episode["r"][i]),
-                "length": int(episode["l"][i]),
-                "level_complete": float(episode["level_complete"][i]),
-                "level_seed": int(episode["level_seed"][i]),
-                "env_steps": self.env_steps,
-            }
-            self.episodes += 1
-            self.recent_episodes.append(stats)
-            self._new_episodes.append(stats)
-            rows.append(stats)
-        self._write_episodes(rows)
-
-    EPISODE_COLUMNS = ("env_steps", "return", "length", "level_complete", "level_seed")
+        self.collector.collect(self.policy, vector_steps)
 
     def episodes_file(self) -> Path | None:
         """``<run dir>/episodes_rank<r>.csv``: every finished training episode, one row each
@@ -398,46 +241,6 @@ class ReplayDataModule(pl.LightningDataModule):
         if self.trainer is None:
             return None
         return Path(self.trainer.default_root_dir) / f"episodes_rank{self.rank}.csv"
-
-    def _write_episodes(self, rows: list[dict[str, float]]) -> None:
-        path = self.episodes_file()
-        if path is None or not rows:
-            return
-        new = not path.exists()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            if new:
-                f.write(",".join(self.EPISODE_COLUMNS) + "\n")
-            f.writelines(",".join(str(row[c]) for c in self.EPISODE_COLUMNS) + "\n" for row in rows)
-
-    def _set_aside_episodes(self) -> None:
-        """A fresh run in a directory that holds an earlier run's episode file keeps that file,
-        renamed to ``episodes_rank<r>.<n>.csv``, and starts its own."""
-        path = self.episodes_file()
-        if path is None or not path.exists():
-            return
-        n = 1
-        while path.with_suffix(f".{n}.csv").exists():
-            n += 1
-        os.replace(path, path.with_suffix(f".{n}.csv"))
-
-    def _truncate_episodes(self) -> None:
-        """After a resume: drop the rows of episodes that ended after the checkpoint (the run that
-        wrote them died; they will be played again)."""
-        path = self.episodes_file()
-        if path is None or not path.exists():
-            return
-        lines = path.read_text().splitlines(keepends=True)
-        keep = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= self.env_steps]
-        if len(keep) != len(lines):
-            tmp = path.with_suffix(".csv.tmp")
-            tmp.write_text("".join(keep))
-            os.replace(tmp, path)
-
-    def pop_episodes(self) -> list[dict[str, float]]:
-        """Episodes finished since the last call: return, length, level_complete, level_seed, env_steps."""
-        new, self._new_episodes = self._new_episodes, []
-        return new
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """Collect what the train ratio allows, then sample one batch of sequences."""
@@ -456,38 +259,23 @@ class ReplayDataModule(pl.LightningDataModule):
         """Counters and replay. Under DDP every rank writes its own state to
         ``<replay_dir>/rank<r>/state_<total env steps>.pt`` (the checkpoint itself is written by
         rank 0 alone) and the checkpoint records the number of ranks and that file name."""
-        state = self._rank_state()
+        state = {
+            **self.collector.state_dict(),
+            "batches_served": self.batches_trained if self._counts_trained else self.batches_served,
+            "replay": self.replay.state_dict() if self.replay is not None else None,
+            "random_policy_rng": self.random_policy.rng.bit_generator.state if self.replay is not None else None,
+        }
         if self.world_size == 1:
             return state
-        directory = self._replay_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-        name = f"state_{self.total_env_steps}.pt"
-        tmp = directory / (name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, directory / name)
-        # keep the previous file too: a kill before the checkpoint is replaced still needs it
-        old = sorted(directory.glob("state_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-2]
-        for path in old:
-            path.unlink()
+        name = write_rank_state(self._replay_dir(), state, self.total_env_steps)
         return {"world_size": self.world_size, "rank_state": name, "env_steps": self.env_steps}
-
-    def _rank_state(self) -> dict[str, Any]:
-        return {
-            "env_steps": self.env_steps,
-            "episodes": self.episodes,
-            "batches_served": self.batches_trained if self._counts_trained else self.batches_served,
-            "recent_episodes": list(self.recent_episodes),
-            "replay": self.replay.state_dict() if self.replay is not None else None,
-            "random_policy_rng": self.random_policy.rng.bit_generator.state
-            if self.replay is not None else None,
-        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_world = int(state_dict.get("world_size", 1))
         validating = self.trainer is not None and self.trainer.state.fn == "validate"
         if saved_world != self.world_size and validating:
             # validation plays fresh episodes: it needs the step count (the x-axis), no replay
-            self.env_steps = int(state_dict["env_steps"]) * saved_world // self.world_size
+            self.collector.env_steps = int(state_dict["env_steps"]) * saved_world // self.world_size
             return
         if saved_world != self.world_size:
             raise ValueError(
@@ -498,20 +286,12 @@ class ReplayDataModule(pl.LightningDataModule):
         if self.replay is None:
             self.setup("fit")
         if saved_world > 1:
-            path = self._replay_dir() / state_dict["rank_state"]
-            if not path.is_file():
-                raise ValueError(f"rank {self.rank}'s replay state {path} is missing: the checkpoint "
-                                 "cannot be resumed without it (data.replay_dir must be the same)")
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        self.env_steps = int(state_dict["env_steps"])
-        self.episodes = int(state_dict["episodes"])
+            state_dict = read_rank_state(self._replay_dir(), state_dict["rank_state"], self.rank)
+        self.collector.load_state_dict(state_dict)  # the envs restart from fresh episodes
         self.batches_served = self.batches_trained = int(state_dict["batches_served"])
-        self.recent_episodes = deque(state_dict["recent_episodes"], maxlen=100)
         if not validating:
-            self._truncate_episodes()
+            self.collector.truncate_episodes_file()
         if state_dict["replay"] is not None:
             self.replay.load_state_dict(state_dict["replay"])
             self.random_policy.rng.bit_generator.state = state_dict["random_policy_rng"]
         self._restored = True
-        # The envs restart from fresh episodes; the next written step carries is_first.
-        self._obs = None

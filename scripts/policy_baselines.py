@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datamodules.games import GAMES, NUM_ACTIONS  # noqa: E402
 from datamodules.games import RandomPolicy
-from datamodules.replay_datamodule import ReplayDataModule, play_episodes  # noqa: E402
+from datamodules.collector import play_episodes
+from datamodules.replay_datamodule import ReplayDataModule  # noqa: E402
 from dreamer.agent import restore_agent  # noqa: E402
 from dreamer.checkpoints import CheckpointError, read_checkpoint  # noqa: E402
 

@@ -48,8 +48,8 @@ def lane_steps(dm, lane):
 def test_replay_holds_terminal_steps_and_episode_returns():
     dm = small_dm(num_envs=4, learning_starts=10**9)
     dm.collect(1900)
-    episodes = dm.pop_episodes()
-    assert len(episodes) >= 6 and dm.episodes == len(episodes)
+    episodes = dm.collector.pop_episodes()
+    assert len(episodes) >= 6 and dm.collector.episodes == len(episodes)
     stored_returns = []
     for lane in range(4):
         d = lane_steps(dm, lane)
@@ -134,8 +134,8 @@ def test_state_round_trip_restores_counters_and_replay():
     state = a.state_dict()
     b = small_dm(learning_starts=32, seed=123)
     b.load_state_dict(state)
-    assert (b.env_steps, b.episodes, b.batches_served) == (a.env_steps, a.episodes, a.batches_served)
-    assert list(b.recent_episodes) == list(a.recent_episodes)
+    assert (b.env_steps, b.collector.episodes, b.batches_served) == (a.env_steps, a.collector.episodes, a.batches_served)
+    assert list(b.collector.recent_episodes) == list(a.collector.recent_episodes)
     x, y = a.replay.sample(8, 8), b.replay.sample(8, 8)
     for k in x:
         np.testing.assert_array_equal(x[k], y[k])

@@ -1,0 +1,180 @@
+"""Playing the game with a policy: the ``Collector`` that writes the training envs' experience into
+replay and keeps the episode statistics, and ``play_episodes`` for evaluation."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from datamodules.games import RandomPolicy
+from datamodules.procgen import EPISODE_KEY, ProcgenVectorEnv
+from datamodules.replay import SequenceReplay
+
+
+class Policy(Protocol):
+    """What the envs are played with (``Dreamer`` implements it).
+
+    ``obs`` is uint8 (N, 64, 64, 3) and ``is_first`` bool (N,), both on the CPU; ``state`` is
+    whatever the policy returned last time (None at the start); ``reward`` (N,) float32 the reward
+    received on arriving at ``obs`` (0 on an episode's first frame). It must reset its recurrent
+    state where ``is_first`` is true and return int actions (N,) in [0, 15) and its new state.
+    """
+
+    def act(
+        self, obs: torch.Tensor, is_first: torch.Tensor, state: Any, reward: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Any]: ...
+
+
+def policy_actions(policy: Policy, obs: np.ndarray, is_first: np.ndarray, state: Any,
+                   reward: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
+    """``policy.act`` on numpy arrays: actions (N,) int64 and the policy's next state. A
+    ``RandomPolicy`` draws without a torch round trip."""
+    if isinstance(policy, RandomPolicy):
+        return policy.actions(len(obs)), None
+    with torch.inference_mode():
+        actions, state = policy.act(torch.from_numpy(obs), torch.from_numpy(is_first), state,
+                                    reward=None if reward is None else torch.from_numpy(reward))
+    return actions.cpu().numpy().astype(np.int64), state
+
+
+def play_episodes(env: ProcgenVectorEnv, policy: Policy, episodes: int) -> tuple[list[float], list[float]]:
+    """Returns and level completions of ``episodes`` fresh episodes of ``policy`` on ``env``.
+
+    Every env counts the same number of its first episodes (``ceil(episodes / num_envs)``), so long
+    episodes are not under-represented.
+    """
+    per_env = -(-episodes // env.num_envs)
+    counted = np.zeros(env.num_envs, np.int64)
+    returns, completes = [], []
+    obs, _ = env.reset()
+    is_first, state = np.ones(env.num_envs, bool), None
+    reward = np.zeros(env.num_envs, np.float32)
+    while (counted < per_env).any():
+        actions, state = policy_actions(policy, obs, is_first, state, reward)
+        obs, reward, terminated, truncated, info = env.step(actions)
+        is_first = terminated | truncated
+        reward = np.where(is_first, 0.0, reward).astype(np.float32)
+        for i in np.flatnonzero(is_first & (counted < per_env)):
+            returns.append(float(info[EPISODE_KEY]["r"][i]))
+            completes.append(float(info[EPISODE_KEY]["level_complete"][i]))
+            counted[i] += 1
+    return returns, completes
+
+
+class Collector:
+    """Steps the training envs with a policy and writes every step into ``replay``.
+
+    Replay layout: each env writes the step it acts from (frame, action, reward received on
+    arriving there, is_first). Procgen never shows a terminal frame, so when an episode ends one
+    extra step is written for it: the episode's last frame again, with the final reward,
+    ``is_last`` and ``is_terminal`` (false on a timeout), and no action (0). The next episode's
+    first frame follows with ``is_first``.
+
+    Episode statistics: ``episodes`` finished, the latest 100 (``recent_episodes``), those not yet
+    taken by ``pop_episodes``, and with ``episodes_file`` one CSV row per finished episode.
+    """
+
+    COLUMNS = ("env_steps", "return", "length", "level_complete", "level_seed")
+
+    def __init__(self, env: ProcgenVectorEnv | None = None, replay: SequenceReplay | None = None,
+                 episodes_file: Path | None = None) -> None:
+        self.env, self.replay, self.episodes_file = env, replay, episodes_file
+        self.env_steps = 0  # this collector's (this rank's)
+        self.episodes = 0
+        self.recent_episodes: deque[dict[str, float]] = deque(maxlen=100)
+        self._new_episodes: list[dict[str, float]] = []
+        self.restart()
+
+    def restart(self) -> None:
+        """The envs start fresh episodes at the next step (after a restore)."""
+        self._obs: np.ndarray | None = None
+        self._policy_state: Any = None
+
+    def collect(self, policy: Callable[[], Policy], vector_steps: int) -> None:
+        """Step every env ``vector_steps`` times with the policy ``policy()`` gives at each step."""
+        env, replay = self.env, self.replay
+        n = env.num_envs
+        if self._obs is None:
+            self._obs, _ = env.reset()
+            self._is_first = np.ones(n, bool)
+            self._reward = np.zeros(n, np.float32)
+            self._policy_state = None
+        zeros = np.zeros(n, bool)
+        for _ in range(vector_steps):
+            obs, is_first = self._obs, self._is_first
+            actions, self._policy_state = policy_actions(policy(), obs, is_first, self._policy_state, self._reward)
+            replay.add(obs, actions, self._reward, is_first, zeros, zeros)
+            next_obs, reward, terminated, truncated, info = env.step(actions)
+            self.env_steps += n
+            done = terminated | truncated
+            if done.any():
+                lanes = np.flatnonzero(done)
+                replay.add(
+                    obs[lanes], np.zeros(len(lanes), np.int64), reward[lanes],
+                    np.zeros(len(lanes), bool), np.ones(len(lanes), bool), terminated[lanes],
+                    lanes=lanes,
+                )
+                self._record_episodes(info[EPISODE_KEY], lanes)
+            self._obs, self._is_first = next_obs, done
+            reward[done] = 0.0
+            self._reward = reward
+
+    def _record_episodes(self, episode: dict[str, np.ndarray], lanes: np.ndarray) -> None:
+        rows = [{"return": float(episode["r"][i]), "length": int(episode["l"][i]),
+                 "level_complete": float(episode["level_complete"][i]),
+                 "level_seed": int(episode["level_seed"][i]), "env_steps": self.env_steps} for i in lanes]
+        self.episodes += len(rows)
+        self.recent_episodes.extend(rows)
+        self._new_episodes.extend(rows)
+        path = self.episodes_file
+        if path is None:
+            return
+        new = not path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            if new:
+                f.write(",".join(self.COLUMNS) + "\n")
+            f.writelines(",".join(str(row[c]) for c in self.COLUMNS) + "\n" for row in rows)
+
+    def pop_episodes(self) -> list[dict[str, float]]:
+        """Episodes finished since the last call: return, length, level_complete, level_seed, env_steps."""
+        new, self._new_episodes = self._new_episodes, []
+        return new
+
+    def set_aside_episodes_file(self) -> None:
+        """A fresh run in a directory that holds an earlier run's episode file keeps that file,
+        renamed to ``<name>.<n>.csv``, and starts its own."""
+        path = self.episodes_file
+        if path is None or not path.exists():
+            return
+        n = 1
+        while path.with_suffix(f".{n}.csv").exists():
+            n += 1
+        os.replace(path, path.with_suffix(f".{n}.csv"))
+
+    def truncate_episodes_file(self) -> None:
+        """After a resume: drop the rows of episodes that ended after the checkpoint (the run that
+        wrote them died; they will be played again)."""
+        path = self.episodes_file
+        if path is None or not path.exists():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        keep = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= self.env_steps]
+        if len(keep) != len(lines):
+            tmp = path.with_suffix(".csv.tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"env_steps": self.env_steps, "episodes": self.episodes,
+                "recent_episodes": list(self.recent_episodes)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.env_steps, self.episodes = int(state["env_steps"]), int(state["episodes"])
+        self.recent_episodes = deque(state["recent_episodes"], maxlen=100)
+        self.restart()
