@@ -16,6 +16,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
 
 from datamodules.games import GAMES, MODES, NUM_ACTIONS, OBS_SHAPE, TIMEOUTS, unseen_mode
+from dreamer.compat import gym3_buffers, resolve_gym3_close
 
 # Procgen options this wrapper passes through, with their types.
 OPTION_TYPES = {
@@ -99,7 +100,7 @@ def raw_procgen_env(**kwargs: Any):
     with contextlib.redirect_stderr(io.StringIO()):
         import procgen
     env = procgen.ProcgenGym3Env(**kwargs)
-    env._c_lib.libenv_close  # noqa: B018 (see docstring)
+    resolve_gym3_close(env)
     return env
 
 
@@ -189,12 +190,10 @@ class ProcgenVectorEnv(VectorEnv):
         )
         # Read procgen's own buffers (filled in place by libenv_observe) instead of gym3's
         # get_info(), which builds a Python dict per env on every call.
-        self._c_lib, self._c_env = self._env._c_lib, self._env._c_env
-        self._act_buf = self._env._ac["action"]
-        self._rew_buf, self._first_buf = self._env._rew, self._env._first
-        self._obs_buf = self._env._ob["rgb"]
-        self._seed_buf = self._env._info["level_seed"]
-        self._complete_buf = self._env._info["prev_level_complete"]
+        buf = gym3_buffers(self._env)
+        self._c_lib, self._c_env = buf.c_lib, buf.c_env
+        self._act_buf, self._rew_buf, self._first_buf, self._obs_buf = buf.action, buf.reward, buf.first, buf.obs
+        self._seed_buf, self._complete_buf = buf.level_seed, buf.level_complete
         self._returns = np.zeros(self.num_envs, np.float32)
         self._lengths = np.zeros(self.num_envs, np.int64)
         self._c_lib.libenv_observe(self._c_env)

@@ -14,13 +14,14 @@ bytes more per step). A step's latent is marked valid until the slot is overwrit
 from __future__ import annotations
 
 import json
-import mmap
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from dreamer.compat import release_memmap_pages
 
 FIRST, LAST, TERMINAL, LATENT = 1, 2, 4, 8
 FIELDS = ("frames", "action", "reward", "flags")  # stored per step (latents besides, optionally)
@@ -156,7 +157,7 @@ class SequenceReplay:
             return
         self._touched = 0
         for arr in self.data.values():
-            arr._mmap.madvise(mmap.MADV_DONTNEED)
+            release_memmap_pages(arr)
 
     def flush(self) -> None:
         """Write memory-mapped pages to disk (no-op in RAM)."""

@@ -14,6 +14,7 @@ from callbacks.training import TrainingLog, ValidationTable
 from datamodules.games import NUM_ACTIONS
 from dreamer.actor_critic import ActorCritic
 from dreamer.checkpoints import CheckpointError, load_agent_state, save_agent_state, trainer_of
+from dreamer.compat import ignore_in_ddp
 from dreamer.config import CNN_MULTS, SIZES, argument_problem, precision_problem
 from dreamer.distributions import sample_index
 from dreamer.goals import GoalMatcher, GoalPursuit, GoalStateModel, GoalTrack, isolated_rng, mixture_probs
@@ -116,9 +117,8 @@ class Dreamer(pl.LightningModule):
         self.automatic_optimization = False
         # DDP leaves alone: the goal matcher (trained only in callbacks, which average its gradients
         # themselves) and each rank's bank of its own replayed goal pairs
-        self._ddp_params_and_buffers_to_ignore = [
-            f"goal_matcher.{name}" for name, _ in self.goal_matcher.named_parameters()
-        ] + [f"goal_model.{name}" for name in ("bank_start", "bank_goal", "bank_count")]
+        ignore_in_ddp(self, [f"goal_matcher.{name}" for name, _ in self.goal_matcher.named_parameters()]
+                      + [f"goal_model.{name}" for name in ("bank_start", "bank_goal", "bank_count")])
         self.updates = 0
 
     @property

@@ -8,6 +8,8 @@ from typing import Any, Iterable, Mapping
 from pytorch_lightning.loggers import Logger, MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from dreamer.compat import mlflow_ids
+
 # MLflow 3 opens experiments without this tag in its GenAI view, which shows no training runs
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -27,15 +29,16 @@ class RunLogger(MLFlowLogger):
 
     @property
     def experiment(self):  # noqa: D401 - Lightning's property, extended
-        if not self._prepared and self._run_id is not None:
+        if not self._prepared and mlflow_ids(self)[0] is not None:
             self._resumed = True
         client = MLFlowLogger.experiment.fget(self)
-        if not self._prepared and client is not None and self._run_id is not None:
+        run_id, experiment_id = mlflow_ids(self)
+        if not self._prepared and client is not None and run_id is not None:
             self._prepared = True
-            experiment = client.get_experiment(self._experiment_id)
+            experiment = client.get_experiment(experiment_id)
             for key, value in EXPERIMENT_KIND.items():
                 if experiment.tags.get(key) != value:
-                    client.set_experiment_tag(self._experiment_id, key, value)
+                    client.set_experiment_tag(experiment_id, key, value)
         return client
 
     @rank_zero_only
