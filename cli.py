@@ -20,11 +20,13 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from callbacks.training import EnvStepCheckpoint, EnvStepProgressBar
+from callbacks.visualize import DreamVisualizer
 from datamodules.checks import directory_problem
 from datamodules.replay_datamodule import ReplayDataModule
 from dreamer.agent import Dreamer
-from dreamer.config import argument_problem, precision_problem
 from dreamer.checkpoints import CheckpointError, checkpoint_mismatch, read_checkpoint
+from dreamer.config import argument_problem, precision_problem
 from dreamer.tracking import RunLogger, params_to_log, run_exists
 
 ROOT = Path(__file__).resolve().parent
@@ -143,6 +145,11 @@ class DreamerCLI(LightningCLI):
                 "validate": {"model", "dataloaders", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
+        # the always-on callbacks as config sections: a config overrides checkpoint.every_env_steps
+        # instead of repeating the trainer's callback list
+        parser.add_lightning_class_args(EnvStepCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(EnvStepProgressBar, "progress_bar")
+        parser.add_lightning_class_args(DreamVisualizer, "dream_pictures")
         parser.add_argument("--start_over", type=bool, default=False,
                             help="fit: move an earlier run in the run directory aside "
                                  "(to <dir>.old-<n>) and start a new one")
@@ -221,10 +228,8 @@ class DreamerCLI(LightningCLI):
             args.tags = {**(args.get("tags") or {}), "game": cfg.data.game,
                          "size": cfg.model.size, "seed": str(cfg.data.seed),
                          "subcommand": str(self.subcommand)}
-        for callback in cfg.trainer.callbacks or []:
-            if getattr(callback, "class_path", "").endswith("EnvStepCheckpoint"):
-                if callback.init_args.get("dirpath") is None:
-                    callback.init_args.dirpath = os.path.join(root, "checkpoints")
+        if cfg.checkpoint.get("dirpath") is None:
+            cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
 
     # ``--print_config`` is answered after the run's name and paths are filled in (jsonargparse's
     # own action prints before them, showing null)

@@ -34,12 +34,13 @@ class DreamVisualizer(pl.Callback):
       rewards marked (``value_trace_...png``).
 
     Files go to ``<run dir>/dreams/`` and into the MLflow run's ``dreams/`` artifacts. It draws on
-    its own random stream, so training is the same with or without it.
+    its own random stream, so training is the same with or without it; ``enabled`` False draws
+    nothing (the CLI always adds it, as the ``dream_pictures`` config section).
     """
 
     def __init__(
         self, every_n_updates: int = 1000, context: int = 5, horizon: int = 15, gif_steps: int = 48,
-        lanes: int = 8, trace_steps: int = 1000, scale: int = 2, seed: int = 12345,
+        lanes: int = 8, trace_steps: int = 1000, scale: int = 2, seed: int = 12345, enabled: bool = True,
     ) -> None:
         for name, value in (("every_n_updates", every_n_updates), ("context", context),
                             ("horizon", horizon), ("gif_steps", gif_steps), ("lanes", lanes),
@@ -48,21 +49,23 @@ class DreamVisualizer(pl.Callback):
                 raise ValueError(f"DreamVisualizer: {name} must be a positive integer, got {value}")
         self.every, self.context, self.horizon, self.gif_steps = every_n_updates, context, horizon, gif_steps
         self.lanes, self.trace_steps, self.scale, self.seed = lanes, trace_steps, scale, seed
+        self.enabled = enabled
         self.last_files: dict[str, Path] = {}
         self.last_metrics: dict[str, float] = {}
         self._done_at: int | None = None
 
     # ------------------------------------------------------------- hooks
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.updates % self.every == 0:
+        if self.enabled and pl_module.updates % self.every == 0:
             self.visualize(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.visualize(trainer, pl_module)
-        self._announce(trainer)
+        if self.enabled:
+            self.visualize(trainer, pl_module)
+            self._announce(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.state.fn == "validate":
+        if self.enabled and trainer.state.fn == "validate":
             self.visualize(trainer, pl_module)
             self._announce(trainer)
 

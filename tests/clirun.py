@@ -39,12 +39,14 @@ def quick_checkpoints(path, *callbacks: str | tuple[str, dict]) -> str:
     no validation or pictures (not even at the end), plus ``callbacks`` (class paths, or (class path, init args))."""
     import yaml
 
-    listed = [{"class_path": "callbacks.training.EnvStepCheckpoint", "init_args": {"every_env_steps": 64}}]
+    listed = []
     for callback in callbacks:
         class_path, init_args = callback if isinstance(callback, tuple) else (callback, {})
         listed.append({"class_path": class_path, "init_args": init_args})
     Path(path).write_text(yaml.safe_dump({
         "trainer": {"val_check_interval": 100000, "limit_val_batches": 0, "callbacks": listed},
+        "checkpoint": {"every_env_steps": 64},
+        "dream_pictures": {"enabled": False},
         "data": {"learning_starts": 64},
     }))
     return str(path)
