@@ -42,7 +42,9 @@ class Dreamer(pl.LightningModule):
     The networks follow the newest DreamerV3 (block-GRU core, truncated-normal initialisation,
     reward and continue heads of one layer, actor and critic of ``layers``, actor output scale
     0.01) with ``norm`` LayerNorm (or ``rms``, DreamerV3's, slower on CPUs); the critic also
-    learns from replayed returns at scale ``repval``. A batch with a replay context
+    learns from replayed returns at scale ``repval``. ``world_model_args`` and ``actor_critic_args``
+    set those modules' remaining DreamerV3 knobs (``MODULE_KNOBS``: unimix, loss scales, slow
+    critic, return normalisation). A batch with a replay context
     (``replay_batch``) starts from the latents stored in replay, and the update writes its
     posteriors back (``latent_sizes`` says what the replay keeps).
 
@@ -88,6 +90,8 @@ class Dreamer(pl.LightningModule):
         compile: bool = False,
         repval: float = 0.3,
         norm: str = "layer",
+        world_model_args: dict[str, float] | None = None,
+        actor_critic_args: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         problem = argument_problem(dict(locals()))
@@ -97,11 +101,11 @@ class Dreamer(pl.LightningModule):
         arch = {**SIZES[size], "cnn_mults": CNN_MULTS, **(overrides or {})}
         self.world_model = WorldModel(
             NUM_ACTIONS, **{k: v for k, v in arch.items() if k != "layers"}, free_bits=free_bits,
-            scale_dyn=scale_dyn, scale_rep=scale_rep, norm=norm,
+            scale_dyn=scale_dyn, scale_rep=scale_rep, norm=norm, **(world_model_args or {}),
         )
         self.actor_critic = ActorCritic(
             self.world_model.rssm.feat_dim, NUM_ACTIONS, arch["units"], arch["layers"], horizon,
-            gamma, lam, entropy, repval=repval, norm=norm,
+            gamma, lam, entropy, repval=repval, norm=norm, **(actor_critic_args or {}),
         )
         with torch.random.fork_rng(devices=[]):  # plain DreamerV3 keeps its random stream
             self.goal_matcher = GoalMatcher(

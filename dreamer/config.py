@@ -54,6 +54,25 @@ RANGES: dict[str, tuple[float, float, bool]] = {
 INTEGER_ARGUMENTS = ("horizon", "max_env_steps", "goal_rollouts", "goal_offset", "goal_steps")
 
 
+# DreamerV3 knobs without a Dreamer argument of their own, grouped by the module they configure
+# (``model.world_model_args``, ``model.actor_critic_args``), with their ranges as in RANGES
+MODULE_KNOBS: dict[str, dict[str, tuple[float, float, bool]]] = {
+    "world_model_args": {"unimix": (0, 1, True), "scale_image": (0, 100, True),
+                         "scale_reward": (0, 100, True), "scale_continue": (0, 100, True)},
+    "actor_critic_args": {"unimix": (0, 1, True), "slow_rate": (0, 1, False), "slow_reg": (0, 100, True),
+                          "retnorm_decay": (0, 1, True)},
+}
+
+
+def _range_problem(name: str, value: Any, low: float, high: float, low_ok: bool, integer: bool = False) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
+        return f"model.{name} must be {'an integer' if integer else 'a number'}, got {value!r}"
+    if not (low <= value if low_ok else low < value) or not value <= high or value != value:
+        interval = f"{'[' if low_ok else '('}{low:g}, {high:g}]"
+        return f"model.{name} must lie in {interval}, got {value!r}"
+    return None
+
+
 def argument_problem(args: Any) -> str | None:
     """What is wrong with Dreamer's arguments, a mapping of them (the first problem, with what is
     allowed), or None. The CLI asks before it builds anything."""
@@ -72,13 +91,15 @@ def argument_problem(args: Any) -> str | None:
         elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return f"model.overrides.{key} must be a positive integer, got {value!r}"
     for name, (low, high, low_ok) in RANGES.items():
-        value = args[name]
-        integer = name in INTEGER_ARGUMENTS
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
-            return f"model.{name} must be {'an integer' if integer else 'a number'}, got {value!r}"
-        if not (low <= value if low_ok else low < value) or not value <= high or value != value:
-            interval = f"{'[' if low_ok else '('}{low:g}, {high:g}]"
-            return f"model.{name} must lie in {interval}, got {value!r}"
+        if problem := _range_problem(name, args[name], low, high, low_ok, name in INTEGER_ARGUMENTS):
+            return problem
+    for group, knobs in MODULE_KNOBS.items():
+        given = args.get(group) or {}
+        if unknown := sorted(set(given) - set(knobs)):
+            return f"unknown model.{group} {unknown}; allowed: {', '.join(knobs)}"
+        for key, value in given.items():
+            if problem := _range_problem(f"{group}.{key}", value, *knobs[key]):
+                return problem
     if args["goal_strategy"] not in STRATEGIES:
         return f"unknown model.goal_strategy {args['goal_strategy']!r}; allowed: {', '.join(STRATEGIES)}"
     if args["norm"] not in NORMS:

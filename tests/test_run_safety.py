@@ -275,3 +275,16 @@ def test_the_run_logger_keeps_the_first_error_in_view_and_ends_the_run(tmp_path,
     except KeyboardInterrupt:
         resumed.finalize("failed")
     assert resumed.experiment.get_run(run_id).info.status == "KILLED"
+
+
+def test_module_knobs_reach_their_modules_and_bad_ones_are_refused():
+    model = Dreamer(size="tiny", world_model_args={"unimix": 0.05, "scale_reward": 2.0},
+                    actor_critic_args={"slow_rate": 0.1, "retnorm_decay": 0.9})
+    assert model.world_model.hp.unimix == 0.05 and model.world_model.rssm.unimix == 0.05
+    assert model.world_model.hp.scale_reward == 2.0
+    assert model.actor_critic.hp.slow_rate == 0.1 and model.actor_critic.hp.retnorm_decay == 0.9
+    problem = argument_problem({**_defaults(), "actor_critic_args": {"slow_rat": 0.1}})
+    assert problem == ("unknown model.actor_critic_args ['slow_rat']; allowed: unimix, slow_rate, slow_reg, "
+                       "retnorm_decay")
+    assert "model.world_model_args.unimix must lie in [0, 1], got 2" in argument_problem(
+        {**_defaults(), "world_model_args": {"unimix": 2}})
