@@ -150,7 +150,7 @@ class DemoSession:
         agent = self.loaded.agent
         post = self.state.post
         with torch.no_grad():
-            _, feat, _ = agent.world_model.rssm.imagine(post, agent.actor_critic.sample, DREAM_STEPS)
+            _, feat, _ = agent.world_model.rssm.imagine(post, agent.actor_critic.sample, DREAM_STEPS, keep_states=False)
             feat = feat[1:, 0]  # (H, F)
             frames = visuals.decode(agent, feat)
             reward = agent.world_model.reward(feat).cpu().numpy()

@@ -169,7 +169,7 @@ class Dreamer(pl.LightningModule):
         wm, ac = self.world_model, self.actor_critic
         start = {k: v.detach().reshape(-1, *v.shape[2:]) for k, v in post.items()}  # (B * T, ...)
         with torch.no_grad():
-            _, feat, actions = wm.rssm.imagine(start, ac.sample, self.hparams.horizon)  # feat (H + 1, N, F)
+            _, feat, actions = wm.rssm.imagine(start, ac.sample, self.hparams.horizon, keep_states=False)  # (H + 1, N, F)
             reward = wm.reward(feat[1:])  # (H, N)
             cont = torch.cat(
                 [1.0 - is_terminal.reshape(1, -1).float(), wm.continue_prob(feat[1:])]

@@ -145,21 +145,23 @@ class RSSM(nn.Module):
         return post, {"deter": post["deter"], "logits": logits}
 
     def imagine(
-        self, start: State, policy: Callable[[torch.Tensor], torch.Tensor], horizon: int
-    ) -> tuple[State, torch.Tensor, torch.Tensor]:
-        """Roll the prior ``horizon`` steps from ``start`` (N, ...), acting with ``policy(features)``.
+        self, start: State, policy: Callable[[torch.Tensor], torch.Tensor] | torch.Tensor, horizon: int,
+        keep_states: bool = True,
+    ) -> tuple[State | None, torch.Tensor, torch.Tensor]:
+        """Roll the prior ``horizon`` steps from ``start`` (N, ...), acting with ``policy(features)``
+        or, given a tensor (H, N), with those actions (open loop).
 
-        Returns states (H + 1, N, ...) with the start first, their features (H + 1, N, F) (the
-        ones the policy saw, and the last), and the actions (H, N) taken.
+        Returns states (H + 1, N, ...) with the start first (None without ``keep_states``), their
+        features (H + 1, N, F) (the ones the policy saw, and the last), and the actions (H, N).
         """
         states, feats, actions = [start], [], []
         state = start
-        for _ in range(horizon):
+        for t in range(horizon):
             feats.append(self.features(state))
-            action = policy(feats[-1])
+            action = policy[t] if isinstance(policy, torch.Tensor) else policy(feats[-1])
             state = self.img_step(state, F.one_hot(action, self.num_actions).float())
             states.append(state)
             actions.append(action)
         feats.append(self.features(state))
-        stacked = {k: torch.stack([s[k] for s in states]) for k in start}
+        stacked = {k: torch.stack([s[k] for s in states]) for k in start} if keep_states else None
         return stacked, torch.stack(feats), torch.stack(actions)

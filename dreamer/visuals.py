@@ -98,22 +98,15 @@ def open_loop(
     act = torch.from_numpy(action).long().to(device)
     post, _ = wm.rssm.observe(embed, act[:, :context], torch.from_numpy(is_first[:, :context]).to(device))
     state: State = {k: v[:, -1] for k, v in post.items()}  # (N, ...) after the context
-    states, actions = [], []
-    for k in range(horizon):
-        if own_actions:
-            a = agent.actor_critic.sample(wm.rssm.features(state))
-        else:
-            a = act[:, context - 1 + k]
-        state = wm.rssm.img_step(state, F.one_hot(a, wm.rssm.num_actions).float())
-        states.append(state)
-        actions.append(a)
-    feat = wm.rssm.features({k: torch.stack([s[k] for s in states], 1) for k in state})  # (N, H, F)
+    policy = agent.actor_critic.sample if own_actions else act[:, context - 1 : context - 1 + horizon].T  # (H, N)
+    _, feat, actions = wm.rssm.imagine(state, policy, horizon, keep_states=False)
+    feat = feat[1:].transpose(0, 1)  # (H + 1, N, F) -> (N, H, F), the dreamed steps
     out = {
         "pred": decode(agent, feat),
         "reward": wm.reward(feat).cpu().numpy(),
         "value": agent.actor_critic.value(feat).cpu().numpy(),
         "cont": wm.continue_prob(feat).cpu().numpy(),
-        "action": torch.stack(actions, 1).cpu().numpy(),
+        "action": actions.transpose(0, 1).cpu().numpy(),
         "step": np.arange(context, context + horizon),
     }
     if not own_actions:
