@@ -22,8 +22,6 @@ from dreamer.distributions import categorical_entropy, sample_index
 from dreamer.goals import imagined_return, step_optimizer
 from dreamer.rssm import State
 
-MATCHER_OPTIMIZER, ACTOR_OPTIMIZER = 3, 1
-
 
 def _log(pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:
     if metrics:
@@ -149,7 +147,7 @@ class DreamGeneration(pl.Callback):
 
         deter_dim = post["deter"].shape[-1]
         losses = []
-        optimizer = pl_module.optimizers()[MATCHER_OPTIMIZER]
+        optimizer = pl_module.optimizer("goal_matcher")
         for _ in range(self.matcher_updates):
             loss = matcher.loss(*self.buffer.hindsight(self.matcher_batch, deter_dim))
             step_optimizer(optimizer, loss, matcher.parameters(), matcher.hp.clip)
@@ -259,7 +257,7 @@ class BridgeDistillation(pl.Callback):
             goal = gm.propose(state, wm, ac)
             matcher_logits = pl_module.goal_matcher.policy_logits(feat, feat[:, :deter_dim], goal)
         kl = self.kl(pl_module, feat, matcher_logits)
-        optimizer = pl_module.optimizers()[ACTOR_OPTIMIZER]
+        optimizer = pl_module.optimizer("actor")
         step_optimizer(optimizer, coef * kl, ac.actor.parameters(), pl_module.hparams.actor_critic_clip)
         with torch.no_grad():
             after = self.kl(pl_module, feat, matcher_logits)

@@ -155,6 +155,12 @@ class Dreamer(pl.LightningModule):
         wm.rssm.obs_step = torch.compile(wm.rssm.obs_step)
         self.imagine = torch.compile(self.imagine)
 
+    OPTIMIZERS = ("world_model", "actor", "critic", "goal_matcher")  # configure_optimizers' order
+
+    def optimizer(self, name: str):
+        """The optimiser (Lightning's wrapper of it while training) of ``name`` in ``OPTIMIZERS``."""
+        return self.optimizers()[self.OPTIMIZERS.index(name)]
+
     def configure_optimizers(self):
         hp = self.hparams
         return [
@@ -189,7 +195,7 @@ class Dreamer(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         hp = self.hparams
-        optimizers = self.optimizers()[:3]  # world model, actor, critic (the matcher's is the 4th)
+        optimizers = [self.optimizer(name) for name in ("world_model", "actor", "critic")]
         loss, metrics = update(self, optimizers, batch, backward=self.manual_backward)
         dm = self.trainer.datamodule
         if "context" in batch and dm is not None:
