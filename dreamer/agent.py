@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from callbacks.training import TrainingLog, ValidationTable
-from datamodules.games import NUM_ACTIONS
+from datamodules.games import NUM_ACTIONS, OBS_SHAPE
 from dreamer.actor_critic import ActorCritic
 from dreamer.checkpoints import CheckpointError, load_agent_state, save_agent_state, trainer_of
 from dreamer.compat import ignore_in_ddp
@@ -100,7 +100,7 @@ class Dreamer(pl.LightningModule):
         self.save_hyperparameters(logger=False)  # the CLI logs the whole config
         arch = {**SIZES[size], "cnn_mults": CNN_MULTS, **(overrides or {})}
         self.world_model = WorldModel(
-            NUM_ACTIONS, **{k: v for k, v in arch.items() if k != "layers"}, free_bits=free_bits,
+            NUM_ACTIONS, **{k: v for k, v in arch.items() if k != "layers"}, free_bits=free_bits, obs_shape=OBS_SHAPE,
             scale_dyn=scale_dyn, scale_rep=scale_rep, norm=norm, **(world_model_args or {}),
         )
         self.actor_critic = ActorCritic(

@@ -118,48 +118,52 @@ class ChannelNorm(nn.LayerNorm):
 
 
 class Encoder(nn.Module):
-    """uint8 (..., 64, 64, 3) frames -> (..., embed_dim) features; 4 stride-2 conv stages to 4x4."""
+    """uint8 (..., H, W, C) frames -> (..., embed_dim) features; one stride-2 conv stage per entry
+    of ``mults`` (64x64 -> 4x4 with four)."""
 
-    def __init__(self, depth: int, mults: tuple[int, ...] = (2, 3, 4, 4)) -> None:
+    def __init__(self, depth: int, mults: tuple[int, ...] = (2, 3, 4, 4),
+                 obs_shape: tuple[int, int, int] = (64, 64, 3)) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        ch = 3
+        ch = obs_shape[2]
         for m in mults:
             layers += [nn.Conv2d(ch, depth * m, 4, 2, 1, bias=False), ChannelNorm(depth * m), nn.SiLU()]
             ch = depth * m
         self.net = nn.Sequential(*layers)
-        self.embed_dim = ch * (64 // 2 ** len(mults)) ** 2
+        self.embed_dim = ch * (obs_shape[0] // 2 ** len(mults)) * (obs_shape[1] // 2 ** len(mults))
         trunc_normal_fan_in_(self)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         lead = obs.shape[:-3]
-        x = obs.reshape(-1, *obs.shape[-3:]).permute(0, 3, 1, 2).float() / 255.0 - 0.5  # (N, 3, 64, 64)
+        x = obs.reshape(-1, *obs.shape[-3:]).permute(0, 3, 1, 2).float() / 255.0 - 0.5  # (N, C, H, W)
         return self.net(x).reshape(*lead, -1)
 
 
 class Decoder(nn.Module):
-    """(..., feat_dim) latent features -> (..., 64, 64, 3) images in [0, 1]: a Linear to a 4x4
-    grid (norm, SiLU), then stride-2 transposed convs (norm, SiLU) up to 64x64."""
+    """(..., feat_dim) latent features -> (..., H, W, C) images in [0, 1]: a Linear to the smallest
+    grid (4x4 for 64x64 and four stages; norm, SiLU), then stride-2 transposed convs (norm, SiLU)."""
 
-    def __init__(self, feat_dim: int, depth: int, mults: tuple[int, ...] = (2, 3, 4, 4)) -> None:
+    def __init__(self, feat_dim: int, depth: int, mults: tuple[int, ...] = (2, 3, 4, 4),
+                 obs_shape: tuple[int, int, int] = (64, 64, 3)) -> None:
         super().__init__()
         chans = [depth * m for m in reversed(mults)]
-        self.start = 64 // 2 ** len(mults)
+        self.obs_shape = tuple(obs_shape)
+        self.start = (obs_shape[0] // 2 ** len(mults), obs_shape[1] // 2 ** len(mults))
         self.chans0 = chans[0]
-        self.project = nn.Linear(feat_dim, chans[0] * self.start**2)
+        self.project = nn.Linear(feat_dim, chans[0] * self.start[0] * self.start[1])
         layers: list[nn.Module] = [ChannelNorm(chans[0]), nn.SiLU()]
         for cin, cout in zip(chans, chans[1:]):
             layers += [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), ChannelNorm(cout), nn.SiLU()]
-        layers.append(nn.ConvTranspose2d(chans[-1], 3, 4, 2, 1))
+        layers.append(nn.ConvTranspose2d(chans[-1], obs_shape[2], 4, 2, 1))
         self.net = nn.Sequential(*layers)
         trunc_normal_fan_in_(self)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         lead = feat.shape[:-1]
         x = self.project(feat.reshape(-1, feat.shape[-1]))
-        x = x.reshape(-1, self.chans0, self.start, self.start)  # (N, C, 4, 4)
-        x = torch.sigmoid(self.net(x))  # (N, 3, 64, 64)
-        return x.permute(0, 2, 3, 1).reshape(*lead, 64, 64, 3)
+        x = x.reshape(-1, self.chans0, *self.start)  # (N, C, 4, 4) for 64x64
+        x = torch.sigmoid(self.net(x))  # (N, C, H, W)
+        return x.permute(0, 2, 3, 1).reshape(*lead, *self.obs_shape)
 
 
 class BlockGRU(nn.Module):

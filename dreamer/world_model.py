@@ -40,14 +40,15 @@ class WorldModel(pl.LightningModule):
         scale_dyn: float = 1.0,
         scale_rep: float = 0.1,
         norm: str = "layer",
+        obs_shape: tuple[int, int, int] = (64, 64, 3),
     ) -> None:
         super().__init__()
         self.hp = init_args(locals())
-        self.encoder = Encoder(depth, tuple(cnn_mults))
+        self.encoder = Encoder(depth, tuple(cnn_mults), obs_shape)
         self.rssm = RSSM(self.encoder.embed_dim, num_actions, deter, hidden, stoch, classes,
                          gru_blocks, unimix, norm=norm)
         feat = self.rssm.feat_dim
-        self.decoder = Decoder(feat, depth, tuple(cnn_mults))
+        self.decoder = Decoder(feat, depth, tuple(cnn_mults), obs_shape)
         self.reward_head = MLP(feat, units, 1, 255, outscale=0.0, norm=norm)
         self.continue_head = MLP(feat, units, 1, 1, norm=norm)
         self.twohot = TwoHot()

@@ -252,3 +252,14 @@ def test_cnn_channel_multipliers_are_a_setting_and_checked():
     for bad in ([], [1, 2, 0, 4], [1] * 7, 4, ["2"]):
         with pytest.raises(ValueError, match="cnn_mults must be a list of 1 to 6 positive integers"):
             Dreamer(size="tiny", overrides={"cnn_mults": bad})
+
+
+def test_encoder_and_decoder_follow_the_frame_shape():
+    from dreamer.nets import Decoder, Encoder
+
+    enc, dec = Encoder(4, (2, 3, 4), obs_shape=(32, 48, 1)), Decoder(100, 4, (2, 3, 4), obs_shape=(32, 48, 1))
+    frames = torch.randint(0, 256, (2, 5, 32, 48, 1), dtype=torch.uint8)
+    assert enc(frames).shape == (2, 5, enc.embed_dim) and enc.embed_dim == 16 * 4 * 6  # 3 stages: /8
+    assert dec(torch.randn(2, 5, 100)).shape == (2, 5, 32, 48, 1)
+    default = Encoder(4)
+    assert default.embed_dim == 16 * 4 * 4 and Decoder(100, 4)(torch.randn(3, 100)).shape == (3, 64, 64, 3)
