@@ -78,10 +78,8 @@ class ReplayDataModule(pl.LightningDataModule):
         self.env_config = ProcgenConfig(
             game, num_envs, distribution_mode, num_levels, start_level, seed, test_num_envs
         )
-        self.train_env: ProcgenVectorEnv | None = None
         self.test_env: ProcgenVectorEnv | None = None
         self.eval_train_env: ProcgenVectorEnv | None = None
-        self.replay: SequenceReplay | None = None
         self.collector = Collector()  # its envs, replay and episode file are set up in setup
         self.batches_served = 0
         self.batches_trained = 0
@@ -103,6 +101,16 @@ class ReplayDataModule(pl.LightningDataModule):
         return self.collector.env_steps
 
     @property
+    def train_env(self) -> ProcgenVectorEnv | None:
+        """The training envs (the collector's), once set up."""
+        return self.collector.env
+
+    @property
+    def replay(self) -> SequenceReplay | None:
+        """The collector's replay, once set up for fit."""
+        return self.collector.replay
+
+    @property
     def total_env_steps(self) -> int:
         """Environment steps of all ranks together. Every rank serves the same batches and so
         takes the same number of steps (``env_steps_needed`` depends only on the batch index)."""
@@ -122,14 +130,13 @@ class ReplayDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         cfg = self._rank_config()
         if self.train_env is None:
-            self.train_env, self.test_env = make_env_pair(cfg, **(self.hparams.procgen_options or {}))
+            self.collector.env, self.test_env = make_env_pair(cfg, **(self.hparams.procgen_options or {}))
             self.random_policy = RandomPolicy(cfg.seed)
-            self.collector.env = self.train_env
         self.collector.episodes_file = self.episodes_file()
         if stage == "validate" or self.replay is not None:
             return  # validation plays fresh episodes: no replay, no files
         hp = self.hparams
-        self.replay = self.collector.replay = SequenceReplay(
+        self.collector.replay = SequenceReplay(
             hp.replay_capacity,
             cfg.num_envs,
             storage=hp.replay_storage,
