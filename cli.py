@@ -265,13 +265,13 @@ class DreamerCLI(LightningCLI):
         import yaml
 
         tree = yaml.safe_load(Path(path).read_text()) or {}
-        precision = (tree.get("trainer") or {}).get("precision")
-        if precision is None:
-            return path
-        self.precision_auto = precision == "auto"
+        trainer = tree.get("trainer")
+        if not isinstance(trainer, dict) or trainer.get("precision") is None:
+            return path  # no precision here (a malformed section is the parser's to refuse)
+        self.precision_auto = trainer["precision"] == "auto"
         if not self.precision_auto:
             return path
-        tree["trainer"]["precision"] = "32-true"
+        trainer["precision"] = "32-true"
         return yaml.safe_dump(tree, sort_keys=False)
 
     @staticmethod
@@ -383,6 +383,7 @@ def auto_precision(accelerator: Any) -> tuple[str, str]:
     import torch
 
     name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
+    name = "cpu" if name.startswith("cpu") else name  # an Accelerator instance: CPUAccelerator
     gpu = name in ("gpu", "cuda") or "cuda" in name or (name == "auto" and torch.cuda.is_available())
     if gpu:
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -478,6 +479,9 @@ def _config_files(argv: list[str]) -> list[str]:
     return files
 
 
+SECTIONS = ("trainer", "model", "data", "checkpoint", "progress_bar", "dream_pictures")  # config mappings
+
+
 def config_file_problem(path: str) -> str | None:
     """Why ``--config path`` cannot be read as a YAML mapping, or None."""
     import yaml
@@ -494,6 +498,10 @@ def config_file_problem(path: str) -> str | None:
         return f"config file {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}"
     if tree is not None and not isinstance(tree, dict):
         return f"config file {path} must hold a mapping of sections (trainer, model, data), got {type(tree).__name__}"
+    for section in SECTIONS:
+        value = (tree or {}).get(section)
+        if value is not None and not isinstance(value, dict):
+            return f"config file {path}: section {section} must be a mapping of its settings, got {value!r}"
     return None
 
 

@@ -229,6 +229,7 @@ def test_precision_auto_picks_bf16_only_where_it_is_fast(tmp_path, monkeypatch):
     monkeypatch.setattr("cli.cpu_has_amx", lambda: True)
     assert auto_precision("auto")[0] == auto_precision("cpu")[0] == "bf16-mixed"
     assert auto_precision("mps")[0] == "32-true"
+    assert auto_precision(type("CPUAccelerator", (), {})())[0] == "bf16-mixed"  # an Accelerator instance
     monkeypatch.setattr("cli.cpu_has_amx", lambda: False)
     assert auto_precision("auto")[0] == "32-true"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

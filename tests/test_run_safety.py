@@ -74,6 +74,7 @@ def test_bad_inputs_get_one_line_and_leave_the_run_as_it_was(smoke_run, tmp_path
     shutil.copytree(src / "runs", tmp_path / "runs")
     shutil.copy(src / "mlflow.db", tmp_path / "mlflow.db")
     (tmp_path / "broken.yaml").write_text("model:\n  size: [tiny\n")
+    (tmp_path / "flat.yaml").write_text("trainer: 5\n")
     (tmp_path / "noise.ckpt").write_bytes(np.random.default_rng(0).bytes(4096))
     (tmp_path / "a_file").write_text("")
     before = _hashes(tmp_path)
@@ -94,6 +95,7 @@ def test_bad_inputs_get_one_line_and_leave_the_run_as_it_was(smoke_run, tmp_path
         (fit + ["--model.world_model_lr", "1000"], "model.world_model_lr must lie in (0, 1]"),
         (fit + ["--model.actor_lr", "1e10"], "model.actor_lr must lie in (0, 1]"),
         (["fit", "--config", "broken.yaml"], "config file broken.yaml is not valid YAML at line 3"),
+        (["fit", "--config", "flat.yaml"], "config file flat.yaml: section trainer must be a mapping of its settings, got 5"),
         (["validate", "--config", SMOKE, "--ckpt_path", "noise.ckpt"], "is not a PyTorch checkpoint"),
         (fit + ["--trainer.default_root_dir", "/proc/run"], "lies in /proc"),
         (fit + ["--trainer.default_root_dir", "a_file/run"], "a_file is a file, not a directory"),
