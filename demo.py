@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from datamodules.collector import Rollout
 from datamodules.procgen import GAMES, ProcgenConfig, ProcgenVectorEnv, unseen_levels, unseen_mode
 from dreamer import visuals
 from dreamer.agent import Dreamer, restore_agent
@@ -90,8 +91,7 @@ class DemoSession:
     show_goals: bool = False
     seed: int = 0
     env: Any = None
-    obs: np.ndarray | None = None
-    state: Any = None
+    rollout: Any = None
     values: list[float] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     similarities: list[float] = field(default_factory=list)
@@ -111,19 +111,30 @@ class DemoSession:
         num_levels, start_level = (0, 0) if mode == "exploration" else (1, self.seed)  # its one level
         self.env = ProcgenVectorEnv(game, 1, mode, num_levels, start_level, seed=self.seed)
         self.game, self.split, self.index, self.show_goals = game, split, index, show_goals
-        self.obs, _ = self.env.reset()
-        self.state, self.done, self.episode_return = None, False, 0.0
+        self.rollout = Rollout(self.env)
+        self.rollout.reset()
+        self.done, self.episode_return = False, 0.0
         self.values, self.rewards, self.similarities = [], [], []
-        self._observe(np.ones(1, bool), 0.0)
+        self._observe()
 
-    def _observe(self, is_first: np.ndarray, reward: float) -> None:
+    @property
+    def obs(self) -> np.ndarray:
+        return self.rollout.obs
+
+    @property
+    def state(self) -> Any:
+        return self.rollout.state
+
+    @property
+    def action(self) -> np.ndarray:
+        """(1,) the action the agent takes at the next step."""
+        return self.rollout.action
+
+    def _observe(self) -> None:
         agent = self.loaded.agent
         agent.goals.track = self.show_goals
         with torch.no_grad():
-            self.action, self.state = agent.act(
-                torch.from_numpy(self.obs), torch.from_numpy(is_first), self.state,
-                reward=torch.tensor([reward]),
-            )
+            self.rollout.act(agent)
             post, _, track = self.state
             feat = agent.world_model.rssm.features(post)
             self.values.append(float(agent.actor_critic.value(feat)[0]))
@@ -134,12 +145,12 @@ class DemoSession:
         """Act once; a finished episode starts again on the same level."""
         if self.done:
             return self.start(self.game, self.split, self.index, self.show_goals)
-        self.obs, reward, terminated, truncated, _ = self.env.step(self.action.cpu().numpy().astype(np.int64))
-        self.rewards.append(float(reward[0]))
-        self.episode_return += float(reward[0])
+        t = self.rollout.step()
+        self.rewards.append(float(t.reward[0]))
+        self.episode_return += float(t.reward[0])
         # at an episode's end procgen has already reset: the frame is the level's first again
-        self.done = bool(terminated[0] or truncated[0])
-        self._observe(np.array([self.done]), float(reward[0]))
+        self.done = bool(t.terminated[0] or t.truncated[0])
+        self._observe()
 
     # ------------------------------------------------------------- what the page shows
     def frame(self, scale: int = 4) -> np.ndarray:

@@ -1,18 +1,19 @@
-"""Playing the game with a policy: the ``Collector`` that writes the training envs' experience into
-replay and keeps the episode statistics, and ``play_episodes`` for evaluation."""
+"""Playing the game with a policy: the ``Rollout`` every env loop runs on, the ``Collector`` that
+writes the training envs' experience into replay and keeps the episode statistics, and
+``evaluate`` for validation."""
 
 from __future__ import annotations
 
 import os
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
 import torch
 
 from datamodules.games import RandomPolicy
-from datamodules.procgen import EPISODE_KEY, ProcgenVectorEnv
+from datamodules.procgen import EPISODE_KEY, ProcgenVectorEnv, normalized_score
 from datamodules.replay import SequenceReplay
 
 
@@ -42,6 +43,59 @@ def policy_actions(policy: Policy, obs: np.ndarray, is_first: np.ndarray, state:
     return actions.cpu().numpy().astype(np.int64), state
 
 
+class Transition(NamedTuple):
+    """One vector step (N lanes): the frame acted from, the action taken from it and what the env
+    gave back. ``reward_in`` was received on arriving at ``obs`` (0 on an episode's first frame);
+    ``reward`` is the step's own. Where ``terminated | truncated`` the episode ended and procgen has
+    already reset that lane: the next frame is a new episode's first, and ``info`` holds the
+    finished episode's statistics."""
+
+    obs: np.ndarray
+    is_first: np.ndarray
+    reward_in: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    info: dict[str, Any]
+
+
+class Rollout:
+    """A vector env played by a policy one step at a time: the one env loop that collection,
+    evaluation, the dream pictures and the demo share.
+
+    It carries what the policy sees between steps: the current frames ``obs``, ``is_first``, the
+    reward received on arriving (``reward_in``) and the policy's ``state``. ``act`` draws the
+    actions for the current frames, ``step`` takes them; ``reset`` starts fresh episodes.
+    """
+
+    def __init__(self, env: ProcgenVectorEnv) -> None:
+        self.env = env
+        self.obs: np.ndarray | None = None  # None: fresh episodes at the next act
+        self.state: Any = None
+
+    def reset(self) -> None:
+        n = self.env.num_envs
+        self.obs, _ = self.env.reset()
+        self.is_first, self.reward_in, self.state = np.ones(n, bool), np.zeros(n, np.float32), None
+
+    def act(self, policy: Policy) -> np.ndarray:
+        """The policy's actions (N,) for the current frames (after a reset if none yet)."""
+        if self.obs is None:
+            self.reset()
+        self.action, self.state = policy_actions(policy, self.obs, self.is_first, self.state, self.reward_in)
+        return self.action
+
+    def step(self) -> Transition:
+        """Take the actions of the last ``act``."""
+        obs, reward, terminated, truncated, info = self.env.step(self.action)
+        done = terminated | truncated
+        out = Transition(self.obs, self.is_first, self.reward_in, self.action, reward, terminated, truncated, info)
+        self.obs, self.is_first = obs, done
+        self.reward_in = np.where(done, 0.0, reward).astype(np.float32)
+        return out
+
+
 def play_episodes(env: ProcgenVectorEnv, policy: Policy, episodes: int) -> tuple[list[float], list[float]]:
     """Returns and level completions of ``episodes`` fresh episodes of ``policy`` on ``env``.
 
@@ -51,19 +105,28 @@ def play_episodes(env: ProcgenVectorEnv, policy: Policy, episodes: int) -> tuple
     per_env = -(-episodes // env.num_envs)
     counted = np.zeros(env.num_envs, np.int64)
     returns, completes = [], []
-    obs, _ = env.reset()
-    is_first, state = np.ones(env.num_envs, bool), None
-    reward = np.zeros(env.num_envs, np.float32)
+    rollout = Rollout(env)
     while (counted < per_env).any():
-        actions, state = policy_actions(policy, obs, is_first, state, reward)
-        obs, reward, terminated, truncated, info = env.step(actions)
-        is_first = terminated | truncated
-        reward = np.where(is_first, 0.0, reward).astype(np.float32)
-        for i in np.flatnonzero(is_first & (counted < per_env)):
-            returns.append(float(info[EPISODE_KEY]["r"][i]))
-            completes.append(float(info[EPISODE_KEY]["level_complete"][i]))
+        rollout.act(policy)
+        t = rollout.step()
+        for i in np.flatnonzero((t.terminated | t.truncated) & (counted < per_env)):
+            returns.append(float(t.info[EPISODE_KEY]["r"][i]))
+            completes.append(float(t.info[EPISODE_KEY]["level_complete"][i]))
             counted[i] += 1
     return returns, completes
+
+
+def evaluate(env: ProcgenVectorEnv, policy: Policy, episodes: int) -> dict[str, float]:
+    """Mean return, normalised score and level completion of ``episodes`` fresh episodes (see
+    ``play_episodes``), and the number of episodes played."""
+    returns, completes = play_episodes(env, policy, episodes)
+    game, mode = env.game, env.distribution_mode
+    return {
+        "return": float(np.mean(returns)),
+        "normalized_score": float(np.mean([normalized_score(game, mode, r) for r in returns])),
+        "level_complete": float(np.mean(completes)),
+        "episodes": float(len(returns)),
+    }
 
 
 class Collector:
@@ -83,46 +146,45 @@ class Collector:
 
     def __init__(self, env: ProcgenVectorEnv | None = None, replay: SequenceReplay | None = None,
                  episodes_file: Path | None = None) -> None:
-        self.env, self.replay, self.episodes_file = env, replay, episodes_file
+        self.replay, self.episodes_file = replay, episodes_file
+        self.rollout: Rollout | None = None
+        self.env = env
         self.env_steps = 0  # this collector's (this rank's)
         self.episodes = 0
         self.recent_episodes: deque[dict[str, float]] = deque(maxlen=100)
         self._new_episodes: list[dict[str, float]] = []
-        self.restart()
+
+    @property
+    def env(self) -> ProcgenVectorEnv | None:
+        return self.rollout.env if self.rollout is not None else None
+
+    @env.setter
+    def env(self, env: ProcgenVectorEnv | None) -> None:
+        self.rollout = Rollout(env) if env is not None else None
 
     def restart(self) -> None:
         """The envs start fresh episodes at the next step (after a restore)."""
-        self._obs: np.ndarray | None = None
-        self._policy_state: Any = None
+        if self.rollout is not None:
+            self.rollout.obs = None
 
     def collect(self, policy: Callable[[], Policy], vector_steps: int) -> None:
         """Step every env ``vector_steps`` times with the policy ``policy()`` gives at each step."""
-        env, replay = self.env, self.replay
-        n = env.num_envs
-        if self._obs is None:
-            self._obs, _ = env.reset()
-            self._is_first = np.ones(n, bool)
-            self._reward = np.zeros(n, np.float32)
-            self._policy_state = None
-        zeros = np.zeros(n, bool)
+        replay, rollout = self.replay, self.rollout
+        zeros = np.zeros(rollout.env.num_envs, bool)
         for _ in range(vector_steps):
-            obs, is_first = self._obs, self._is_first
-            actions, self._policy_state = policy_actions(policy(), obs, is_first, self._policy_state, self._reward)
-            replay.add(obs, actions, self._reward, is_first, zeros, zeros)
-            next_obs, reward, terminated, truncated, info = env.step(actions)
-            self.env_steps += n
-            done = terminated | truncated
+            rollout.act(policy())
+            t = rollout.step()
+            replay.add(t.obs, t.action, t.reward_in, t.is_first, zeros, zeros)
+            self.env_steps += len(t.action)
+            done = t.terminated | t.truncated
             if done.any():
                 lanes = np.flatnonzero(done)
                 replay.add(
-                    obs[lanes], np.zeros(len(lanes), np.int64), reward[lanes],
-                    np.zeros(len(lanes), bool), np.ones(len(lanes), bool), terminated[lanes],
+                    t.obs[lanes], np.zeros(len(lanes), np.int64), t.reward[lanes],
+                    np.zeros(len(lanes), bool), np.ones(len(lanes), bool), t.terminated[lanes],
                     lanes=lanes,
                 )
-                self._record_episodes(info[EPISODE_KEY], lanes)
-            self._obs, self._is_first = next_obs, done
-            reward[done] = 0.0
-            self._reward = reward
+                self._record_episodes(t.info[EPISODE_KEY], lanes)
 
     def _record_episodes(self, episode: dict[str, np.ndarray], lanes: np.ndarray) -> None:
         rows = [{"return": float(episode["r"][i]), "length": int(episode["l"][i]),

@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules import checks
-from datamodules.collector import Collector, Policy, play_episodes
+from datamodules.collector import Collector, Policy, evaluate
 from datamodules.games import RandomPolicy
-from datamodules.procgen import ProcgenConfig, ProcgenVectorEnv, make_env_pair, normalized_score
+from datamodules.procgen import ProcgenConfig, ProcgenVectorEnv, make_env_pair
 from datamodules.replay import SequenceReplay, read_rank_state, replay_batch, store_posteriors, write_rank_state
 
 
@@ -205,21 +205,9 @@ class ReplayDataModule(pl.LightningDataModule):
 
     @torch.inference_mode()
     def evaluate(self, policy: Policy, split: str, episodes: int | None = None) -> dict[str, float]:
-        """Play ``episodes`` (default ``val_episodes``) episodes on the training levels or on
-        unseen levels.
-
-        Returns mean return, normalised score, level completion and episodes (see ``play_episodes``).
-        """
-        env = self.eval_env(split)
-        cfg = self.env_config
-        returns, completes = play_episodes(env, policy, episodes or self.hparams.val_episodes)
-        mode = env.distribution_mode
-        return {
-            "return": float(np.mean(returns)),
-            "normalized_score": float(np.mean([normalized_score(cfg.game, mode, r) for r in returns])),
-            "level_complete": float(np.mean(completes)),
-            "episodes": float(len(returns)),
-        }
+        """``collector.evaluate`` on ``episodes`` (default ``val_episodes``) fresh episodes of the
+        training levels or of unseen levels."""
+        return evaluate(self.eval_env(split), policy, episodes or self.hparams.val_episodes)
 
     # ---------------------------------------------------------------- collection
     def policy(self) -> Policy:

@@ -32,6 +32,7 @@ def decode(agent, feat: torch.Tensor) -> np.ndarray:
     return to_uint8(agent.world_model.decoder(feat))
 
 
+@torch.no_grad()
 def decode_goal(agent, goal: torch.Tensor) -> np.ndarray:
     """Frames (N, 64, 64, 3) of goal ``deter`` states (N, D): the prior's most likely latent is
     taken for the stochastic part."""
@@ -42,6 +43,18 @@ def decode_goal(agent, goal: torch.Tensor) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ collecting real experience
+class ActorPolicy:
+    """The agent acting with its actor alone (no goal pursuit), as in plain DreamerV3."""
+
+    def __init__(self, agent) -> None:
+        self.agent = agent
+
+    def act(self, obs: torch.Tensor, is_first: torch.Tensor, state: Any, reward: torch.Tensor | None = None):
+        post = self.agent.observe_step(obs, is_first, state)
+        action = self.agent.actor_critic.sample(self.agent.world_model.rssm.features(post))
+        return action.cpu(), (post, action)
+
+
 @torch.no_grad()
 def play(env, agent, steps: int) -> dict[str, np.ndarray]:
     """Play ``steps`` steps from fresh episodes in every lane of ``env`` with the agent's actor.
@@ -50,24 +63,19 @@ def play(env, agent, steps: int) -> dict[str, np.ndarray]:
     to step t + 1), ``reward`` (N, L) received on arriving at each step, ``is_first`` (N, L), and
     ``value`` (N, L) the critic's estimate at each step.
     """
-    obs, _ = env.reset()
-    n = env.num_envs
-    is_first = np.ones(n, bool)
-    reward = np.zeros(n, np.float32)
-    state = None
+    from datamodules.collector import Rollout  # the env side; dreamer/ imports without it
+
+    rollout, policy = Rollout(env), ActorPolicy(agent)
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("obs", "action", "reward", "is_first", "value")}
+    reward = np.zeros(env.num_envs, np.float32)  # kept at a reset: an episode's final reward
     for _ in range(steps):
-        post = agent.observe_step(torch.from_numpy(obs), torch.from_numpy(is_first), state)
-        feat = agent.world_model.rssm.features(post)
-        action = agent.actor_critic.sample(feat)
-        state = (post, action)
-        for key, value in (("obs", obs), ("reward", reward), ("is_first", is_first),
-                           ("action", action.cpu().numpy()),
-                           ("value", agent.actor_critic.value(feat).cpu().numpy())):
+        rollout.act(policy)
+        feat = agent.world_model.rssm.features(rollout.state[0])
+        out["value"].append(agent.actor_critic.value(feat).cpu().numpy())
+        t = rollout.step()
+        for key, value in (("obs", t.obs), ("reward", reward), ("is_first", t.is_first), ("action", t.action)):
             out[key].append(value)
-        obs, reward, terminated, truncated, _ = env.step(action.cpu().numpy().astype(np.int64))
-        is_first = terminated | truncated
-        reward = reward.astype(np.float32)
+        reward = t.reward.astype(np.float32)
     return {k: np.stack(v, 1) for k, v in out.items()}
 
 

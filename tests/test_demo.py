@@ -83,7 +83,7 @@ def test_session_shows_procgens_frames_and_the_agents_dreams(checkpoint):
     obs, _ = twin.reset()
     assert np.array_equal(session.obs, obs), "the shown frame is procgen's own frame of level 12"
     for _ in range(5):
-        action = session.action.numpy().astype(np.int64)
+        action = session.action.copy()
         session.step()
         obs, reward, *_ = twin.step(action)
         assert np.array_equal(session.obs, obs)
