@@ -26,8 +26,8 @@ import torch
 from datamodules.collector import Rollout
 from datamodules.procgen import GAMES, ProcgenConfig, ProcgenVectorEnv, unseen_levels, unseen_mode
 from dreamer import visuals
-from dreamer.agent import Dreamer, restore_agent
-from dreamer.checkpoints import CheckpointError, read_checkpoint
+from dreamer.agent import Dreamer
+from dreamer.checkpoints import CheckpointError, read_checkpoint, restore_agent
 
 SPLITS = ("training", "unseen")
 DREAM_STEPS = 8

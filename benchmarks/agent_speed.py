@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.world_model_quality import parse_pairs  # noqa: E402
 from dreamer.agent import Dreamer  # noqa: E402
-from dreamer.update import update  # noqa: E402
+from dreamer.update import compile_update, update  # noqa: E402
 
 
 def peak_rss_gb() -> float:
@@ -86,7 +86,7 @@ def bench(size: str, batch: int, seq: int, updates: int, device, precision: str 
     optimizers = model.configure_optimizers()[:3]  # world model, actor, critic
     data = fake_batch(batch, seq, device)
     if compile:
-        model.compile_networks()
+        compile_update(model)
     # bf16: autocast as Lightning's "bf16-mixed" does (fp32 weights, bf16 matmuls and convolutions)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     if device.type == "cuda":

@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datamodules.games import GAMES, MODES, RandomPolicy, unseen_mode  # noqa: E402
 from datamodules.replay import FIELDS, FIRST, TERMINAL, SequenceReplay, replay_batch, store_posteriors  # noqa: E402
-from dreamer.agent import Dreamer, restore_agent  # noqa: E402
+from dreamer.agent import Dreamer  # noqa: E402
 from dreamer.config import SIZES  # noqa: E402
-from dreamer.checkpoints import read_checkpoint  # noqa: E402
+from dreamer.checkpoints import read_checkpoint, restore_agent  # noqa: E402
 from dreamer.quality import HORIZONS, dream_quality, posterior_quality  # noqa: E402
 
 FORMAT_VERSION = 1

@@ -102,6 +102,8 @@ class DreamGeneration(pl.Callback):
     ``goal_matcher/actor_dream_success`` the goal-blind actor's on the same goals.
     """
 
+    uses_goals = True  # the model's goal state follows training (GoalPursuit.learning)
+
     def __init__(
         self, every_n_updates: int = 4, num_dreams: int = 256, horizon: int = 15,
         keep_fraction: float = 0.5, buffer_size: int = 2048, matcher_updates: int = 4,
@@ -210,6 +212,8 @@ class BridgeDistillation(pl.Callback):
     and ``bridge/coef``. Needs ``DreamGeneration`` earlier in the callback list.
     """
 
+    uses_goals = True  # the model's goal state follows training (GoalPursuit.learning)
+
     def __init__(
         self, coef: float = 1.0, schedule: str = "constant", decay_env_steps: int = 100_000,
         every_n_updates: int = 4, batch_size: int = 256,
@@ -272,6 +276,8 @@ class DreamWeaning(pl.Callback):
     success in runs without this callback, so both arms of a comparison are measured alike).
     Validation acts with the weight of the current step. Logs ``weaning/weight``.
     """
+
+    uses_goals = True  # the model's goal state follows training (GoalPursuit.learning)
 
     def __init__(self, anneal_env_steps: int = 100_000, w_min: float = 0.0) -> None:
         if anneal_env_steps < 1:

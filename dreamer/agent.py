@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-import os
 from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
@@ -13,13 +11,12 @@ import torch.nn.functional as F
 from callbacks.training import TrainingLog, ValidationTable
 from datamodules.games import NUM_ACTIONS, OBS_SHAPE
 from dreamer.actor_critic import ActorCritic
-from dreamer.checkpoints import CheckpointError, load_agent_state, save_agent_state, trainer_of
+from dreamer.checkpoints import load_agent_state, save_agent_state, trainer_of
 from dreamer.compat import ignore_in_ddp
 from dreamer.config import CNN_MULTS, SIZES, argument_problem, precision_problem
-from dreamer.distributions import sample_index
-from dreamer.goals import GoalMatcher, GoalPursuit, GoalStateModel, GoalTrack, isolated_rng, mixture_probs
+from dreamer.goals import GoalMatcher, GoalPursuit, GoalStateModel, GoalTrack
 from dreamer.rssm import State
-from dreamer.update import update
+from dreamer.update import compile_update, update
 from dreamer.world_model import WorldModel
 
 
@@ -34,31 +31,17 @@ class ActingState(NamedTuple):
 class Dreamer(pl.LightningModule):
     """DreamerV3 on Procgen: world model and actor-critic trained together, one backward per update.
 
-    ``size`` picks a preset from ``SIZES``; ``overrides`` replaces single entries of it. Training
-    stops once the DataModule has taken ``max_env_steps`` environment steps; updates and env steps
-    (not Lightning's ``global_step``, which counts every optimiser step) are the x-axis of every
-    logged metric.
+    ``size`` picks a preset from ``SIZES``; ``overrides`` replaces single entries of it, and
+    ``world_model_args`` / ``actor_critic_args`` the modules' remaining knobs (``MODULE_KNOBS``).
+    The networks follow the newest DreamerV3 (``../shared/DREAMERV3.md``); ``norm`` is LayerNorm
+    or DreamerV3's RMSNorm (slower on CPUs), and the critic also learns from replayed returns at
+    scale ``repval``. A batch with a replay context starts from the latents stored in replay and
+    the update writes its posteriors back. Training stops once the DataModule has taken
+    ``max_env_steps`` environment steps; env steps and updates are the x-axis of every metric.
 
-    The networks follow the newest DreamerV3 (block-GRU core, truncated-normal initialisation,
-    reward and continue heads of one layer, actor and critic of ``layers``, actor output scale
-    0.01) with ``norm`` LayerNorm (or ``rms``, DreamerV3's, slower on CPUs); the critic also
-    learns from replayed returns at scale ``repval``. ``world_model_args`` and ``actor_critic_args``
-    set those modules' remaining DreamerV3 knobs (``MODULE_KNOBS``: unimix, loss scales, slow
-    critic, return normalisation). A batch with a replay context
-    (``replay_batch``) starts from the latents stored in replay, and the update writes its
-    posteriors back (``latent_sizes`` says what the replay keeps).
-
-    Goals (see ``dreamer/goals.py``): ``goal_model`` proposes goals with ``goal_strategy``
-    (``value`` or ``replay``; ``goal_rollouts`` imagined rollouts, ``goal_offset`` steps ahead in
-    replay), a state matches its goal at similarity >= ``goal_threshold``, and an unmatched goal
-    is replaced after ``goal_steps`` environment steps. ``goal_matcher`` is trained only by the
-    dream callbacks. Goal success is measured (while collecting and in validation) when
-    ``track_goals`` is set or DreamWeaning mixes the matcher into acting; the measurement draws
-    from its own random stream, so it never changes training.
-
-    ``compile`` compiles the networks and the RSSM steps (the body of the observe and imagine
-    loops) with ``torch.compile`` when fitting starts; parameter names and checkpoints are
-    unchanged.
+    The ``goal_*`` arguments, ``matcher_lr`` and ``track_goals`` configure goal pursuit
+    (``dreamer/goals.py``): it runs only when goals are on, on its own random stream, so plain
+    DreamerV3 trains bit for bit the same. ``compile`` applies ``compile_update`` at fit start.
     """
 
     def __init__(
@@ -138,22 +121,13 @@ class Dreamer(pl.LightningModule):
         if problem:
             raise ValueError(problem)
         if self.hparams.compile and stage == "fit":
-            self.compile_networks()
+            compile_update(self)
+        if trainer is not None and stage == "fit":
+            self.goals.learning = self.hparams.track_goals or any(getattr(cb, "uses_goals", False) for cb in trainer.callbacks)
         if trainer is not None and trainer.world_size > 1:
             # Lightning seeds every rank alike (the weights start equal); from here each rank
             # draws its own acting and imagination noise. A resume restores each rank's stream.
             torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
-
-    def compile_networks(self) -> None:
-        """``torch.compile`` the encoder, decoder, heads, actor, critic, the RSSM's step functions
-        and the whole imagination loop, in place (instance attributes; the state dict keeps its
-        names). The loop, actor sampling included, traces into one graph without breaks."""
-        wm, ac = self.world_model, self.actor_critic
-        for module in (wm.encoder, wm.decoder, wm.reward_head, wm.continue_head, ac.actor, ac.critic):
-            module.compile()
-        wm.rssm.img_step = torch.compile(wm.rssm.img_step)
-        wm.rssm.obs_step = torch.compile(wm.rssm.obs_step)
-        self.imagine = torch.compile(self.imagine)
 
     OPTIMIZERS = ("world_model", "actor", "critic", "goal_matcher")  # configure_optimizers' order
 
@@ -200,10 +174,8 @@ class Dreamer(pl.LightningModule):
         dm = self.trainer.datamodule
         if "context" in batch and dm is not None:
             dm.store_latents(batch, self.last_post)
-        self.goal_model.update_statistics(self.last_post)
-        if hp.goal_strategy == "replay":
-            with isolated_rng(self.device, self.updates):
-                self.goal_model.add_replay(self.last_post, batch["is_first"])
+        if self.goals.learning:
+            self.goal_model.observe(self.last_post, batch["is_first"], seed=self.updates)
         self.updates += 1
         if dm is not None and dm.total_env_steps >= hp.max_env_steps:
             self.trainer.should_stop = True
@@ -228,22 +200,13 @@ class Dreamer(pl.LightningModule):
         ``reward`` (N,), received on arriving at ``obs``, only feeds the goal metrics.
         """
         is_first = is_first.to(self.device) if state is not None else torch.ones_like(is_first, device=self.device)
-        track = ActingState(*state).goals if state is not None else None
         post = self.observe_step(obs, is_first, state)
         feat = self.world_model.rssm.features(post)
-        goals = self.goals
-        if not goals.on:
+        if not self.goals.on:
             action = self.actor_critic.sample(feat)
             return action.cpu(), ActingState(post, action)
-        reward = torch.zeros(len(obs)) if reward is None else reward
-        track = goals.step(post, is_first.bool(), reward.to(self.device), track, self.goal_model,
-                           self.world_model, self.actor_critic)
-        if not goals.mix_weight:
-            action = self.actor_critic.sample(feat)
-        else:
-            matcher_logits = self.goal_matcher.policy_logits(feat, post["deter"], track.goal)
-            probs = mixture_probs(self.actor_critic.policy_logits(feat), matcher_logits, goals.mix_weight)
-            action = sample_index(probs)
+        track = ActingState(*state).goals if state is not None else None
+        action, track = self.goals.act(self, post, feat, is_first, reward, track)
         return action.cpu(), ActingState(post, action, track)
 
     @torch.compiler.set_stance("force_eager")
@@ -266,20 +229,10 @@ class Dreamer(pl.LightningModule):
     # ---------------------------------------------------------------- validation
     def validation_step(self, split: str, batch_idx: int) -> None:
         dm = self.trainer.datamodule
-        metric = self.goals.metrics[split]
-        metric.reset()
-        measure_goals = self.goals.on  # proposing goals costs 4x the acting itself
-        self.goals.split = split
-        world = self.trainer.world_size
         # each rank plays its share of the episodes on its own envs; in float32, as when collecting
-        try:
-            with torch.autocast(self.device.type, enabled=False):
-                summary = dm.evaluate(self, split, episodes=-(-dm.hparams.val_episodes // world))
-        finally:
-            self.goals.split = "fit"
-        for key, value in metric.compute().items() if measure_goals else ():  # summed over ranks
-            summary[f"goal/{key}"] = float(value)
-        for key, value in summary.items():
+        with self.goals.measuring(split) as goal_summary, torch.autocast(self.device.type, enabled=False):
+            summary = dm.evaluate(self, split, episodes=-(-dm.hparams.val_episodes // self.trainer.world_size))
+        for key, value in {**summary, **goal_summary}.items():
             self.log(f"val/{split}/{key}", value, on_step=False, on_epoch=True, batch_size=1,
                      sync_dist=True, reduce_fx="sum" if key == "episodes" else "mean")
         self.log("step", float(dm.total_env_steps), on_step=False, on_epoch=True, batch_size=1)
@@ -291,15 +244,3 @@ class Dreamer(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         load_agent_state(self, checkpoint)
 
-
-def restore_agent(ckpt: dict[str, Any], path: str | os.PathLike = "the checkpoint") -> Dreamer:
-    """The Dreamer saved in ``ckpt`` (from ``read_checkpoint``), its weights loaded, in eval mode."""
-    allowed = inspect.signature(Dreamer.__init__).parameters
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k in allowed}
-    try:
-        agent = Dreamer(**hparams)
-        agent.load_state_dict(ckpt["state_dict"])
-    except (ValueError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"{path} does not hold a Dreamer this code can restore: "
-                              f"{str(e).splitlines()[0][:300]}") from None
-    return agent.eval()

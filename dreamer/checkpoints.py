@@ -3,6 +3,7 @@ the update count, every rank's random streams and the game."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import zipfile
 from pathlib import Path
@@ -122,3 +123,18 @@ def load_agent_state(agent, checkpoint: dict[str, Any]) -> None:
         set_rng_state(per_rank[rank], device)
     elif "torch_rng" in state:
         torch.set_rng_state(state["torch_rng"])
+
+
+def restore_agent(ckpt: dict[str, Any], path: str | os.PathLike = "the checkpoint"):
+    """The Dreamer saved in ``ckpt`` (from ``read_checkpoint``), its weights loaded, in eval mode."""
+    from dreamer.agent import Dreamer  # the agent imports this module for its state hooks
+
+    allowed = inspect.signature(Dreamer.__init__).parameters
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k in allowed}
+    try:
+        agent = Dreamer(**hparams)
+        agent.load_state_dict(ckpt["state_dict"])
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path} does not hold a Dreamer this code can restore: "
+                              f"{str(e).splitlines()[0][:300]}") from None
+    return agent.eval()

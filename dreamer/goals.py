@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dreamer.distributed import mean_over_ranks, world_size
-from dreamer.distributions import unimix_logits
+from dreamer.distributions import sample_index, unimix_logits
 from dreamer.metrics import GoalSuccess
 from dreamer.nets import MLP, init_args
 from dreamer.rssm import State
@@ -172,6 +172,14 @@ class GoalStateModel(nn.Module):
         return start, self.goal_of(post)[:, k:][starts]
 
     @torch.no_grad()
+    def observe(self, post: State, is_first: torch.Tensor, seed: int) -> None:
+        """Follow training: statistics of the batch's posteriors (B, T, ...) and, with the
+        ``replay`` strategy, its goal pairs (drawn on the random stream ``seed``)."""
+        self.update_statistics(post)
+        if self.hp.strategy == "replay":
+            with isolated_rng(post["deter"].device, seed):
+                self.add_replay(post, is_first)
+
     def add_replay(self, post: State, is_first: torch.Tensor) -> None:
         """Store real (start, goal) pairs in the ring bank used by the ``replay`` strategy."""
         start, goal = self.real_pairs(post, is_first)
@@ -264,11 +272,39 @@ class GoalPursuit(nn.Module):
         self.metrics = nn.ModuleDict({split: GoalSuccess() for split in self.SPLITS})
         self.split = "fit"
         self.mix_weight: float | None = None
+        self.learning = False  # the goal model follows training (set at fit start)
         self._seed = 0
 
     @property
     def on(self) -> bool:
         return bool(self.track) or self.mix_weight is not None
+
+    def act(self, agent, post: State, feat: torch.Tensor, is_first: torch.Tensor,
+            reward: torch.Tensor | None, track: GoalTrack | None) -> tuple[torch.Tensor, GoalTrack]:
+        """Actions (N,) of ``agent`` from its posteriors ``post`` (features ``feat``) while pursuing
+        goals, and the goal track after scoring this step (``step``): the actor's samples, or
+        DreamWeaning's mixture with the matcher toward each lane's goal."""
+        reward = torch.zeros(len(feat)) if reward is None else reward
+        track = self.step(post, is_first.bool(), reward.to(feat.device), track, agent.goal_model,
+                          agent.world_model, agent.actor_critic)
+        if not self.mix_weight:
+            return agent.actor_critic.sample(feat), track
+        matcher_logits = agent.goal_matcher.policy_logits(feat, post["deter"], track.goal)
+        probs = mixture_probs(agent.actor_critic.policy_logits(feat), matcher_logits, self.mix_weight)
+        return sample_index(probs), track
+
+    @contextlib.contextmanager
+    def measuring(self, split: str):
+        """Acting inside the block scores goals into ``metrics[split]`` (reset first); yields a dict
+        that holds the split's goal success (summed over ranks) after the block, when goals are on."""
+        metric, self.split, summary = self.metrics[split], split, {}
+        metric.reset()
+        try:
+            yield summary
+        finally:
+            self.split = "fit"
+        if self.on:  # proposing goals costs 4x the acting itself: measured only when on
+            summary.update({f"goal/{key}": float(value) for key, value in metric.compute().items()})
 
     def step(
         self, post: State, is_first: torch.Tensor, reward: torch.Tensor, track: GoalTrack | None,

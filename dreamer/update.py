@@ -1,5 +1,5 @@
 """One DreamerV3 update, written once: ``Dreamer.training_step``, the benchmarks and the golden
-test all run this function."""
+test all run this function; ``compile_update`` compiles what it runs."""
 
 from __future__ import annotations
 
@@ -54,3 +54,15 @@ def update(
         opt.step()
     model.actor_critic.update_slow_critic()
     return loss, metrics
+
+
+def compile_update(model) -> None:
+    """``torch.compile`` a Dreamer's encoder, decoder, heads, actor, critic, the RSSM's step
+    functions and the whole imagination loop, in place (instance attributes; the state dict keeps
+    its names). The loop, actor sampling included, traces into one graph without breaks."""
+    wm, ac = model.world_model, model.actor_critic
+    for module in (wm.encoder, wm.decoder, wm.reward_head, wm.continue_head, ac.actor, ac.critic):
+        module.compile()
+    wm.rssm.img_step = torch.compile(wm.rssm.img_step)
+    wm.rssm.obs_step = torch.compile(wm.rssm.obs_step)
+    model.imagine = torch.compile(model.imagine)

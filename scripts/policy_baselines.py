@@ -29,8 +29,7 @@ from datamodules.games import GAMES, NUM_ACTIONS  # noqa: E402
 from datamodules.games import RandomPolicy
 from datamodules.collector import play_episodes
 from datamodules.replay_datamodule import ReplayDataModule  # noqa: E402
-from dreamer.agent import restore_agent  # noqa: E402
-from dreamer.checkpoints import CheckpointError, read_checkpoint  # noqa: E402
+from dreamer.checkpoints import CheckpointError, read_checkpoint, restore_agent  # noqa: E402
 
 SPLITS = ("train_levels", "unseen_levels")
 

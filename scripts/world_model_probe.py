@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datamodules.replay import SequenceReplay  # noqa: E402
 from datamodules.replay import replay_batch  # noqa: E402
-from dreamer.agent import Dreamer, restore_agent  # noqa: E402
-from dreamer.checkpoints import CheckpointError, read_checkpoint  # noqa: E402
+from dreamer.agent import Dreamer  # noqa: E402
+from dreamer.checkpoints import CheckpointError, read_checkpoint, restore_agent  # noqa: E402
 from dreamer.quality import roc_auc  # noqa: E402
 
 
