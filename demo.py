@@ -62,7 +62,7 @@ def load_agent(path: str | os.PathLike) -> LoadedAgent:
                            num_levels=int(data.get("num_levels", 200)),
                            start_level=int(data.get("start_level", 0)))
     callbacks = " ".join(ckpt.get("callbacks", {}))
-    dreams_on = "DreamGeneration" in callbacks or bool(agent.hparams.get("track_goals"))
+    dreams_on = "DreamGeneration" in callbacks or agent.goals.track
     return LoadedAgent(agent, str(Path(path).expanduser()), game, levels, dreams_on)
 
 

@@ -55,7 +55,7 @@ def timed_update(model: Dreamer, optimizers, batch, dreams: DreamGeneration, bri
     for opt in optimizers[:3]:
         opt.zero_grad(set_to_none=True)
     (wm_loss + ac_loss).backward()
-    for opt, clip in zip(optimizers[:3], (hp.world_model_clip, hp.actor_critic_clip, hp.actor_critic_clip)):
+    for opt, clip in zip(optimizers[:3], (hp.world_model["clip"], hp.actor_critic["clip"], hp.actor_critic["clip"])):
         torch.nn.utils.clip_grad_norm_(params_of(opt), clip)
         opt.step()
     model.actor_critic.update_slow_critic()

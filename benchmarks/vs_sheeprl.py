@@ -93,7 +93,7 @@ def main() -> None:
     batch, seq = config["algo"]["per_rank_batch_size"], config["algo"]["per_rank_sequence_length"]
     overrides = xs_overrides(config)
     torch.manual_seed(0)
-    model = Dreamer(size="tiny", overrides=overrides, horizon=config["algo"]["horizon"])
+    model = Dreamer(size="tiny", overrides=overrides, actor_critic={"horizon": config["algo"]["horizon"]})
     optimizers = model.configure_optimizers()[:3]
     data = fake_batch(batch, seq, torch.device("cpu"))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")

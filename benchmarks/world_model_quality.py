@@ -1,7 +1,7 @@
 """World-model quality on fixed data: the fast loop for changing the world model.
 
     python benchmarks/world_model_quality.py --games coinrun starpilot --size small --updates 2000
-    python benchmarks/world_model_quality.py --games coinrun --minutes 10 --model scale_dyn=1.0
+    python benchmarks/world_model_quality.py --games coinrun --minutes 10 --model world_model.scale_dyn=1.0
     python benchmarks/world_model_quality.py --games coinrun --save-data data/{game}.npz --updates 0
     python benchmarks/world_model_quality.py --games coinrun --data data/{game}.npz --updates 500
 
@@ -167,7 +167,8 @@ def move(batch: dict, device: str) -> dict:
 
 
 def parse_pairs(pairs: list[str], what: str) -> dict:
-    out = {}
+    """``key=value`` pairs as a dict; a dotted key (``world_model.scale_dyn=0.5``) sets an entry of a group."""
+    out: dict = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
@@ -178,7 +179,11 @@ def parse_pairs(pairs: list[str], what: str) -> dict:
                 value = float(value)
             except ValueError:
                 pass
-        out[key] = value
+        group, dot, name = key.rpartition(".")
+        target = out.setdefault(group, {}) if dot else out
+        if not isinstance(target, dict):
+            raise ValueError(f"{what} sets {group} both as a value and as a group, in {pair!r}")
+        target[name or key] = value
     return out
 
 
@@ -252,7 +257,7 @@ def run_game(args: argparse.Namespace, game: str, model_kwargs: dict) -> list[di
     replay = train_replay(data["train"], args.seed, agent.latent_sizes if context else None)
     wm = agent.world_model.to(args.device)
     opt = agent.configure_optimizers()[0]
-    clip = agent.hparams.world_model_clip
+    clip = agent.hparams.world_model["clip"]
     if args.minutes is not None:
         marks = [args.minutes * 60 * (k + 1) / args.evals for k in range(args.evals)]
     else:

@@ -13,7 +13,8 @@ from datamodules.games import NUM_ACTIONS, OBS_SHAPE
 from dreamer.actor_critic import ActorCritic
 from dreamer.checkpoints import load_agent_state, save_agent_state, trainer_of
 from dreamer.compat import ignore_in_ddp
-from dreamer.config import CNN_MULTS, SIZES, argument_problem, precision_problem
+from dreamer.config import (CNN_MULTS, KNOBS, SIZES, ActorCriticKnobs, GoalKnobs, WorldModelKnobs, argument_problem,
+                            module_args, precision_problem, without_optimiser)
 from dreamer.goals import GoalMatcher, GoalPursuit, GoalStateModel, GoalTrack
 from dreamer.rssm import State
 from dreamer.update import compile_update, update
@@ -31,75 +32,49 @@ class ActingState(NamedTuple):
 class Dreamer(pl.LightningModule):
     """DreamerV3 on Procgen: world model and actor-critic trained together, one backward per update.
 
-    ``size`` picks a preset from ``SIZES``; ``overrides`` replaces single entries of it, and
-    ``world_model_args`` / ``actor_critic_args`` the modules' remaining knobs (``MODULE_KNOBS``).
-    The networks follow the newest DreamerV3 (``../shared/DREAMERV3.md``); ``norm`` is LayerNorm
-    or DreamerV3's RMSNorm (slower on CPUs), and the critic also learns from replayed returns at
-    scale ``repval``. A batch with a replay context starts from the latents stored in replay and
+    ``size`` picks a preset from ``SIZES`` and ``overrides`` replaces single entries of it;
+    ``world_model``, ``actor_critic`` and ``goals`` set those modules' knobs, optimisers included
+    (``KNOBS`` in ``dreamer/config.py`` lists them with defaults and ranges). The networks follow
+    the newest DreamerV3 (``../shared/DREAMERV3.md``); ``norm`` is LayerNorm or DreamerV3's RMSNorm
+    (slower on CPUs). A batch with a replay context starts from the latents stored in replay and
     the update writes its posteriors back. Training stops once the DataModule has taken
-    ``max_env_steps`` environment steps; env steps and updates are the x-axis of every metric.
+    ``max_env_steps`` environment steps, the x-axis of every metric.
 
-    The ``goal_*`` arguments, ``matcher_lr`` and ``track_goals`` configure goal pursuit
-    (``dreamer/goals.py``): it runs only when goals are on, on its own random stream, so plain
-    DreamerV3 trains bit for bit the same. ``compile`` applies ``compile_update`` at fit start.
+    Goal pursuit (``dreamer/goals.py``) runs only when goals are on, on its own random stream, so
+    plain DreamerV3 trains bit for bit the same. ``compile`` applies ``compile_update`` at fit start.
     """
 
     def __init__(
         self,
         size: str = "tiny",
         overrides: dict[str, int | list[int]] | None = None,
-        horizon: int = 15,
-        gamma: float = 1 - 1 / 333,
-        lam: float = 0.95,
-        entropy: float = 3e-4,
-        free_bits: float = 1.0,
-        scale_dyn: float = 1.0,
-        scale_rep: float = 0.1,
-        world_model_lr: float = 1e-4,
-        world_model_eps: float = 1e-8,
-        world_model_clip: float = 1000.0,
-        actor_lr: float = 3e-5,
-        critic_lr: float = 3e-5,
-        actor_critic_eps: float = 1e-5,
-        actor_critic_clip: float = 100.0,
-        max_env_steps: int = 100_000,
-        goal_strategy: str = "value",
-        goal_threshold: float = 0.7,
-        goal_rollouts: int = 8,
-        goal_offset: int = 8,
-        goal_steps: int = 32,
-        matcher_lr: float = 3e-4,
-        track_goals: bool = False,
-        compile: bool = False,
-        repval: float = 0.3,
+        world_model: WorldModelKnobs = WorldModelKnobs(),
+        actor_critic: ActorCriticKnobs = ActorCriticKnobs(),
+        goals: GoalKnobs = GoalKnobs(),
         norm: str = "layer",
-        world_model_args: dict[str, float] | None = None,
-        actor_critic_args: dict[str, float] | None = None,
+        max_env_steps: int = 100_000,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         problem = argument_problem(dict(locals()))
         if problem:
             raise ValueError(problem)
         self.save_hyperparameters(logger=False)  # the CLI logs the whole config
+        for group in KNOBS:  # a checkpoint records every knob, given or default
+            self.hparams[group] = module_args(group, self.hparams[group])
+        wm, ac, goal = self.hparams.world_model, self.hparams.actor_critic, self.hparams.goals
         arch = {**SIZES[size], "cnn_mults": CNN_MULTS, **(overrides or {})}
-        self.world_model = WorldModel(
-            NUM_ACTIONS, **{k: v for k, v in arch.items() if k != "layers"}, free_bits=free_bits, obs_shape=OBS_SHAPE,
-            scale_dyn=scale_dyn, scale_rep=scale_rep, norm=norm, **(world_model_args or {}),
-        )
-        self.actor_critic = ActorCritic(
-            self.world_model.rssm.feat_dim, NUM_ACTIONS, arch["units"], arch["layers"], horizon,
-            gamma, lam, entropy, repval=repval, norm=norm, **(actor_critic_args or {}),
-        )
+        self.world_model = WorldModel(NUM_ACTIONS, **{k: v for k, v in arch.items() if k != "layers"},
+                                      norm=norm, obs_shape=OBS_SHAPE, **without_optimiser(wm))
+        feat = self.world_model.rssm.feat_dim
+        self.actor_critic = ActorCritic(feat, NUM_ACTIONS, arch["units"], arch["layers"], norm=norm,
+                                        **without_optimiser(ac))
         with torch.random.fork_rng(devices=[]):  # plain DreamerV3 keeps its random stream
-            self.goal_matcher = GoalMatcher(
-                self.world_model.rssm.feat_dim, arch["deter"], NUM_ACTIONS, arch["units"],
-                arch["layers"], matcher_lr,
-            )
-        self.goal_model = GoalStateModel(
-            arch["deter"], goal_strategy, goal_threshold, goal_rollouts, horizon, goal_offset,
-            gamma=gamma,
-        )
-        self.goals = GoalPursuit(goal_steps, track_goals)  # acting's goal mode and success metrics
+            self.goal_matcher = GoalMatcher(feat, arch["deter"], NUM_ACTIONS, arch["units"], arch["layers"],
+                                            goal["matcher_lr"])
+        self.goal_model = GoalStateModel(arch["deter"], goal["strategy"], goal["threshold"], goal["rollouts"],
+                                         ac["horizon"], goal["offset"], gamma=ac["gamma"])
+        self.goals = GoalPursuit(goal["steps"], goal["track"])  # acting's goal mode and success metrics
         self.last_post: State | None = None  # posteriors of the latest batch, for the callbacks
         self.automatic_optimization = False
         # DDP leaves alone: the goal matcher (trained only in callbacks, which average its gradients
@@ -123,7 +98,7 @@ class Dreamer(pl.LightningModule):
         if self.hparams.compile and stage == "fit":
             compile_update(self)
         if trainer is not None and stage == "fit":
-            self.goals.learning = self.hparams.track_goals or any(getattr(cb, "uses_goals", False) for cb in trainer.callbacks)
+            self.goals.learning = self.goals.track or any(getattr(cb, "uses_goals", False) for cb in trainer.callbacks)
         if trainer is not None and trainer.world_size > 1:
             # Lightning seeds every rank alike (the weights start equal); from here each rank
             # draws its own acting and imagination noise. A resume restores each rank's stream.
@@ -136,11 +111,11 @@ class Dreamer(pl.LightningModule):
         return self.optimizers()[self.OPTIMIZERS.index(name)]
 
     def configure_optimizers(self):
-        hp = self.hparams
+        wm, ac = self.hparams.world_model, self.hparams.actor_critic
         return [
-            torch.optim.Adam(self.world_model.parameters(), hp.world_model_lr, eps=hp.world_model_eps),
-            torch.optim.Adam(self.actor_critic.actor.parameters(), hp.actor_lr, eps=hp.actor_critic_eps),
-            torch.optim.Adam(self.actor_critic.critic.parameters(), hp.critic_lr, eps=hp.actor_critic_eps),
+            torch.optim.Adam(self.world_model.parameters(), wm["lr"], eps=wm["eps"]),
+            torch.optim.Adam(self.actor_critic.actor.parameters(), ac["actor_lr"], eps=ac["eps"]),
+            torch.optim.Adam(self.actor_critic.critic.parameters(), ac["critic_lr"], eps=ac["eps"]),
             self.goal_matcher.configure_optimizers(),
         ]
 
@@ -149,7 +124,7 @@ class Dreamer(pl.LightningModule):
         wm, ac = self.world_model, self.actor_critic
         start = {k: v.detach().reshape(-1, *v.shape[2:]) for k, v in post.items()}  # (B * T, ...)
         with torch.no_grad():
-            _, feat, actions = wm.rssm.imagine(start, ac.sample, self.hparams.horizon, keep_states=False)  # (H + 1, N, F)
+            _, feat, actions = wm.rssm.imagine(start, ac.sample, ac.hp.horizon, keep_states=False)  # (H + 1, N, F)
             reward = wm.reward(feat[1:])  # (H, N)
             cont = torch.cat(
                 [1.0 - is_terminal.reshape(1, -1).float(), wm.continue_prob(feat[1:])]

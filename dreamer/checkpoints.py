@@ -128,9 +128,10 @@ def load_agent_state(agent, checkpoint: dict[str, Any]) -> None:
 def restore_agent(ckpt: dict[str, Any], path: str | os.PathLike = "the checkpoint"):
     """The Dreamer saved in ``ckpt`` (from ``read_checkpoint``), its weights loaded, in eval mode."""
     from dreamer.agent import Dreamer  # the agent imports this module for its state hooks
+    from dreamer.config import grouped
 
     allowed = inspect.signature(Dreamer.__init__).parameters
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k in allowed}
+    hparams = {k: v for k, v in grouped(ckpt["hyper_parameters"]).items() if k in allowed}
     try:
         agent = Dreamer(**hparams)
         agent.load_state_dict(ckpt["state_dict"])

@@ -3,7 +3,8 @@ that refuse bad arguments (one line saying what is allowed) before anything is b
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any, NamedTuple
 
 from dreamer.goals import STRATEGIES
 from dreamer.nets import NORMS
@@ -40,28 +41,118 @@ def precision_problem(precision: str | int | None) -> str | None:
             "half-precision weights (bf16-true, 16-true) merge the two-hot bins, which reach 4.9e8")
 
 
-# (lowest, highest, whether the lowest is allowed) for each numeric argument of Dreamer
-RANGES: dict[str, tuple[float, float, bool]] = {
-    "horizon": (1, 1000, True), "gamma": (0, 1, False), "lam": (0, 1, True), "entropy": (0, 1, True),
-    "free_bits": (0, 100, True), "scale_dyn": (0, 100, True), "scale_rep": (0, 100, True),
-    "world_model_lr": (0, 1, False), "actor_lr": (0, 1, False), "critic_lr": (0, 1, False),
-    "matcher_lr": (0, 1, False), "world_model_eps": (0, 1, False), "actor_critic_eps": (0, 1, False),
-    "world_model_clip": (0, float("inf"), False), "actor_critic_clip": (0, float("inf"), False),
-    "max_env_steps": (1, float("inf"), True), "goal_threshold": (0, 1, False),
-    "goal_rollouts": (1, 4096, True), "goal_offset": (1, 10_000, True), "goal_steps": (1, 1_000_000, True),
-    "repval": (0, 100, True),
-}
-INTEGER_ARGUMENTS = ("horizon", "max_env_steps", "goal_rollouts", "goal_offset", "goal_steps")
+class Range(NamedTuple):
+    """What a knob allows: a numeric range, or choices."""
+
+    low: float = 0.0
+    high: float = float("inf")
+    low_ok: bool = True  # whether ``low`` itself is allowed
+    integer: bool = False
+    choices: tuple = ()
 
 
-# DreamerV3 knobs without a Dreamer argument of their own, grouped by the module they configure
-# (``model.world_model_args``, ``model.actor_critic_args``), with their ranges as in RANGES
-MODULE_KNOBS: dict[str, dict[str, tuple[float, float, bool]]] = {
-    "world_model_args": {"unimix": (0, 1, True), "scale_image": (0, 100, True),
-                         "scale_reward": (0, 100, True), "scale_continue": (0, 100, True)},
-    "actor_critic_args": {"unimix": (0, 1, True), "slow_rate": (0, 1, False), "slow_reg": (0, 100, True),
-                          "retnorm_decay": (0, 1, True)},
+def knob(default: Any, *limits: Any, **named: Any) -> Any:
+    """A dataclass field with its default and what is allowed (``Range``'s arguments)."""
+    return field(default=default, metadata={"range": Range(*limits, **named)})
+
+
+# Every DreamerV3 knob, grouped by the module it configures; each module's optimiser settings sit
+# with it. The CLI reads these as config sections (``model.world_model.lr``), merged key by key
+# across config files and flags.
+@dataclass(frozen=True)
+class WorldModelKnobs:
+    """``model.world_model``: the world model's loss, latents and optimiser."""
+
+    lr: float = knob(1e-4, 0, 1, False)
+    eps: float = knob(1e-8, 0, 1, False)
+    clip: float = knob(1000.0, 0, float("inf"), False)
+    free_bits: float = knob(1.0, 0, 100)
+    scale_dyn: float = knob(1.0, 0, 100)
+    scale_rep: float = knob(0.1, 0, 100)
+    scale_image: float = knob(1.0, 0, 100)
+    scale_reward: float = knob(1.0, 0, 100)
+    scale_continue: float = knob(1.0, 0, 100)
+    unimix: float = knob(0.01, 0, 1)
+
+
+@dataclass(frozen=True)
+class ActorCriticKnobs:
+    """``model.actor_critic``: imagination, returns, the slow critic and the optimisers."""
+
+    horizon: int = knob(15, 1, 1000, integer=True)
+    gamma: float = knob(1 - 1 / 333, 0, 1, False)
+    lam: float = knob(0.95, 0, 1)
+    entropy: float = knob(3e-4, 0, 1)
+    repval: float = knob(0.3, 0, 100)
+    unimix: float = knob(0.01, 0, 1)
+    slow_rate: float = knob(0.02, 0, 1, False)
+    slow_reg: float = knob(1.0, 0, 100)
+    retnorm_decay: float = knob(0.99, 0, 1)
+    actor_lr: float = knob(3e-5, 0, 1, False)
+    critic_lr: float = knob(3e-5, 0, 1, False)
+    eps: float = knob(1e-5, 0, 1, False)
+    clip: float = knob(100.0, 0, float("inf"), False)
+
+
+@dataclass(frozen=True)
+class GoalKnobs:
+    """``model.goals``: goal proposals, matching, the matcher's optimiser, and ``track`` (measure
+    goal success while acting without DreamWeaning); see ``dreamer/goals.py``."""
+
+    strategy: str = knob("value", choices=STRATEGIES)
+    threshold: float = knob(0.7, 0, 1, False)
+    rollouts: int = knob(8, 1, 4096, integer=True)
+    offset: int = knob(8, 1, 10_000, integer=True)
+    steps: int = knob(32, 1, 1_000_000, integer=True)
+    matcher_lr: float = knob(3e-4, 0, 1, False)
+    track: bool = knob(False, choices=(False, True))
+
+
+KNOBS = {"world_model": WorldModelKnobs, "actor_critic": ActorCriticKnobs, "goals": GoalKnobs}
+OPTIMISER_KNOBS = ("lr", "eps", "clip", "actor_lr", "critic_lr", "matcher_lr")
+
+
+def as_dict(given: Any) -> dict[str, Any]:
+    """A group's knobs as given (a knobs dataclass, a mapping, the CLI's namespace, or None) as a dict."""
+    if is_dataclass(given):
+        return asdict(given)
+    return given.as_dict() if hasattr(given, "as_dict") else dict(given or {})
+
+
+def module_args(group: str, given: Any) -> dict[str, Any]:
+    """Every knob of ``group``: the given ones, the defaults for the rest."""
+    return asdict(KNOBS[group](**as_dict(given)))
+
+
+def without_optimiser(args: dict[str, Any]) -> dict[str, Any]:
+    """A module's knobs less its optimiser's: what its constructor takes."""
+    return {k: v for k, v in args.items() if k not in OPTIMISER_KNOBS}
+
+
+# Dreamer's arguments before they were grouped by module: old checkpoints restore through these
+FLAT_ARGUMENTS = {
+    **{k: ("world_model", k) for k in ("free_bits", "scale_dyn", "scale_rep")},
+    "world_model_lr": ("world_model", "lr"), "world_model_eps": ("world_model", "eps"),
+    "world_model_clip": ("world_model", "clip"), "actor_critic_eps": ("actor_critic", "eps"),
+    "actor_critic_clip": ("actor_critic", "clip"),
+    **{k: ("actor_critic", k) for k in ("horizon", "gamma", "lam", "entropy", "repval", "actor_lr", "critic_lr")},
+    **{f"goal_{k}": ("goals", k) for k in ("strategy", "threshold", "rollouts", "offset", "steps")},
+    "matcher_lr": ("goals", "matcher_lr"), "track_goals": ("goals", "track"),
 }
+
+
+def grouped(hparams: dict[str, Any]) -> dict[str, Any]:
+    """Arguments of an older Dreamer (flat names, ``world_model_args``, ``actor_critic_args``) in
+    today's groups; today's arguments unchanged."""
+    out = {k: v for k, v in hparams.items()
+           if k not in FLAT_ARGUMENTS and k not in ("world_model_args", "actor_critic_args")}
+    for old, new in (("world_model_args", "world_model"), ("actor_critic_args", "actor_critic")):
+        if hparams.get(old):
+            out[new] = {**(out.get(new) or {}), **hparams[old]}
+    for key, (group, name) in FLAT_ARGUMENTS.items():
+        if key in hparams:
+            out[group] = {**(out.get(group) or {}), name: hparams[key]}
+    return out
 
 
 def _range_problem(name: str, value: Any, low: float, high: float, low_ok: bool, integer: bool = False) -> str | None:
@@ -90,18 +181,22 @@ def argument_problem(args: Any) -> str | None:
                         f"(channels per 64x64 -> 4x4 conv stage, in units of depth), got {value!r}")
         elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return f"model.overrides.{key} must be a positive integer, got {value!r}"
-    for name, (low, high, low_ok) in RANGES.items():
-        if problem := _range_problem(name, args[name], low, high, low_ok, name in INTEGER_ARGUMENTS):
-            return problem
-    for group, knobs in MODULE_KNOBS.items():
-        given = args.get(group) or {}
-        if unknown := sorted(set(given) - set(knobs)):
-            return f"unknown model.{group} {unknown}; allowed: {', '.join(knobs)}"
+    if problem := _range_problem("max_env_steps", args["max_env_steps"], 1, float("inf"), True, True):
+        return problem
+    for group, knobs in KNOBS.items():
+        given, allowed = args.get(group), {f.name: f for f in fields(knobs)}
+        if given is not None and not is_dataclass(given) and not isinstance(given, dict) and not hasattr(given, "as_dict"):
+            return f"model.{group} must be a mapping of its knobs ({', '.join(allowed)}), got {given!r}"
+        given = as_dict(given)
+        if unknown := sorted(set(given) - set(allowed)):
+            return f"unknown model.{group} {unknown}; allowed: {', '.join(allowed)}"
         for key, value in given.items():
-            if problem := _range_problem(f"{group}.{key}", value, *knobs[key]):
+            limits, default = allowed[key].metadata["range"], allowed[key].default
+            if limits.choices:
+                if type(value) is not type(default) or value not in limits.choices:
+                    return f"unknown model.{group}.{key} {value!r}; allowed: {', '.join(map(str, limits.choices))}"
+            elif problem := _range_problem(f"{group}.{key}", value, *limits[:4]):
                 return problem
-    if args["goal_strategy"] not in STRATEGIES:
-        return f"unknown model.goal_strategy {args['goal_strategy']!r}; allowed: {', '.join(STRATEGIES)}"
     if args["norm"] not in NORMS:
         return f"unknown model.norm {args['norm']!r}; allowed: {', '.join(NORMS)}"
     return None

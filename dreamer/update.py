@@ -35,20 +35,20 @@ def update(
         raise FloatingPointError(
             f"the loss diverged at update {number} ({', '.join(bad) or 'loss = ' + str(float(loss))}); "
             "the run stopped without saving, so its last checkpoint holds the last good state; "
-            "lower the learning rates (model.world_model_lr, actor_lr, critic_lr) and resume or start over"
+            "lower the learning rates (model.world_model.lr, model.actor_critic.actor_lr and critic_lr) and resume or start over"
         )
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     backward(loss)
     hp = model.hparams
-    clips = (hp.world_model_clip, hp.actor_critic_clip, hp.actor_critic_clip)
+    clips = (hp.world_model["clip"], hp.actor_critic["clip"], hp.actor_critic["clip"])
     norms = [torch.nn.utils.clip_grad_norm_(params_of(opt), clip) for opt, clip in zip(optimizers, clips)]
     if not torch.isfinite(torch.stack(norms)).all():  # gradients are all-reduced: ranks agree
         bad = [f"{n} {float(v):g}" for n, v in zip(OPTIMIZED, norms) if not torch.isfinite(v)]
         raise FloatingPointError(
             f"non-finite gradient norm at update {number} ({', '.join(bad)}); nothing was "
             "applied and the last checkpoint holds the last good state; lower the learning rates "
-            "(model.world_model_lr, actor_lr, critic_lr) and resume or start over"
+            "(model.world_model.lr, model.actor_critic.actor_lr and critic_lr) and resume or start over"
         )
     for opt in optimizers:
         opt.step()

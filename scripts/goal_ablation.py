@@ -3,7 +3,7 @@
     python scripts/goal_ablation.py --config configs/learn_bigfish.yaml --seeds 0 1 --max-env-steps 40000
 
 Each arm trains with ``cli.py fit`` (the dreams arm adds ``configs/dreams.yaml``), then validates
-on training and unseen levels. Both arms measure goal success the same way (``model.track_goals``,
+on training and unseen levels. Both arms measure goal success the same way (``model.goals.track``,
 goals from the same state model). For the dreams arm it also measures the goal matcher on held-out
 real goals in dreams against the goal-blind actor on the same goals.
 """
@@ -56,7 +56,7 @@ def run_arm(arm: str, config: list[str], seed: int, steps: int, extra: list[str]
     for c in config + (["configs/dreams.yaml"] if arm == "dreams" else []):
         args += ["--config", str(ROOT / c) if not Path(c).is_absolute() else c]
     args += ["--seed_everything", str(seed), "--data.seed", str(seed),
-             "--model.max_env_steps", str(steps), "--model.track_goals", "true",
+             "--model.max_env_steps", str(steps), "--model.goals.track", "true",
              "--trainer.default_root_dir", f"runs/ablation/{arm}-seed{seed}",
              "--trainer.logger.init_args.run_name", f"ablation-{arm}-seed{seed}", *extra]
     cli = main(args)

@@ -182,7 +182,7 @@ def test_sigkill_then_resume_continues_counters_and_memmap_replay(tmp_path):
 
 def test_fit_with_dreams_logs_dream_goal_and_weaning_metrics(tmp_path):
     out = cli(tmp_path, "fit", "--config", SMOKE, "--config", str(ROOT / "configs" / "dreams.yaml"),
-              "--model.max_env_steps", "384", "--model.goal_rollouts", "2")
+              "--model.max_env_steps", "384", "--model.goals.rollouts", "2")
     assert "goal_step_success" in out.stdout  # the validation table has goal columns
     ckpt = load(tmp_path / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt")
     (buffer,) = [v["buffer"] for k, v in ckpt["callbacks"].items() if k.startswith("DreamGeneration")]

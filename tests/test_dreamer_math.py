@@ -145,7 +145,7 @@ def test_repval_trains_the_critic_on_replayed_returns_and_reaches_the_world_mode
     assert "loss/repval" in metrics and float(metrics["loss/repval"]) > 0
     no_replay = {k: v for k, v in batch.items() if k != "is_last"}
     torch.manual_seed(1)
-    off = Dreamer(size="tiny", repval=0.0)
+    off = Dreamer(size="tiny", actor_critic={"repval": 0.0})
     off.load_state_dict(model.state_dict())
     torch.manual_seed(2)
     _, m_on = model.loss(batch)

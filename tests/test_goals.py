@@ -320,7 +320,7 @@ def _post(*deters):
 
 
 def test_pursue_goals_bookkeeping_hand_made():
-    model = Dreamer(size="tiny", goal_steps=3, goal_threshold=0.7)
+    model = Dreamer(size="tiny", goals={"steps": 3, "threshold": 0.7})
     metric = model.goals.metrics["fit"]
     calls, queue = [], []
 
@@ -459,7 +459,7 @@ def test_goal_tracking_leaves_acting_and_training_unchanged():
     runs = []
     for track_goals in (False, True):
         torch.manual_seed(0)
-        model = Dreamer(size="tiny", track_goals=track_goals)
+        model = Dreamer(size="tiny", goals={"track": track_goals})
         actions, state, rng = _act_sequence(model, 11, frames, FIRSTS)
         torch.manual_seed(5)
         loss, metrics = model.loss(_batch(seed=3))
@@ -519,7 +519,7 @@ def test_plain_dreamer_matches_the_code_before_goals(track_goals):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the golden numbers were recorded single-threaded
     try:
-        losses, param_sum, actions, final_draw = golden_run(track_goals=track_goals)
+        losses, param_sum, actions, final_draw = golden_run(goals={"track": track_goals})
     finally:
         torch.set_num_threads(threads)
     # recorded with torch 2.13.0 CPU; a relative 1e-6 allows another CPU's rounding
@@ -538,9 +538,9 @@ def test_goal_configuration_is_validated():
             GoalStateModel(DETER, threshold=threshold)
     assert GoalStateModel(DETER, threshold=1.0).hp.threshold == 1.0
     with pytest.raises(ValueError, match="allowed: value, replay"):
-        Dreamer(size="tiny", goal_strategy="curiosity")
-    with pytest.raises(ValueError, match="goal_steps"):
-        Dreamer(size="tiny", goal_steps=0)
+        Dreamer(size="tiny", goals={"strategy": "curiosity"})
+    with pytest.raises(ValueError, match="goals.steps"):
+        Dreamer(size="tiny", goals={"steps": 0})
     with pytest.raises(ValueError, match="keep_fraction"):
         DreamGeneration(keep_fraction=0.0)
     with pytest.raises(ValueError, match="keep_fraction"):

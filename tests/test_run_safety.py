@@ -20,7 +20,8 @@ from clirun import ROOT, SMOKE, cli, quick_checkpoints
 from cli import run_files
 from datamodules.procgen import ProcgenVectorEnv
 from dreamer.agent import Dreamer
-from dreamer.config import argument_problem
+from dreamer.checkpoints import restore_agent
+from dreamer.config import ActorCriticKnobs, argument_problem, grouped
 
 RUN = os.path.join("runs", "coinrun-tiny-seed0")
 
@@ -92,8 +93,8 @@ def test_bad_inputs_get_one_line_and_leave_the_run_as_it_was(smoke_run, tmp_path
         (fit + ["--data.val_episodes", "0"], "data.val_episodes must be an integer >= 1"),
         (fit + ["--data.test_num_envs", "0"], "data.test_num_envs must be an integer >= 1"),
         (fit + ["--model.max_env_steps", "0"], "model.max_env_steps must lie in [1, inf]"),
-        (fit + ["--model.world_model_lr", "1000"], "model.world_model_lr must lie in (0, 1]"),
-        (fit + ["--model.actor_lr", "1e10"], "model.actor_lr must lie in (0, 1]"),
+        (fit + ["--model.world_model.lr", "1000"], "model.world_model.lr must lie in (0, 1]"),
+        (fit + ["--model.actor_critic.actor_lr", "1e10"], "model.actor_critic.actor_lr must lie in (0, 1]"),
         (["fit", "--config", "broken.yaml"], "config file broken.yaml is not valid YAML at line 3"),
         (["fit", "--config", "flat.yaml"], "config file flat.yaml: section trainer must be a mapping of its settings, got 5"),
         (["validate", "--config", SMOKE, "--ckpt_path", "noise.ckpt"], "is not a PyTorch checkpoint"),
@@ -149,12 +150,14 @@ def test_run_files_sees_a_run_in_any_of_its_files(tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(world_model_lr=1000.0), "model.world_model_lr must lie in (0, 1], got 1000.0"),
-    (dict(gamma=1.5), "model.gamma must lie in (0, 1]"),
-    (dict(horizon=2.5), "model.horizon must be an integer"),
+    (dict(world_model={"lr": 1000.0}), "model.world_model.lr must lie in (0, 1], got 1000.0"),
+    (dict(actor_critic={"gamma": 1.5}), "model.actor_critic.gamma must lie in (0, 1]"),
+    (dict(actor_critic={"horizon": 2.5}), "model.actor_critic.horizon must be an integer"),
     (dict(max_env_steps=0), "model.max_env_steps must lie in [1, inf]"),
-    (dict(entropy=float("nan")), "model.entropy must lie in [0, 1]"),
-    (dict(goal_strategy="best"), "unknown model.goal_strategy 'best'; allowed: value, replay"),
+    (dict(actor_critic={"entropy": float("nan")}), "model.actor_critic.entropy must lie in [0, 1]"),
+    (dict(goals={"strategy": "best"}), "unknown model.goals.strategy 'best'; allowed: value, replay"),
+    (dict(goals={"track": 1}), "unknown model.goals.track 1; allowed: False, True"),
+    (dict(goals=5), "model.goals must be a mapping of its knobs (strategy, "),
     (dict(norm="batch"), "unknown model.norm 'batch'; allowed: "),
     (dict(size="huge"), "unknown model size 'huge'"),
     (dict(overrides={"deter": 0}), "model.overrides.deter must be a positive integer"),
@@ -280,13 +283,34 @@ def test_the_run_logger_keeps_the_first_error_in_view_and_ends_the_run(tmp_path,
 
 
 def test_module_knobs_reach_their_modules_and_bad_ones_are_refused():
-    model = Dreamer(size="tiny", world_model_args={"unimix": 0.05, "scale_reward": 2.0},
-                    actor_critic_args={"slow_rate": 0.1, "retnorm_decay": 0.9})
+    model = Dreamer(size="tiny", world_model={"unimix": 0.05, "scale_reward": 2.0, "lr": 2e-4},
+                    actor_critic=ActorCriticKnobs(slow_rate=0.1, retnorm_decay=0.9, horizon=7, critic_lr=1e-4),
+                    goals={"rollouts": 3, "strategy": "replay"})
     assert model.world_model.hp.unimix == 0.05 and model.world_model.rssm.unimix == 0.05
-    assert model.world_model.hp.scale_reward == 2.0
+    assert model.world_model.hp.scale_reward == 2.0 and model.world_model.hp.scale_dyn == 1.0  # default
     assert model.actor_critic.hp.slow_rate == 0.1 and model.actor_critic.hp.retnorm_decay == 0.9
-    problem = argument_problem({**_defaults(), "actor_critic_args": {"slow_rat": 0.1}})
-    assert problem == ("unknown model.actor_critic_args ['slow_rat']; allowed: unimix, slow_rate, slow_reg, "
-                       "retnorm_decay")
-    assert "model.world_model_args.unimix must lie in [0, 1], got 2" in argument_problem(
-        {**_defaults(), "world_model_args": {"unimix": 2}})
+    assert model.actor_critic.hp.horizon == 7 and model.goal_model.hp.horizon == 7
+    assert model.goal_model.hp.rollouts == 3 and model.goal_model.hp.strategy == "replay"
+    world_model_opt, _, critic_opt, _ = model.configure_optimizers()
+    assert world_model_opt.defaults["lr"] == 2e-4 and critic_opt.defaults["lr"] == 1e-4
+    assert model.hparams.world_model["scale_dyn"] == 1.0  # the checkpoint records every knob
+    problem = argument_problem({**_defaults(), "actor_critic": {"slow_rat": 0.1}})
+    assert problem.startswith("unknown model.actor_critic ['slow_rat']; allowed: horizon, gamma, ")
+    assert "model.world_model.unimix must lie in [0, 1], got 2" in argument_problem(
+        {**_defaults(), "world_model": {"unimix": 2}})
+
+
+def test_a_checkpoint_of_the_flat_arguments_restores_into_the_groups():
+    old = {"size": "tiny", "horizon": 9, "world_model_lr": 2e-4, "actor_critic_clip": 50.0,
+           "track_goals": True, "goal_strategy": "replay", "world_model_args": {"unimix": 0.05},
+           "actor_critic_args": {"slow_rate": 0.1}, "max_env_steps": 5}
+    assert grouped(old) == {
+        "size": "tiny", "max_env_steps": 5,
+        "world_model": {"lr": 2e-4, "unimix": 0.05},
+        "actor_critic": {"horizon": 9, "clip": 50.0, "slow_rate": 0.1},
+        "goals": {"track": True, "strategy": "replay"},
+    }
+    state = Dreamer(size="tiny").state_dict()
+    agent = restore_agent({"hyper_parameters": old, "state_dict": state})
+    assert agent.actor_critic.hp.horizon == 9 and agent.goals.track and agent.world_model.hp.unimix == 0.05
+    assert grouped(agent.hparams) == dict(agent.hparams)  # today's arguments pass unchanged
