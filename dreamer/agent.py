@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 
 from callbacks.training import TrainingLog, ValidationTable
 from datamodules.games import NUM_ACTIONS, OBS_SHAPE
@@ -35,7 +34,7 @@ class Dreamer(pl.LightningModule):
     ``size`` picks a preset from ``SIZES`` and ``overrides`` replaces single entries of it;
     ``world_model``, ``actor_critic`` and ``goals`` set those modules' knobs, optimisers included
     (``KNOBS`` in ``dreamer/config.py`` lists them with defaults and ranges). The networks follow
-    the newest DreamerV3 (``../shared/DREAMERV3.md``); ``norm`` is LayerNorm or DreamerV3's RMSNorm
+    the newest DreamerV3 reference; ``norm`` is LayerNorm or DreamerV3's RMSNorm
     (slower on CPUs). A batch with a replay context starts from the latents stored in replay and
     the update writes its posteriors back. Training stops once the DataModule has taken
     ``max_env_steps`` environment steps, the x-axis of every metric.
@@ -79,15 +78,13 @@ class Dreamer(pl.LightningModule):
         self.automatic_optimization = False
         # DDP leaves alone: the goal matcher (trained only in callbacks, which average its gradients
         # themselves) and each rank's bank of its own replayed goal pairs
-        ignore_in_ddp(self, [f"goal_matcher.{name}" for name, _ in self.goal_matcher.named_parameters()]
-                      + [f"goal_model.{name}" for name in ("bank_start", "bank_goal", "bank_count")])
+        ignore_in_ddp(self, ("goal_matcher.", "goal_model.bank_"))
         self.updates = 0
 
     @property
     def latent_sizes(self) -> dict[str, int]:
         """What the replay keeps per step for its context: deter size and number of latents."""
-        rssm = self.world_model.rssm
-        return {"deter": rssm.deter, "stoch": rssm.stoch}
+        return {"deter": self.world_model.rssm.deter, "stoch": self.world_model.rssm.stoch}
 
     # ---------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
@@ -126,9 +123,7 @@ class Dreamer(pl.LightningModule):
         with torch.no_grad():
             _, feat, actions = wm.rssm.imagine(start, ac.sample, ac.hp.horizon, keep_states=False)  # (H + 1, N, F)
             reward = wm.reward(feat[1:])  # (H, N)
-            cont = torch.cat(
-                [1.0 - is_terminal.reshape(1, -1).float(), wm.continue_prob(feat[1:])]
-            )  # (H + 1, N)
+            cont = torch.cat([1.0 - is_terminal.reshape(1, -1).float(), wm.continue_prob(feat[1:])])  # (H + 1, N)
         return feat, actions, reward, cont
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -143,7 +138,6 @@ class Dreamer(pl.LightningModule):
         return wm_loss + ac_loss, {**metrics, **ac_metrics}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        hp = self.hparams
         optimizers = [self.optimizer(name) for name in ("world_model", "actor", "critic")]
         loss, metrics = update(self, optimizers, batch, backward=self.manual_backward)
         dm = self.trainer.datamodule
@@ -152,7 +146,7 @@ class Dreamer(pl.LightningModule):
         if self.goals.learning:
             self.goal_model.observe(self.last_post, batch["is_first"], seed=self.updates)
         self.updates += 1
-        if dm is not None and dm.total_env_steps >= hp.max_env_steps:
+        if dm is not None and dm.total_env_steps >= self.hparams.max_env_steps:
             self.trainer.should_stop = True
         return {"loss": loss.detach(), "metrics": metrics, "post": self.last_post}  # for the callbacks
 
@@ -160,20 +154,16 @@ class Dreamer(pl.LightningModule):
         return [TrainingLog(), ValidationTable()]
 
     # ---------------------------------------------------------------- acting
-    # Acting runs eagerly under --model.compile: its env counts and no-grad mode would make the
-    # compiled training functions recompile past dynamo's limit.
+    # eager under --model.compile: env counts and no-grad mode would recompile the training graphs
     @torch.compiler.set_stance("force_eager")
     @torch.no_grad()
     def act(
         self, obs: torch.Tensor, is_first: torch.Tensor, state: ActingState | None = None,
         reward: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ActingState]:
-        """Sample actions (N,) for uint8 frames (N, 64, 64, 3), carrying an ``ActingState``
-        (posterior, last action, goal track). The recurrent state and previous action are zeroed
-        where ``is_first``.
-
-        ``reward`` (N,), received on arriving at ``obs``, only feeds the goal metrics.
-        """
+        """Sample actions (N,) for uint8 frames (N, 64, 64, 3), carrying an ``ActingState``; the
+        recurrent state restarts where ``is_first``. ``reward`` (N,), received on arriving at
+        ``obs``, only feeds the goal metrics."""
         is_first = is_first.to(self.device) if state is not None else torch.ones_like(is_first, device=self.device)
         post = self.observe_step(obs, is_first, state)
         feat = self.world_model.rssm.features(post)
@@ -187,19 +177,8 @@ class Dreamer(pl.LightningModule):
     @torch.compiler.set_stance("force_eager")
     @torch.no_grad()
     def observe_step(self, obs: torch.Tensor, is_first: torch.Tensor, state: Any = None) -> State:
-        """Posterior (N, ...) after seeing uint8 frames ``obs`` (N, 64, 64, 3); ``state`` starts with
-        (previous posterior, previous action) or is None at the start (every lane then begins)."""
-        obs, is_first = obs.to(self.device), is_first.to(self.device).bool()
-        rssm = self.world_model.rssm
-        if state is None:
-            prev = rssm.initial(len(obs), self.device)
-            prev_action = torch.zeros(len(obs), dtype=torch.long, device=self.device)
-            is_first = torch.ones_like(is_first)
-        else:
-            prev, prev_action = state[0], state[1]  # an ActingState or (posterior, action)
-        embed = self.world_model.encoder(obs)
-        post = rssm.obs_step(prev, F.one_hot(prev_action, NUM_ACTIONS).float(), embed, is_first)
-        return post
+        """``world_model.observe_step`` from ``state`` (an ``ActingState`` or (posterior, action))."""
+        return self.world_model.observe_step(obs.to(self.device), is_first.to(self.device), *(state or ())[:2])
 
     # ---------------------------------------------------------------- validation
     def validation_step(self, split: str, batch_idx: int) -> None:
@@ -212,10 +191,7 @@ class Dreamer(pl.LightningModule):
                      sync_dist=True, reduce_fx="sum" if key == "episodes" else "mean")
         self.log("step", float(dm.total_env_steps), on_step=False, on_epoch=True, batch_size=1)
 
-    # ---------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_agent_state(self, checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        load_agent_state(self, checkpoint)
+    # ---------------------------------------------------------------- checkpoints: updates, random streams, game
+    on_save_checkpoint = save_agent_state
+    on_load_checkpoint = load_agent_state
 

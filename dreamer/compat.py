@@ -37,8 +37,10 @@ PRIVATE: list[tuple[str, str, str]] = [
 ]
 
 
-def ignore_in_ddp(module: Any, names: list[str]) -> None:
-    """Makes DistributedDataParallel leave ``module``'s parameters and buffers ``names`` alone."""
+def ignore_in_ddp(module: Any, prefixes: tuple[str, ...]) -> None:
+    """Makes DistributedDataParallel leave ``module``'s parameters and buffers whose names start
+    with one of ``prefixes`` alone."""
+    names = [name for name, _ in [*module.named_parameters(), *module.named_buffers()] if name.startswith(prefixes)]
     module._ddp_params_and_buffers_to_ignore = names
 
 

@@ -60,6 +60,16 @@ class WorldModel(pl.LightningModule):
         # float32: in bf16 the spacing near 1 (2^-8) is as large as 1 - gamma
         return torch.sigmoid(self.continue_head(feat).squeeze(-1).float())
 
+    def observe_step(self, obs: torch.Tensor, is_first: torch.Tensor, prev: State | None = None,
+                     prev_action: torch.Tensor | None = None) -> State:
+        """Posterior (N, ...) after uint8 frames ``obs`` (N, 64, 64, 3), from the previous posterior
+        and the action (N,) taken from it; without them every lane starts an episode."""
+        if prev is None:
+            prev, prev_action = self.rssm.initial(len(obs), obs.device), torch.zeros(len(obs), dtype=torch.long, device=obs.device)
+            is_first = torch.ones_like(is_first)
+        action = F.one_hot(prev_action, self.hp.num_actions).float()
+        return self.rssm.obs_step(prev, action, self.encoder(obs), is_first.bool())
+
     def start_state(self, batch: dict[str, torch.Tensor]) -> tuple:
         """(is_first, state, prev_action) for ``rssm.observe`` of a batch: from the batch's replay
         context where it holds a stored latent (see ``replay_batch``), else a fresh start (the first

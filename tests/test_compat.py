@@ -24,6 +24,16 @@ def test_ddp_still_reads_the_ignore_list():
     assert "_ddp_params_and_buffers_to_ignore" in inspect.getsource(DistributedDataParallel)
 
 
+def test_ddp_leaves_the_goal_matcher_and_goal_banks_alone_and_nothing_else():
+    from dreamer.agent import Dreamer
+
+    model = Dreamer(size="tiny")
+    ignored = set(model._ddp_params_and_buffers_to_ignore)
+    matcher = {f"goal_matcher.{name}" for name, _ in model.goal_matcher.named_parameters()}
+    banks = {"goal_model.bank_start", "goal_model.bank_goal", "goal_model.bank_count"}
+    assert matcher and ignored == matcher | banks
+
+
 def test_mlflow_logger_still_holds_its_ids_before_creating_a_run(tmp_path):
     logger = MLFlowLogger(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", run_id="abc")
     assert compat.mlflow_ids(logger) == ("abc", None)
