@@ -58,9 +58,9 @@ def datamodule(steps: int, warm: bool) -> float:
                           replay_capacity=N * steps)
     dm.setup("fit")
     if warm:
-        dm.collect(steps)  # one full pass over the ring
+        dm.collector.collect(dm.policy, steps)  # one full pass over the ring
     start = time.perf_counter()
-    dm.collect(steps)
+    dm.collector.collect(dm.policy, steps)
     return steps * N / (time.perf_counter() - start)
 
 

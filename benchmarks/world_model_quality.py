@@ -83,12 +83,12 @@ def collect(game: str, mode: str, start_level: int, num_levels: int, lanes: int,
     )
     dm.setup("fit")
     dm.random_policy = PersistentRandomPolicy(seed, persist)
-    dm.collect(per_lane)
+    dm.collector.collect(dm.policy, per_lane)
     replay = dm.replay
     written = int(replay.count.max())
     out = {k: np.ascontiguousarray(replay.data[k][:, :written]) for k in FIELDS}
     out["count"] = replay.count.copy()
-    dm.train_env.close(), dm.test_env.close()
+    dm.collector.env.close(), dm.eval_env("unseen_levels").close()
     return out
 
 

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     dm.setup("fit")
     start = time.perf_counter()
-    dm.collect(-(-args.env_steps // args.num_envs))
+    dm.collector.collect(dm.policy, -(-args.env_steps // args.num_envs))
     seconds = time.perf_counter() - start
     episodes = dm.pop_episodes()
     returns = np.array([e["return"] for e in episodes])

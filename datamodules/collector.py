@@ -1,6 +1,6 @@
 """Playing the game with a policy: the ``Rollout`` every env loop runs on, the ``Collector`` that
-writes the training envs' experience into replay and keeps the episode statistics, and
-``evaluate`` for validation."""
+writes the training envs' experience into replay and keeps the episode statistics, the
+``TrainRatio`` that says how much to collect before each batch, and ``evaluate`` for validation."""
 
 from __future__ import annotations
 
@@ -153,6 +153,7 @@ class Collector:
         self.episodes = 0
         self.recent_episodes: deque[dict[str, float]] = deque(maxlen=100)
         self._new_episodes: list[dict[str, float]] = []
+        self.restored = False  # collecting continues a run (after load_state_dict or a first collect)
 
     @property
     def env(self) -> ProcgenVectorEnv | None:
@@ -168,8 +169,15 @@ class Collector:
             self.rollout.obs = None
 
     def collect(self, policy: Callable[[], Policy], vector_steps: int) -> None:
-        """Step every env ``vector_steps`` times with the policy ``policy()`` gives at each step."""
+        """Step every env ``vector_steps`` times with the policy ``policy()`` gives at each step.
+        A fresh run (not restored, no steps yet) first empties a replay left by an earlier run in
+        the same files and sets its episode file aside: it never trains on another run's data."""
         replay, rollout = self.replay, self.rollout
+        if not self.restored and self.env_steps == 0:
+            if len(replay):
+                replay.clear()
+            self.set_aside_episodes_file()
+        self.restored = True
         zeros = np.zeros(rollout.env.num_envs, bool)
         for _ in range(vector_steps):
             rollout.act(policy())
@@ -239,4 +247,35 @@ class Collector:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.env_steps, self.episodes = int(state["env_steps"]), int(state["episodes"])
         self.recent_episodes = deque(state["recent_episodes"], maxlen=100)
+        self.restored = True
         self.restart()
+
+
+class TrainRatio:
+    """DreamerV3's train ratio: replayed steps per environment step. Batch k may be served once
+    ``learning_starts + k * batch_size * seq_len / ratio`` environment steps have been taken.
+
+    Counts the batches served and those that reached training: Lightning fetches one batch ahead,
+    so a checkpoint records the trained ones and a resume serves the fetched one again.
+    """
+
+    def __init__(self, ratio: float, batch_size: int, seq_len: int, learning_starts: int) -> None:
+        self.ratio, self.batch_size, self.seq_len = ratio, batch_size, seq_len
+        self.learning_starts = learning_starts
+        self.served = self.trained = 0
+        self.counts_trained = False  # batches reach training through Lightning (not next_batch alone)
+
+    def env_steps_needed(self, batch_index: int | None = None) -> int:
+        """Environment steps needed before batch ``batch_index`` (default: the next) is served."""
+        k = self.served if batch_index is None else batch_index
+        return self.learning_starts + int(np.ceil(k * self.batch_size * self.seq_len / self.ratio))
+
+    def count_trained(self) -> None:
+        self.trained += 1
+        self.counts_trained = True
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_served": self.trained if self.counts_trained else self.served}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.served = self.trained = int(state["batches_served"])

@@ -339,6 +339,12 @@ def unseen_env(cfg: ProcgenConfig, num_envs: int, seed: int, **procgen_options: 
                             seed=seed, **procgen_options)
 
 
+def training_levels_env(cfg: ProcgenConfig, num_envs: int, seed: int, **procgen_options: Any) -> ProcgenVectorEnv:
+    """``num_envs`` envs on the training levels ``[start_level, start_level + num_levels)``."""
+    return ProcgenVectorEnv(cfg.game, num_envs, cfg.distribution_mode, cfg.num_levels, cfg.start_level,
+                            seed=seed, **procgen_options)
+
+
 def make_env_pair(
     cfg: ProcgenConfig, **procgen_options: Any
 ) -> tuple[ProcgenVectorEnv, ProcgenVectorEnv]:
@@ -347,10 +353,7 @@ def make_env_pair(
     The test env plays the same game (exploration mode: its ``hard`` levels) from a disjoint seed
     range above the training levels, with its own env seed.
     """
-    train = ProcgenVectorEnv(
-        cfg.game, cfg.num_envs, cfg.distribution_mode, cfg.num_levels, cfg.start_level,
-        seed=cfg.seed, **procgen_options,
-    )
+    train = training_levels_env(cfg, cfg.num_envs, cfg.seed, **procgen_options)
     test = unseen_env(cfg, cfg.test_num_envs or cfg.num_envs, cfg.seed + 1_000_003, **procgen_options)
     return train, test
 

@@ -376,26 +376,3 @@ def store_posteriors(replay: SequenceReplay, batch: dict[str, torch.Tensor], pos
         post["deter"].detach().to(torch.float16).cpu().numpy(),
         post["stoch"].detach().argmax(-1).cpu().numpy(),
     )
-
-
-def write_rank_state(directory: Path, state: dict[str, Any], total_env_steps: int) -> str:
-    """Writes one DDP rank's DataModule state (counters, replay) to
-    ``directory/state_<total env steps>.pt`` through a temporary file, keeps the previous file
-    too (a kill before the checkpoint is replaced still needs it) and returns the file name."""
-    directory.mkdir(parents=True, exist_ok=True)
-    name = f"state_{total_env_steps}.pt"
-    tmp = directory / (name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, directory / name)
-    for path in sorted(directory.glob("state_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-2]:
-        path.unlink()
-    return name
-
-
-def read_rank_state(directory: Path, name: str, rank: int) -> dict[str, Any]:
-    """The state ``write_rank_state`` wrote as ``name``; a ValueError if it is missing."""
-    path = directory / name
-    if not path.is_file():
-        raise ValueError(f"rank {rank}'s replay state {path} is missing: the checkpoint "
-                         "cannot be resumed without it (data.replay_dir must be the same)")
-    return torch.load(path, map_location="cpu", weights_only=True)

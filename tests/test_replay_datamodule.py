@@ -24,7 +24,7 @@ def test_train_ratio_accounting_over_many_batches():
         dm.next_batch()
         needed = 64 + int(np.ceil(k * per_batch))
         assert needed <= dm.env_steps < needed + dm.hparams.num_envs, (k, dm.env_steps)
-    assert dm.batches_served == 300
+    assert dm.train_ratio.served == 300
     # replayed steps / env steps after prefill converges to the ratio
     replayed = 300 * 2 * 8
     assert replayed / (dm.env_steps - 64) == pytest.approx(4.0, rel=0.02)
@@ -47,7 +47,7 @@ def lane_steps(dm, lane):
 
 def test_replay_holds_terminal_steps_and_episode_returns():
     dm = small_dm(num_envs=4, learning_starts=10**9)
-    dm.collect(1900)
+    dm.collector.collect(dm.policy, 1900)
     episodes = dm.collector.pop_episodes()
     assert len(episodes) >= 6 and dm.collector.episodes == len(episodes)
     stored_returns = []
@@ -115,7 +115,7 @@ def test_acts_with_the_attached_module_after_learning_starts_under_lightning(tmp
     assert len(model.batches) == 20
     assert model.batches[0]["obs"] == (torch.Size([3, 8, 64, 64, 3]), torch.uint8)
     assert model.batches[0]["action"] == (torch.Size([3, 8]), torch.int64)
-    assert dm.batches_served == 21  # Lightning fetches one batch ahead of the step it runs
+    assert dm.train_ratio.served == 21  # Lightning fetches one batch ahead of the step it runs
     # a checkpoint counts the 20 batches trained on: a resume serves the fetched 21st again
     assert dm.state_dict()["batches_served"] == 20
     # random before learning_starts (40 env steps = 10 vector steps), the module after
@@ -134,14 +134,14 @@ def test_state_round_trip_restores_counters_and_replay():
     state = a.state_dict()
     b = small_dm(learning_starts=32, seed=123)
     b.load_state_dict(state)
-    assert (b.env_steps, b.collector.episodes, b.batches_served) == (a.env_steps, a.collector.episodes, a.batches_served)
+    assert (b.env_steps, b.collector.episodes, b.train_ratio.served) == (a.env_steps, a.collector.episodes, a.train_ratio.served)
     assert list(b.collector.recent_episodes) == list(a.collector.recent_episodes)
     x, y = a.replay.sample(8, 8), b.replay.sample(8, 8)
     for k in x:
         np.testing.assert_array_equal(x[k], y[k])
     # collection resumes from fresh episodes: the next written step of every lane is a first step
     counts = b.replay.count.copy()
-    b.collect(1)
+    b.collector.collect(b.policy, 1)
     np.testing.assert_array_equal(b.replay.data["flags"][np.arange(4), counts % b.replay.lane_capacity] & 1, 1)
 
 
