@@ -97,6 +97,20 @@ def save_agent_state(agent, checkpoint: dict[str, Any]) -> None:
     }
 
 
+def upgrade_checkpoint(agent, checkpoint: dict[str, Any]) -> None:
+    """In place: a checkpoint written before the goal matcher had a critic gets the matcher's
+    policy as its actor, a fresh critic, and (to resume) a fresh matcher optimiser state."""
+    from dreamer.goals import upgrade_matcher_weights
+
+    state = checkpoint.get("state_dict", {})
+    if not any(k.startswith("goal_matcher.policy.") for k in state):
+        return
+    upgrade_matcher_weights(state, agent.state_dict())
+    optimizers = checkpoint.get("optimizer_states")
+    if optimizers and len(optimizers) == len(agent.OPTIMIZERS):
+        optimizers[agent.OPTIMIZERS.index("goal_matcher")] = agent.goal_matcher.configure_optimizers().state_dict()
+
+
 def load_agent_state(agent, checkpoint: dict[str, Any]) -> None:
     """Refuses (ValueError) a checkpoint of another size, game or architecture; restores the update
     count and this rank's random streams."""
@@ -106,6 +120,7 @@ def load_agent_state(agent, checkpoint: dict[str, Any]) -> None:
     differences = checkpoint_mismatch(checkpoint, hp.size, hp.overrides, dm.hparams.game if dm is not None else None)
     if differences:
         raise ValueError("checkpoint does not match this run; " + "; ".join(differences))
+    upgrade_checkpoint(agent, checkpoint)
     saved = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
     own = {k: tuple(v.shape) for k, v in agent.state_dict().items()}
     if saved and saved != own:
@@ -134,6 +149,7 @@ def restore_agent(ckpt: dict[str, Any], path: str | os.PathLike = "the checkpoin
     hparams = {k: v for k, v in grouped(ckpt["hyper_parameters"]).items() if k in allowed}
     try:
         agent = Dreamer(**hparams)
+        upgrade_checkpoint(agent, ckpt)
         agent.load_state_dict(ckpt["state_dict"])
     except (ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{path} does not hold a Dreamer this code can restore: "

@@ -18,13 +18,14 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from dreamer.actor_critic import ActorCritic
 from dreamer.distributed import mean_over_ranks, world_size
-from dreamer.distributions import sample_index, unimix_logits
+from dreamer.distributions import sample_index
 from dreamer.metrics import GoalSuccess
-from dreamer.nets import MLP, init_args
+from dreamer.nets import init_args
 from dreamer.rssm import State
 
-STRATEGIES = ("value", "replay")
+STRATEGIES = ("value", "replay", "hard")
 
 
 def imagined_return(world_model, actor_critic, feat: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -70,31 +71,67 @@ def step_optimizer(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params,
 
 
 class GoalMatcher(pl.LightningModule):
-    """Goal-conditioned policy ``pi_g(a | s, g)`` over the 15 actions, with its own Adam optimiser.
+    """Goal-conditioned policy ``pi_g(a | s, g)`` over the 15 actions, with its own critic and Adam
+    optimiser: DreamerV3's ``ActorCritic`` over the state's features joined with the goal's offset
+    from the state's deter, ``[feat, g - deter]``.
 
-    Input: the state's model features and the goal's offset from the state's deter, ``g - deter``.
+    It learns two ways: by imitation of dream actions that reached a later state of the same dream
+    (``loss``, hindsight relabelling), and by reinforcement learning in imagination on the goal
+    reward (``rl_loss``): the goal similarity of each imagined state, 1 exactly at the goal.
     """
 
     def __init__(
         self, feat_dim: int, goal_dim: int, num_actions: int = 15, units: int = 256,
         layers: int = 2, lr: float = 3e-4, eps: float = 1e-5, clip: float = 100.0,
-        unimix: float = 0.01,
+        unimix: float = 0.01, horizon: int = 15, gamma: float = 0.95, entropy: float = 3e-4,
     ) -> None:
         super().__init__()
         self.hp = init_args(locals())
-        self.policy = MLP(feat_dim + goal_dim, units, layers, num_actions)
+        self.ac = ActorCritic(feat_dim + goal_dim, num_actions, units, layers, horizon, gamma,
+                              entropy=entropy, unimix=unimix, repval=0.0)
+
+    def inputs(self, feat: torch.Tensor, deter: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        """(..., F + D) what the matcher sees of a state (feat, deter) and its goal (..., D)."""
+        return torch.cat([feat, goal - deter], -1)
 
     def policy_logits(self, feat: torch.Tensor, deter: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
         """Normalised log-probabilities (..., A) for states (feat, deter) and goals (..., D)."""
-        return unimix_logits(self.policy(torch.cat([feat, goal - deter], -1)), self.hp.unimix)
+        return self.ac.policy_logits(self.inputs(feat, deter, goal))
+
+    def toward(self, goal: torch.Tensor):
+        """The policy ``feat -> actions`` that pursues ``goal`` (N, D), for ``rssm.imagine``."""
+        deter_dim = goal.shape[-1]
+        return lambda feat: sample_index(self.policy_logits(feat, feat[..., :deter_dim], goal).exp())
 
     def loss(self, feat, deter, goal, action) -> torch.Tensor:
         """Cross-entropy of the actions that reached ``goal`` (goal-conditioned supervised learning)."""
         logits = self.policy_logits(feat, deter, goal)
         return -logits.gather(-1, action.unsqueeze(-1)).squeeze(-1).mean()
 
+    def rl_loss(self, world_model, goal_model, start: State, goal: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Actor-critic loss of pursuing ``goal`` (N, D) from ``start`` (N, ...) for ``horizon``
+        imagined steps: the reward on arriving at each step is ``goal_model.similarity`` of goal and
+        state, the continuation the world model's."""
+        with torch.no_grad():
+            states, feat, actions = world_model.rssm.imagine(start, self.toward(goal), self.hp.horizon)
+            reward = goal_model.similarity(goal.unsqueeze(0), {k: v[1:] for k, v in states.items()})  # (H, N)
+            cont = torch.cat([torch.ones_like(reward[:1]), world_model.continue_prob(feat[1:])])  # (H + 1, N)
+            inputs = self.inputs(feat, goal_model.goal_of(states), goal.unsqueeze(0).expand(len(feat), -1, -1))
+        loss, metrics = self.ac.loss(inputs, actions, reward, cont)
+        return loss, {"goal_matcher/rl_" + k.split("/")[-1]: v for k, v in metrics.items()}
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), self.hp.lr, eps=self.hp.eps)
+
+
+def upgrade_matcher_weights(state_dict: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]) -> None:
+    """In place: a state dict saved before the matcher had a critic (``goal_matcher.policy.*``)
+    gets its policy as the actor and the fresh critic of ``fresh`` (the module's own state)."""
+    old = [k for k in state_dict if k.startswith("goal_matcher.policy.")]
+    for key in old:
+        state_dict[key.replace("goal_matcher.policy.", "goal_matcher.ac.actor.")] = state_dict.pop(key)
+    if old:
+        state_dict.update({k: v for k, v in fresh.items() if k.startswith("goal_matcher.") and k not in state_dict})
 
 
 class GoalStateModel(nn.Module):
@@ -109,6 +146,8 @@ class GoalStateModel(nn.Module):
         ``offset`` steps later in the same episode) from replayed batches; the goal is the later
         state of the pair whose start is most similar to the state. Until the bank has pairs,
         proposals fall back to ``value``.
+      - ``hard``: as ``replay``, but among the ``rollouts`` most similar pairs it takes the first
+        goal that the goal-blind actor, imagined ``offset`` steps from the state, does not reach.
     ``heldout(post, is_first)`` gives evaluation pairs from real experience, goals the matcher
     never generated (it trains on goals relabelled inside its own dreams).
     """
@@ -160,10 +199,10 @@ class GoalStateModel(nn.Module):
         return self.similarity(goal, state) >= self.hp.threshold
 
     # ------------------------------------------------------------- real experience
-    def real_pairs(self, post: State, is_first: torch.Tensor) -> tuple[State, torch.Tensor]:
+    def real_pairs(self, post: State, is_first: torch.Tensor, offset: int | None = None) -> tuple[State, torch.Tensor]:
         """(start states (M, ...), goals (M, D)): states of (B, T) posteriors and the state
-        ``offset`` steps later when no episode starts in between."""
-        k = self.hp.offset
+        ``offset`` (default ``hp.offset``) steps later when no episode starts in between."""
+        k = offset or self.hp.offset
         if post["deter"].shape[1] <= k:
             raise ValueError(f"goal offset {k} needs sequences longer than {k} steps")
         # a new episode at any of t+1..t+k breaks the pair (B, T - k)
@@ -176,7 +215,7 @@ class GoalStateModel(nn.Module):
         """Follow training: statistics of the batch's posteriors (B, T, ...) and, with the
         ``replay`` strategy, its goal pairs (drawn on the random stream ``seed``)."""
         self.update_statistics(post)
-        if self.hp.strategy == "replay":
+        if self.hp.strategy in ("replay", "hard"):
             with isolated_rng(post["deter"].device, seed):
                 self.add_replay(post, is_first)
 
@@ -208,13 +247,28 @@ class GoalStateModel(nn.Module):
     def propose(self, state: State, world_model, actor_critic) -> torch.Tensor:
         """Goals (N, D) for states (N, ...)."""
         filled = int(min(self.bank_count.item(), self.hp.bank_size))
-        if self.hp.strategy == "replay" and filled > 0:
+        if self.hp.strategy in ("replay", "hard") and filled > 0:
             sim = cosine_max(
                 self.standardize(self.goal_of(state))[:, None, :],
                 self.standardize(self.bank_start[None, :filled, :]),
             )  # (N, filled)
-            return self.bank_goal[sim.argmax(-1)]
+            if self.hp.strategy == "replay":
+                return self.bank_goal[sim.argmax(-1)]
+            return self._unreached_replay_goal(state, sim, world_model, actor_critic)
         return self._best_imagined_end(state, world_model, actor_critic)
+
+    def _unreached_replay_goal(self, state: State, sim: torch.Tensor, world_model, actor_critic) -> torch.Tensor:
+        """Among the ``rollouts`` bank pairs whose starts are most similar to each state (``sim``
+        (N, filled)), the goal of the most similar one that an imagined actor rollout of ``offset``
+        steps from the state never matches; the most similar one where the actor matches them all."""
+        top = sim.topk(min(self.hp.rollouts, sim.shape[1]), -1).indices  # (N, R), most similar first
+        candidates = self.bank_goal[top]  # (N, R, D)
+        states, _, _ = world_model.rssm.imagine(state, actor_critic.sample, self.hp.offset)
+        visited = self.goal_of(states)[1:]  # (k, N, D)
+        hit = cosine_max(self.standardize(candidates).unsqueeze(0),
+                         self.standardize(visited).unsqueeze(2)) >= self.hp.threshold  # (k, N, R)
+        free = (~hit.any(0)).float().argmax(-1)  # first unmatched candidate, 0 if none
+        return candidates[torch.arange(len(free), device=free.device), free]
 
     def _best_imagined_end(self, state: State, world_model, actor_critic) -> torch.Tensor:
         hp = self.hp

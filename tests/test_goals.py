@@ -217,18 +217,25 @@ def _hand_log_probs(logits):
 def _hand_kl(model, feat, goal):
     with torch.no_grad():
         deter = feat[:, :DETER]
-        matcher = _hand_log_probs(model.goal_matcher.policy(torch.cat([feat, goal - deter], -1)))
+        matcher = _hand_log_probs(model.goal_matcher.ac.actor(torch.cat([feat, goal - deter], -1)))
         actor = _hand_log_probs(model.actor_critic.actor(feat))
         return (matcher.exp() * (matcher - actor)).sum(-1).mean().item()
 
 
-def test_bridge_distillation_moves_only_the_actor_toward_the_matcher():
+def tiny_model_after_a_batch():
+    """A seeded tiny Dreamer that has computed the posteriors of ``_batch()`` (``last_post``), with
+    its optimisers reachable as under the Trainer; returns (model, batch)."""
     torch.manual_seed(0)
     model = Dreamer(size="tiny")
     optimizers = model.configure_optimizers()
     model.optimizers = lambda: optimizers
     batch = _batch()
     model.loss(batch)
+    return model, batch
+
+
+def test_bridge_distillation_moves_only_the_actor_toward_the_matcher():
+    model, batch = tiny_model_after_a_batch()
     generation = DreamGeneration(num_dreams=16, horizon=6, matcher_updates=2, matcher_batch=32,
                                  eval_goals=4)
     generation.generate(model, model.last_post, batch["is_first"])

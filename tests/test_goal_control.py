@@ -1,0 +1,172 @@
+"""Goals that need control, on a toy world where position is the state: the hard goal sets leave out
+what the goal-blind actor reaches, the goal reward peaks exactly at the goal, and the matcher's
+reinforcement learning reaches goals the actor cannot."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from callbacks.dreams import hard_goals, reached
+from dreamer.goals import GoalMatcher, GoalStateModel
+
+P = 9  # positions 0..8 on a line; the state is the one-hot position
+
+
+class LineWorld:
+    """A world model stand-in: action a moves left (a % 3 == 0), right (1) or stays (2); the
+    features and deter are the one-hot position, and nothing ever ends."""
+
+    def __init__(self) -> None:
+        self.rssm = self
+
+    @staticmethod
+    def state(pos: torch.Tensor) -> dict:
+        return {"deter": F.one_hot(pos, P).float(), "stoch": torch.zeros(len(pos), 1, 1)}
+
+    @staticmethod
+    def features(state: dict) -> torch.Tensor:
+        return state["deter"]
+
+    def imagine(self, start, policy, horizon, keep_states=True):
+        pos = start["deter"].argmax(-1)
+        states, actions = [self.state(pos)], []
+        for _ in range(horizon):
+            action = policy(self.features(states[-1]))
+            move = torch.tensor([-1, 1, 0])[action % 3]
+            pos = (pos + move).clamp(0, P - 1)
+            states.append(self.state(pos))
+            actions.append(action)
+        stacked = {k: torch.stack([s[k] for s in states]) for k in states[0]}
+        return stacked, stacked["deter"], torch.stack(actions)
+
+    def continue_prob(self, feat: torch.Tensor) -> torch.Tensor:
+        return torch.ones(feat.shape[:-1])
+
+
+def goal_model() -> GoalStateModel:
+    gm = GoalStateModel(goal_dim=P, threshold=0.7)
+    gm.mean.zero_(), gm.var.fill_(1.0), gm.stats_seen.fill_(True)  # one-hot states as they are
+    return gm
+
+
+def always_right(feat: torch.Tensor) -> torch.Tensor:
+    return torch.ones(feat.shape[:-1], dtype=torch.long)
+
+
+def toy_agent(matcher=None):
+    return SimpleNamespace(world_model=LineWorld(), goal_model=goal_model(), goal_matcher=matcher,
+                           actor_critic=SimpleNamespace(sample=always_right))
+
+
+def test_the_goal_reward_is_one_exactly_at_the_goal_and_lower_elsewhere():
+    torch.manual_seed(0)
+    gm = GoalStateModel(goal_dim=16)
+    gm.update_statistics({"deter": torch.randn(4, 32, 16) * 3 + 1})
+    goal = torch.randn(5, 16)
+    assert torch.allclose(gm.similarity(goal, {"deter": goal}), torch.ones(5))
+    for nearby in (goal * 1.1, goal + 0.05 * torch.randn(5, 16), torch.randn(5, 16)):
+        assert (gm.similarity(goal, {"deter": nearby}) < 1).all()
+
+
+def test_the_hard_goal_set_keeps_exactly_the_goals_the_actor_does_not_reach():
+    agent = toy_agent()
+    left = torch.tensor([6, 5, 4, 3, 2, 1, 0, 0, 0, 0])  # a replayed trajectory moving left
+    right = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 8, 8])  # one moving right, as the actor does
+    post = {k: torch.stack([LineWorld.state(left)[k], LineWorld.state(right)[k]]) for k in ("deter", "stoch")}
+    is_first = torch.zeros(2, 10, dtype=torch.bool)
+    start, goal, kept = hard_goals(agent, post, is_first, offset=2, n=100, tries=2)
+    start_pos, goal_pos = start["deter"].argmax(-1), goal.argmax(-1)
+    # open pairs: left 6->4 .. 2->0 and 1->0 (6 pairs; 0->0 already matches), right 1->3 .. 6->8 and
+    # 7->8 (7 pairs); the actor reaches every right goal and none of the left ones
+    assert sorted(zip(start_pos.tolist(), goal_pos.tolist())) == [(1, 0), (2, 0), (3, 1), (4, 2), (5, 3), (6, 4)]
+    assert kept == pytest.approx(6 / 13)
+    assert not reached(agent, start, goal, always_right, 2).any()
+
+
+def test_reinforcement_learning_in_imagination_reaches_goals_the_actor_cannot():
+    torch.manual_seed(0)
+    matcher = GoalMatcher(feat_dim=P, goal_dim=P, units=64, layers=1, lr=3e-3, horizon=8, entropy=1e-2)
+    agent = toy_agent(matcher)
+    optimizer = matcher.configure_optimizers()
+    start_pos = torch.full((256,), 6)
+    goal_pos = torch.randint(0, 4, (256,))  # 3 to 6 steps to the left
+    start, goal = LineWorld.state(start_pos), F.one_hot(goal_pos, P).float()
+
+    def success(policy):
+        return reached(agent, start, goal, policy, 8).float().mean().item()
+
+    before = success(matcher.toward(goal))
+    for _ in range(100):
+        train_start = LineWorld.state(torch.randint(0, P, (256,)))
+        train_goal = F.one_hot(torch.randint(0, P, (256,)), P).float()
+        loss, metrics = matcher.rl_loss(agent.world_model, agent.goal_model, train_start, train_goal)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        matcher.ac.update_slow_critic()
+    after = success(matcher.toward(goal))
+    assert success(always_right) == 0.0
+    assert before < 0.5 and after >= 0.9, (before, after)
+    assert set(metrics) >= {"goal_matcher/rl_actor", "goal_matcher/rl_critic", "goal_matcher/rl_return"}
+
+
+def test_dream_generation_trains_only_the_matcher_and_reports_the_hard_sets():
+    from callbacks.dreams import DreamGeneration
+    from test_goals import tiny_model_after_a_batch
+
+    model, batch = tiny_model_after_a_batch()
+    model.goal_model.update_statistics(model.last_post)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    generation = DreamGeneration(num_dreams=16, horizon=6, matcher_updates=2, matcher_batch=32, eval_goals=16,
+                                 rl_goals=32, rl_goal_steps=4, hard_offsets=(2, 4, 999))
+    metrics = generation.generate(model, model.last_post, batch["is_first"])
+    changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"goal_matcher"}
+    assert {"goal_matcher/rl_actor", "goal_matcher/rl_return", "goal_matcher/loss"} <= set(metrics)
+    hard = generation.evaluate_hard(model, model.last_post, batch["is_first"])
+    assert not any("k999" in key for key in hard)  # longer than the sequences: skipped
+    for k in (2, 4):
+        assert 0 < hard[f"goal_hard/k{k}_kept"] <= 1  # an untrained model's actor misses most real goals
+        assert all(0 <= hard[f"goal_hard/k{k}_{name}"] <= 1 for name in ("matcher", "actor", "random"))
+        assert hard[f"goal_hard/k{k}_lift"] == pytest.approx(hard[f"goal_hard/k{k}_matcher"] - hard[f"goal_hard/k{k}_actor"])
+
+
+def test_a_checkpoint_of_the_matcher_without_a_critic_restores():
+    from dreamer.agent import Dreamer
+    from dreamer.checkpoints import restore_agent
+
+    torch.manual_seed(0)
+    saved = Dreamer(size="tiny")
+    state = {k.replace("goal_matcher.ac.actor.", "goal_matcher.policy."): v for k, v in saved.state_dict().items()
+             if not k.startswith("goal_matcher.ac.") or k.startswith("goal_matcher.ac.actor.")}
+    agent = restore_agent({"hyper_parameters": dict(saved.hparams), "state_dict": state})
+    for name, value in saved.goal_matcher.ac.actor.state_dict().items():
+        assert torch.equal(agent.goal_matcher.ac.actor.state_dict()[name], value)
+
+
+def test_the_hard_strategy_proposes_the_replayed_goal_the_actor_does_not_reach():
+    world = LineWorld()
+    actor = SimpleNamespace(sample=always_right)
+    chosen = {}
+    for strategy in ("replay", "hard"):
+        gm = GoalStateModel(goal_dim=P, strategy=strategy, threshold=0.7, rollouts=4, offset=3)
+        gm.mean.zero_(), gm.var.fill_(1.0), gm.stats_seen.fill_(True)
+        # two replayed pairs from position 4: three steps right (the actor's way) and three left
+        for goal in (7, 1):
+            gm.bank_start[gm.bank_count] = LineWorld.state(torch.tensor([4]))["deter"][0]
+            gm.bank_goal[gm.bank_count] = LineWorld.state(torch.tensor([goal]))["deter"][0]
+            gm.bank_count += 1
+        proposed = gm.propose(LineWorld.state(torch.tensor([4, 4])), world, actor)
+        chosen[strategy] = proposed.argmax(-1).tolist()
+    assert chosen["hard"] == [1, 1]  # the actor, always moving right, reaches 7 but never 1
+    assert chosen["replay"] == [7, 7]  # the plain replay strategy takes the first most similar
+
+
+def test_the_hard_goal_set_is_empty_where_every_pair_crosses_an_episode_start():
+    agent = toy_agent()
+    post = {k: v.unsqueeze(0) for k, v in LineWorld.state(torch.tensor([3, 4, 5, 6, 7])).items()}
+    is_first = torch.tensor([[True, False, True, False, True]])
+    start, goal, kept = hard_goals(agent, post, is_first, offset=2, n=10, tries=2)
+    assert len(goal) == 0 and len(start["deter"]) == 0 and kept is None
