@@ -1,11 +1,16 @@
-"""Plain DreamerV3 against DreamerV3 with dreams, same game, seeds and budget; prints one table.
+"""Plain DreamerV3 against DreamerV3 with dreams, same game, seeds and budget; prints one table
+of means with standard errors over the seeds.
 
-    python scripts/goal_ablation.py --config configs/learn_bigfish.yaml --seeds 0 1 --max-env-steps 40000
+    python scripts/goal_ablation.py --config configs/learn_bigfish.yaml --seeds 0 1 2 --max-env-steps 40000
 
 Each arm trains with ``cli.py fit`` (the dreams arm adds ``configs/dreams.yaml``), then validates
 on training and unseen levels. Both arms measure goal success the same way (``model.goals.track``,
-goals from the same state model). For the dreams arm it also measures the goal matcher on held-out
-real goals in dreams against the goal-blind actor on the same goals.
+goals from the same state model). For the dreams arm it also measures the goal matcher:
+- in dreams, on held-out real goals and on the hard sets (real goals k steps ahead that the
+  goal-blind actor's dreams miss; ``DreamGeneration.evaluate_hard``) against the actor and a
+  uniformly random policy;
+- in the real game, on hard goals (``model.goals.strategy hard``): one validation with the actor
+  acting while goals are tracked, one with the matcher acting alone (w = 1).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from callbacks.dreams import DreamGeneration  # noqa: E402
+from callbacks.dreams import DreamGeneration, DreamWeaning  # noqa: E402
 from cli import main  # noqa: E402
 from datamodules.replay import replay_batch  # noqa: E402
 
@@ -35,7 +40,8 @@ ROWS = [
 
 
 def held_out_dream_success(cli, batches: int = 8) -> dict[str, float]:
-    """Matcher vs actor on real held-out goals, in dreams from replayed posterior states."""
+    """Matcher vs actor (and a random policy on the hard sets) on real held-out goals, in dreams
+    from replayed posterior states."""
     gen = next((c for c in cli.trainer.callbacks if isinstance(c, DreamGeneration)), None)
     if gen is None:
         return {}
@@ -46,7 +52,9 @@ def held_out_dream_success(cli, batches: int = 8) -> dict[str, float]:
             batch = replay_batch(dm.replay.sample(dm.hparams.batch_size, dm.hparams.seq_len))
             batch = {k: v.to(model.device) for k, v in batch.items()}
             _, _, post = model.world_model.loss(batch)
-            for key, value in gen.evaluate(model, post, batch["is_first"]).items():
+            found = {**gen.evaluate(model, post, batch["is_first"]),
+                     **gen.evaluate_hard(model, post, batch["is_first"])}
+            for key, value in found.items():
                 totals.setdefault(key, []).append(value)
     return {k: sum(v) / len(v) for k, v in totals.items()}
 
@@ -64,25 +72,63 @@ def run_arm(arm: str, config: list[str], seed: int, steps: int, extra: list[str]
     cli.model.to(cli.trainer.strategy.root_device)  # Lightning's teardown left it on the CPU
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     metrics.update(held_out_dream_success(cli))
+    if arm == "dreams":
+        metrics.update(real_hard_goal_pursuit(cli))
     return metrics
 
 
-def mean(values: list[float]) -> float:
+def real_hard_goal_pursuit(cli) -> dict[str, float]:
+    """Goal success in the real game on hard goals: the goal-blind actor acting (goals tracked)
+    against the matcher acting alone (w = 1), one validation each."""
+    model, trainer = cli.model, cli.trainer
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, DreamWeaning)]
+    model.goal_model.hp.strategy = "hard"
+    out = {}
+    for who, weight in (("actor", None), ("matcher", 1.0)):
+        model.goals.mix_weight = weight
+        trainer.validate(model, datamodule=cli.datamodule)
+        model.to(trainer.strategy.root_device)
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith("val/") and "/goal/" in key:
+                out[key.replace("/goal/", f"/hard_{who}/")] = float(value)
+    return out
+
+
+def mean_se(values: list[float]) -> str:
+    """``mean +- standard error`` of the finite values (the error only with two or more)."""
     values = [v for v in values if not math.isnan(v)]
-    return sum(values) / len(values) if values else float("nan")
+    if not values:
+        return "-"
+    m = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{m:.3f}"
+    se = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+    return f"{m:.3f}+-{se:.3f}"
+
+
+DREAM_ROWS = [("matcher success on held-out goals", "goal_matcher/dream_success"),
+              ("actor success on the same goals", "goal_matcher/actor_dream_success")] + [
+    (f"hard k={k}: {who}", f"goal_hard/k{k}_{who}")
+    for k in DreamGeneration().hard_offsets for who in ("matcher", "actor", "random", "lift", "kept")]
 
 
 def table(results: dict[str, list[dict[str, float]]]) -> str:
     arms = list(results)
-    lines = [f"{'metric':<34}" + "".join(f"{a:>14}" for a in arms)]
+    lines = [f"{'metric':<48}" + "".join(f"{a:>16}" for a in arms)]
+
+    def row(label: str, key: str) -> None:
+        cells = [mean_se([r.get(key, float("nan")) for r in results[a]]) for a in arms]
+        lines.append(f"{label:<48}" + "".join(f"{c:>16}" for c in cells))
+
     for split in ("train_levels", "unseen_levels"):
+        where = split.split("_")[0]
         for label, key in ROWS:
-            cells = [mean([r.get(f"val/{split}/{key}", float("nan")) for r in results[a]]) for a in arms]
-            lines.append(f"{label + ' (' + split.split('_')[0] + ')':<34}" + "".join(f"{c:>14.3f}" for c in cells))
-    for label, key in (("matcher success on held-out goals", "goal_matcher/dream_success"),
-                       ("actor success on the same goals", "goal_matcher/actor_dream_success")):
-        cells = [mean([r.get(key, float("nan")) for r in results[a]]) for a in arms]
-        lines.append(f"{label + ' (dreams)':<34}" + "".join(f"{c:>14.3f}" for c in cells))
+            row(f"{label} ({where})", f"val/{split}/{key}")
+        for who in ("actor", "matcher"):
+            for label, key in ROWS[:3]:
+                row(f"hard, {who} acts: {label[5:]} ({where})", f"val/{split}/hard_{who}/{key[5:]}")
+    for label, key in DREAM_ROWS:
+        row(f"{label} (dreams)", key)
     return "\n".join(lines)
 
 
