@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="size entries, e.g. deter=512 stoch=32")
     parser.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="Dreamer arguments, e.g. world_model_lr=3e-4 scale_dyn=1.0")
+                        help="Dreamer arguments, e.g. world_model.lr=3e-4 world_model.scale_dyn=1.0 (a dotted key sets one knob of a section)")
     parser.add_argument("--updates", type=int, default=1000, help="training budget in updates")
     parser.add_argument("--minutes", type=float, default=None, help="training budget in minutes (wins over --updates)")
     parser.add_argument("--evals", type=int, default=4, help="evaluation points along the budget")
