@@ -90,7 +90,6 @@ class DemoSession:
     index: int = 0
     show_goals: bool = False
     seed: int = 0
-    env: Any = None
     rollout: Any = None
     values: list[float] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
@@ -109,13 +108,17 @@ class DemoSession:
         if self.env is not None:
             self.env.close()
         num_levels, start_level = (0, 0) if mode == "exploration" else (1, self.seed)  # its one level
-        self.env = ProcgenVectorEnv(game, 1, mode, num_levels, start_level, seed=self.seed)
+        self.rollout = Rollout(ProcgenVectorEnv(game, 1, mode, num_levels, start_level, seed=self.seed))
         self.game, self.split, self.index, self.show_goals = game, split, index, show_goals
-        self.rollout = Rollout(self.env)
         self.rollout.reset()
         self.done, self.episode_return = False, 0.0
         self.values, self.rewards, self.similarities = [], [], []
         self._observe()
+
+    @property
+    def env(self) -> Any:
+        """The one-lane env the episode is played on (None before ``start``)."""
+        return self.rollout.env if self.rollout is not None else None
 
     @property
     def obs(self) -> np.ndarray:

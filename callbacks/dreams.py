@@ -96,12 +96,7 @@ def hard_goals(pl_module, post: State, is_first: torch.Tensor, offset: int, n: i
     state ``offset`` steps later in the same episode) whose start does not match the goal and
     from which none of ``tries`` imagined actor rollouts of ``offset`` steps matches it. Returns
     (start (M, ...), goal (M, D), the fraction of open pairs that were kept, None without any)."""
-    gm = pl_module.goal_model
-    start, goal = gm.real_pairs(post, is_first, offset)
-    open_ = ~gm.matched(goal, start)
-    pick = torch.nonzero(open_).squeeze(-1)
-    pick = pick[torch.randperm(len(pick), device=pick.device)[:n]]
-    start, goal = {k: v[pick] for k, v in start.items()}, goal[pick]
+    start, goal = pl_module.goal_model.heldout(post, is_first, n, offset)
     if len(goal) == 0:
         return start, goal, None
     actor_reached = torch.zeros(len(goal), dtype=torch.bool, device=goal.device)

@@ -233,10 +233,11 @@ class GoalStateModel(nn.Module):
         self.bank_goal[idx] = goal
         self.bank_count += n
 
-    def heldout(self, post: State, is_first: torch.Tensor, n: int) -> tuple[State, torch.Tensor]:
-        """Up to ``n`` real (state, goal ``offset`` steps later) pairs for evaluation, leaving out
-        pairs whose start already matches the goal (they would count as reached at no effort)."""
-        start, goal = self.real_pairs(post, is_first)
+    def heldout(self, post: State, is_first: torch.Tensor, n: int, offset: int | None = None) -> tuple[State, torch.Tensor]:
+        """Up to ``n`` real (state, goal ``offset`` (default ``hp.offset``) steps later) pairs for
+        evaluation, leaving out pairs whose start already matches the goal (they would count as
+        reached at no effort)."""
+        start, goal = self.real_pairs(post, is_first, offset)
         open_ = ~self.matched(goal, start)
         start, goal = {k: v[open_] for k, v in start.items()}, goal[open_]
         pick = torch.randperm(len(goal), device=goal.device)[:n]
