@@ -20,7 +20,8 @@ import torch
 from callbacks.training import env_steps_of
 from datamodules.games import NUM_ACTIONS
 from dreamer.distributions import categorical_entropy
-from dreamer.goals import imagined_return, step_optimizer
+from dreamer.distributed import step_optimizer
+from dreamer.goals import imagined_return
 from dreamer.rssm import State
 
 
@@ -48,16 +49,15 @@ class DreamBuffer:
         self.feat, self.action = feat[-self.capacity :], action[-self.capacity :]
         self.quality = quality[-self.capacity :]
 
-    def hindsight(self, n: int, deter_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``n`` samples (feat, deter, goal, action): a step t of a dream, the action taken there,
-        and as goal the deter of a step j > t reached later in the same dream."""
+    def hindsight(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``n`` samples (feat, later, action): the features of a step t of a dream, those of a
+        step j > t reached later in the same dream (the goal, relabelled), and the action taken at t."""
         dreams, steps = self.action.shape
         device = self.action.device
         d = torch.randint(dreams, (n,), device=device)
         t = torch.randint(steps, (n,), device=device)
         j = t + 1 + (torch.rand(n, device=device) * (steps - t)).long().clamp(max=steps - 1 - t)
-        feat = self.feat[d, t]
-        return feat, feat[:, :deter_dim], self.feat[d, j, :deter_dim], self.action[d, t]
+        return self.feat[d, t], self.feat[d, j], self.action[d, t]
 
     def states(self, n: int) -> torch.Tensor:
         """Features (n, F) of random steps of the stored dreams."""
@@ -95,7 +95,7 @@ def hard_goals(pl_module, post: State, is_first: torch.Tensor, offset: int, n: i
     """Real goals the goal-blind actor does not reach: up to ``n`` pairs (replayed state, the real
     state ``offset`` steps later in the same episode) whose start does not match the goal and
     from which none of ``tries`` imagined actor rollouts of ``offset`` steps matches it. Returns
-    (start (M, ...), goal (M, D), the fraction of open pairs that were kept, None without any)."""
+    (start (M, ...), goal (M, G), the fraction of open pairs that were kept, None without any)."""
     start, goal = pl_module.goal_model.heldout(post, is_first, n, offset)
     if len(goal) == 0:
         return start, goal, None
@@ -107,10 +107,10 @@ def hard_goals(pl_module, post: State, is_first: torch.Tensor, offset: int, n: i
 
 
 def random_dream_goals(pl_module, start: State, steps: int) -> torch.Tensor:
-    """Goals (N, D) a policy must control to reach: for each start the state of an imagined
+    """Goals (N, G) a policy must control to reach: for each start the state of an imagined
     uniformly random rollout after a random number of steps in 1..``steps``."""
     states, _, _ = pl_module.world_model.rssm.imagine(start, uniform_policy, steps)
-    goals = pl_module.goal_model.goal_of(states)  # (steps + 1, N, D)
+    goals = pl_module.goal_model.goal_of(states)  # (steps + 1, N, G)
     k = torch.randint(1, steps + 1, (len(goals[0]),), device=goals.device)
     return goals[k, torch.arange(len(k), device=goals.device)]
 
@@ -199,11 +199,14 @@ class DreamGeneration(pl.Callback):
         keep = quality.topk(max(1, int(len(quality) * self.keep_fraction))).indices
         self.buffer.add(feat.transpose(0, 1)[keep], actions.transpose(0, 1)[keep], quality[keep])
 
-        deter_dim = post["deter"].shape[-1]
+        space = pl_module.goal_model.space
         losses, rl_metrics = [], {}
         optimizer = pl_module.optimizer("goal_matcher")
         for _ in range(self.matcher_updates):
-            loss = matcher.loss(*self.buffer.hindsight(self.matcher_batch, deter_dim))
+            feat, later, action = self.buffer.hindsight(self.matcher_batch)
+            with torch.no_grad():
+                here, goal = space.of_features(feat), space.of_features(later)
+            loss = matcher.loss(feat, here, goal, action)
             if self.matcher_rl > 0:
                 pick = torch.randint(len(flat["deter"]), (self.rl_goals,), device=flat["deter"].device)
                 start = {k: v[pick].detach() for k, v in flat.items()}
@@ -245,7 +248,7 @@ class DreamGeneration(pl.Callback):
             return {}
         steps = gm.hp.offset
         return {
-            "goal_matcher/dream_success": float(reached(pl_module, start, goal, matcher.toward(goal), steps).float().mean()),
+            "goal_matcher/dream_success": float(reached(pl_module, start, goal, matcher.toward(goal, gm.space), steps).float().mean()),
             "goal_matcher/actor_dream_success": float(
                 reached(pl_module, start, goal, pl_module.actor_critic.sample, steps).float().mean()
             ),
@@ -263,7 +266,7 @@ class DreamGeneration(pl.Callback):
             if len(goal) == 0:
                 continue
             success = {name: float(reached(pl_module, start, goal, policy, k).float().mean()) for name, policy in (
-                ("matcher", pl_module.goal_matcher.toward(goal)), ("actor", pl_module.actor_critic.sample),
+                ("matcher", pl_module.goal_matcher.toward(goal, pl_module.goal_model.space)), ("actor", pl_module.actor_critic.sample),
                 ("random", uniform_policy))}
             metrics.update({f"goal_hard/k{k}_{name}": value for name, value in success.items()})
             metrics[f"goal_hard/k{k}_lift"] = success["matcher"] - success["actor"]
@@ -328,12 +331,9 @@ class BridgeDistillation(pl.Callback):
     def distil(self, pl_module, feat: torch.Tensor, coef: float) -> dict[str, float]:
         """One actor step toward the matcher on dream states ``feat`` (N, F)."""
         wm, ac, gm = pl_module.world_model, pl_module.actor_critic, pl_module.goal_model
-        rssm = wm.rssm
-        deter_dim = rssm.deter
         with torch.no_grad():
-            state = rssm.state_from_features(feat)
-            goal = gm.propose(state, wm, ac)
-            matcher_logits = pl_module.goal_matcher.policy_logits(feat, feat[:, :deter_dim], goal)
+            goal = gm.propose(wm.rssm.state_from_features(feat), wm, ac)
+            matcher_logits = pl_module.goal_matcher.policy_logits(feat, gm.space.of_features(feat), goal)
         kl = self.kl(pl_module, feat, matcher_logits)
         optimizer = pl_module.optimizer("actor")
         step_optimizer(optimizer, coef * kl, ac.actor.parameters(), pl_module.hparams.actor_critic["clip"])

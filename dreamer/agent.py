@@ -14,6 +14,7 @@ from dreamer.checkpoints import load_agent_state, save_agent_state, trainer_of
 from dreamer.compat import ignore_in_ddp
 from dreamer.config import (CNN_MULTS, KNOBS, SIZES, ActorCriticKnobs, GoalKnobs, WorldModelKnobs, argument_problem,
                             module_args, precision_problem, without_optimiser)
+from dreamer.goal_space import make_goal_space
 from dreamer.goals import GoalMatcher, GoalPursuit, GoalStateModel, GoalTrack
 from dreamer.rssm import State
 from dreamer.update import compile_update, update
@@ -69,16 +70,17 @@ class Dreamer(pl.LightningModule):
         self.actor_critic = ActorCritic(feat, NUM_ACTIONS, arch["units"], arch["layers"], norm=norm,
                                         **without_optimiser(ac))
         with torch.random.fork_rng(devices=[]):  # plain DreamerV3 keeps its random stream
-            self.goal_matcher = GoalMatcher(feat, arch["deter"], NUM_ACTIONS, arch["units"], arch["layers"],
+            space = make_goal_space(goal["space"], arch["deter"], arch["stoch"] * arch["classes"], NUM_ACTIONS,
+                                    goal["space_dim"], arch["units"])
+            self.goal_matcher = GoalMatcher(feat, space.dim, NUM_ACTIONS, arch["units"], arch["layers"],
                                             goal["matcher_lr"])
         self.goal_model = GoalStateModel(arch["deter"], goal["strategy"], goal["threshold"], goal["rollouts"],
-                                         ac["horizon"], goal["offset"], gamma=ac["gamma"])
+                                         ac["horizon"], goal["offset"], gamma=ac["gamma"], space=space)
         self.goals = GoalPursuit(goal["steps"], goal["track"])  # acting's goal mode and success metrics
         self.last_post: State | None = None  # posteriors of the latest batch, for the callbacks
         self.automatic_optimization = False
-        # DDP leaves alone: the goal matcher (trained only in callbacks, which average its gradients
-        # themselves) and each rank's bank of its own replayed goal pairs
-        ignore_in_ddp(self, ("goal_matcher.", "goal_model.bank_"))
+        # DDP leaves alone what trains outside its forward (averaging its own gradients) and each rank's goal bank
+        ignore_in_ddp(self, ("goal_matcher.", "goal_model.space.", "goal_model.bank_"))
         self.updates = 0
 
     @property
@@ -144,7 +146,7 @@ class Dreamer(pl.LightningModule):
         if "context" in batch and dm is not None:
             dm.store_latents(batch, self.last_post)
         if self.goals.learning:
-            self.goal_model.observe(self.last_post, batch["is_first"], seed=self.updates)
+            metrics.update(self.goal_model.observe(self.last_post, batch["is_first"], batch["action"], seed=self.updates))
         self.updates += 1
         if dm is not None and dm.total_env_steps >= self.hparams.max_env_steps:
             self.trainer.should_stop = True

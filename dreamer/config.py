@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, NamedTuple
 
+from dreamer.goal_space import SPACES
 from dreamer.goals import STRATEGIES
 from dreamer.nets import NORMS
 
@@ -96,9 +97,12 @@ class ActorCriticKnobs:
 
 @dataclass(frozen=True)
 class GoalKnobs:
-    """``model.goals``: goal proposals, matching, the matcher's optimiser, and ``track`` (measure
-    goal success while acting without DreamWeaning); see ``dreamer/goals.py``."""
+    """``model.goals``: the goal space (``space``, and ``space_dim`` for the learned ``inverse``;
+    see ``dreamer/goal_space.py``), goal proposals, matching, the matcher's optimiser, and ``track``
+    (measure goal success while acting without DreamWeaning); see ``dreamer/goals.py``."""
 
+    space: str = knob("deter", choices=SPACES)
+    space_dim: int = knob(32, 1, 4096, integer=True)
     strategy: str = knob("value", choices=STRATEGIES)
     threshold: float = knob(0.7, 0, 1, False)
     rollouts: int = knob(8, 1, 4096, integer=True)

@@ -36,3 +36,19 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def step_optimizer(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params, clip: float) -> None:
+    """One optimiser step on ``loss`` for ``params`` only, outside Lightning's training step.
+
+    Under torch.distributed the gradients are averaged over ranks first (the dream callbacks run
+    outside the DDP-wrapped forward, so DDP would not synchronise them).
+    """
+    params = list(params)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if world_size() > 1:
+        for p in params:
+            p.grad = mean_over_ranks(p.grad if p.grad is not None else torch.zeros_like(p))
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()

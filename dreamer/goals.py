@@ -1,9 +1,9 @@
 """Goals in latent space: the state model that proposes them, the matcher that reaches them, and
 the per-environment bookkeeping that measures goal success while acting.
 
-A goal is a vector in the world model's deterministic state space (``deter``, D values).
-Similarity is ``cosine_max(g, s) = g.s / max(|g|, |s|)^2`` (1 only when ``s == g``) of goal and
-state standardised by running statistics of replayed posterior states; a state matches its goal
+A goal is a vector in a goal space (``dreamer/goal_space.py``; by default the world model's
+deterministic state ``deter``). Similarity is ``cosine_max(g, s) = g.s / max(|g|, |s|)^2`` (1 only
+when ``s == g``) of goal and state standardised by running statistics of replayed posterior states; a state matches its goal
 when the similarity reaches ``threshold``. Standardising matters: raw GRU states share a large
 common component, so any two states of a game score above 0.7 and every goal would count as
 reached.
@@ -21,6 +21,7 @@ from torch import nn
 from dreamer.actor_critic import ActorCritic
 from dreamer.distributed import mean_over_ranks, world_size
 from dreamer.distributions import sample_index
+from dreamer.goal_space import GoalSpace
 from dreamer.metrics import GoalSuccess
 from dreamer.nets import init_args
 from dreamer.rssm import State
@@ -54,26 +55,10 @@ def isolated_rng(device: torch.device, seed: int):
         yield
 
 
-def step_optimizer(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params, clip: float) -> None:
-    """One optimiser step on ``loss`` for ``params`` only, outside Lightning's training step.
-
-    Under torch.distributed the gradients are averaged over ranks first (the dream callbacks run
-    outside the DDP-wrapped forward, so DDP would not synchronise them).
-    """
-    params = list(params)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if world_size() > 1:
-        for p in params:
-            p.grad = mean_over_ranks(p.grad if p.grad is not None else torch.zeros_like(p))
-    torch.nn.utils.clip_grad_norm_(params, clip)
-    optimizer.step()
-
-
 class GoalMatcher(pl.LightningModule):
     """Goal-conditioned policy ``pi_g(a | s, g)`` over the 15 actions, with its own critic and Adam
     optimiser: DreamerV3's ``ActorCritic`` over the state's features joined with the goal's offset
-    from the state's deter, ``[feat, g - deter]``.
+    from the state's own goal vector, ``[feat, g - here]``.
 
     It learns two ways: by imitation of dream actions that reached a later state of the same dream
     (``loss``, hindsight relabelling), and by reinforcement learning in imagination on the goal
@@ -90,30 +75,30 @@ class GoalMatcher(pl.LightningModule):
         self.ac = ActorCritic(feat_dim + goal_dim, num_actions, units, layers, horizon, gamma,
                               entropy=entropy, unimix=unimix, repval=0.0)
 
-    def inputs(self, feat: torch.Tensor, deter: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
-        """(..., F + D) what the matcher sees of a state (feat, deter) and its goal (..., D)."""
-        return torch.cat([feat, goal - deter], -1)
+    def inputs(self, feat: torch.Tensor, here: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        """(..., F + G) what the matcher sees of a state (features, goal vector ``here``) and its
+        goal (..., G)."""
+        return torch.cat([feat, goal - here], -1)
 
-    def policy_logits(self, feat: torch.Tensor, deter: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
-        """Normalised log-probabilities (..., A) for states (feat, deter) and goals (..., D)."""
-        return self.ac.policy_logits(self.inputs(feat, deter, goal))
+    def policy_logits(self, feat: torch.Tensor, here: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        """Normalised log-probabilities (..., A) for states (features, goal vector) and goals."""
+        return self.ac.policy_logits(self.inputs(feat, here, goal))
 
-    def toward(self, goal: torch.Tensor):
-        """The policy ``feat -> actions`` that pursues ``goal`` (N, D), for ``rssm.imagine``."""
-        deter_dim = goal.shape[-1]
-        return lambda feat: sample_index(self.policy_logits(feat, feat[..., :deter_dim], goal).exp())
+    def toward(self, goal: torch.Tensor, space: GoalSpace):
+        """The policy ``feat -> actions`` that pursues ``goal`` (N, G) of ``space``, for ``rssm.imagine``."""
+        return lambda feat: sample_index(self.policy_logits(feat, space.of_features(feat), goal).exp())
 
-    def loss(self, feat, deter, goal, action) -> torch.Tensor:
+    def loss(self, feat, here, goal, action) -> torch.Tensor:
         """Cross-entropy of the actions that reached ``goal`` (goal-conditioned supervised learning)."""
-        logits = self.policy_logits(feat, deter, goal)
+        logits = self.policy_logits(feat, here, goal)
         return -logits.gather(-1, action.unsqueeze(-1)).squeeze(-1).mean()
 
     def rl_loss(self, world_model, goal_model, start: State, goal: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Actor-critic loss of pursuing ``goal`` (N, D) from ``start`` (N, ...) for ``horizon``
+        """Actor-critic loss of pursuing ``goal`` (N, G) from ``start`` (N, ...) for ``horizon``
         imagined steps: the reward on arriving at each step is ``goal_model.similarity`` of goal and
         state, the continuation the world model's."""
         with torch.no_grad():
-            states, feat, actions = world_model.rssm.imagine(start, self.toward(goal), self.hp.horizon)
+            states, feat, actions = world_model.rssm.imagine(start, self.toward(goal, goal_model.space), self.hp.horizon)
             reward = goal_model.similarity(goal.unsqueeze(0), {k: v[1:] for k, v in states.items()})  # (H, N)
             cont = torch.cat([torch.ones_like(reward[:1]), world_model.continue_prob(feat[1:])])  # (H + 1, N)
             inputs = self.inputs(feat, goal_model.goal_of(states), goal.unsqueeze(0).expand(len(feat), -1, -1))
@@ -150,30 +135,36 @@ class GoalStateModel(nn.Module):
         goal that the goal-blind actor, imagined ``offset`` steps from the state, does not reach.
     ``heldout(post, is_first)`` gives evaluation pairs from real experience, goals the matcher
     never generated (it trains on goals relabelled inside its own dreams).
+
+    Goals live in ``space`` (``dreamer/goal_space.py``), by default the ``deter`` of ``goal_dim``
+    values. The banks hold what the space reads of states (its ``source``), projected when used.
     """
 
     def __init__(
         self, goal_dim: int, strategy: str = "value", threshold: float = 0.7, rollouts: int = 8,
         horizon: int = 15, offset: int = 8, bank_size: int = 4096, gamma: float = 1 - 1 / 333,
+        space: GoalSpace | None = None,
     ) -> None:
         super().__init__()
+        self.space = space or GoalSpace("deter", goal_dim)
+        goal_dim, source_dim = self.space.dim, self.space.source_dim
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown goal strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"goal threshold must be in (0, 1], got {threshold}")
         if rollouts < 1 or horizon < 1 or offset < 1 or bank_size < 1:
             raise ValueError("goal rollouts, horizon, offset and bank_size must be >= 1")
-        self.hp = init_args(locals())
-        self.register_buffer("bank_start", torch.zeros(bank_size, goal_dim))
-        self.register_buffer("bank_goal", torch.zeros(bank_size, goal_dim))
+        self.hp = init_args({k: v for k, v in locals().items() if k != "space"})
+        self.register_buffer("bank_start", torch.zeros(bank_size, source_dim))
+        self.register_buffer("bank_goal", torch.zeros(bank_size, source_dim))
         self.register_buffer("bank_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("mean", torch.zeros(goal_dim))
         self.register_buffer("var", torch.ones(goal_dim))
         self.register_buffer("stats_seen", torch.zeros((), dtype=torch.bool))
 
-    @staticmethod
-    def goal_of(state: State) -> torch.Tensor:
-        return state["deter"]
+    def goal_of(self, state: State) -> torch.Tensor:
+        """(..., G) goal vectors of states (...)."""
+        return self.space.of_state(state)
 
     @torch.no_grad()
     def update_statistics(self, post: State, decay: float = 0.99) -> None:
@@ -192,45 +183,57 @@ class GoalStateModel(nn.Module):
     def standardize(self, goal: torch.Tensor) -> torch.Tensor:
         return (goal - self.mean) / (self.var + 1e-6).sqrt()
 
+    def between(self, goal: torch.Tensor, here: torch.Tensor) -> torch.Tensor:
+        """Similarity of goal vectors and the goal vectors of states (broadcast over all but the last axis)."""
+        return cosine_max(self.standardize(goal), self.standardize(here))
+
     def similarity(self, goal: torch.Tensor, state: State) -> torch.Tensor:
-        return cosine_max(self.standardize(goal), self.standardize(self.goal_of(state)))
+        return self.between(goal, self.goal_of(state))
 
     def matched(self, goal: torch.Tensor, state: State) -> torch.Tensor:
         return self.similarity(goal, state) >= self.hp.threshold
 
     # ------------------------------------------------------------- real experience
     def real_pairs(self, post: State, is_first: torch.Tensor, offset: int | None = None) -> tuple[State, torch.Tensor]:
-        """(start states (M, ...), goals (M, D)): states of (B, T) posteriors and the state
+        """(start states (M, ...), goals (M, G)): states of (B, T) posteriors and the state
         ``offset`` (default ``hp.offset``) steps later when no episode starts in between."""
-        k = offset or self.hp.offset
-        if post["deter"].shape[1] <= k:
-            raise ValueError(f"goal offset {k} needs sequences longer than {k} steps")
-        # a new episode at any of t+1..t+k breaks the pair (B, T - k)
-        starts = is_first[:, 1:].float().unfold(1, k, 1).sum(-1) == 0
+        k, starts = self._pairs(post, is_first, offset)
         start = {key: v[:, :-k][starts] for key, v in post.items()}
         return start, self.goal_of(post)[:, k:][starts]
 
+    def _pairs(self, post: State, is_first: torch.Tensor, offset: int | None) -> tuple[int, torch.Tensor]:
+        """(k, (B, T - k) mask of the steps whose state k steps later is in the same episode)."""
+        k = offset or self.hp.offset
+        if post["deter"].shape[1] <= k:
+            raise ValueError(f"goal offset {k} needs sequences longer than {k} steps")
+        return k, is_first[:, 1:].float().unfold(1, k, 1).sum(-1) == 0  # a new episode at t+1..t+k breaks it
+
     @torch.no_grad()
-    def observe(self, post: State, is_first: torch.Tensor, seed: int) -> None:
-        """Follow training: statistics of the batch's posteriors (B, T, ...) and, with the
-        ``replay`` strategy, its goal pairs (drawn on the random stream ``seed``)."""
+    def observe(self, post: State, is_first: torch.Tensor, action: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        """Follow training: a step of a learned goal space, statistics of the batch's posteriors
+        (B, T, ...) and, with the ``replay`` strategy, its goal pairs (drawn on the random stream
+        ``seed``). Returns the goal space's training metrics."""
+        metrics = self.space.learn(post, action, is_first)
         self.update_statistics(post)
         if self.hp.strategy in ("replay", "hard"):
             with isolated_rng(post["deter"].device, seed):
                 self.add_replay(post, is_first)
+        return metrics
 
     def add_replay(self, post: State, is_first: torch.Tensor) -> None:
         """Store real (start, goal) pairs in the ring bank used by the ``replay`` strategy."""
-        start, goal = self.real_pairs(post, is_first)
+        k, pairs = self._pairs(post, is_first, None)
+        source = self.space.source(post)  # (B, T, source_dim)
+        start, goal = source[:, :-k][pairs], source[:, k:][pairs]
         n, size = len(goal), self.hp.bank_size
         if n == 0:
             return
         if n > size:
             keep = torch.randperm(n, device=goal.device)[:size]
-            start, goal, n = {k: v[keep] for k, v in start.items()}, goal[keep], size
+            start, goal, n = start[keep], goal[keep], size
         idx = (self.bank_count + torch.arange(n, device=goal.device)) % size
-        self.bank_start[idx] = self.goal_of(start)
-        self.bank_goal[idx] = goal
+        self.bank_start[idx] = start.to(self.bank_start.dtype)
+        self.bank_goal[idx] = goal.to(self.bank_goal.dtype)
         self.bank_count += n
 
     def heldout(self, post: State, is_first: torch.Tensor, n: int, offset: int | None = None) -> tuple[State, torch.Tensor]:
@@ -246,15 +249,13 @@ class GoalStateModel(nn.Module):
     # ------------------------------------------------------------- proposals
     @torch.no_grad()
     def propose(self, state: State, world_model, actor_critic) -> torch.Tensor:
-        """Goals (N, D) for states (N, ...)."""
+        """Goals (N, G) for states (N, ...)."""
         filled = int(min(self.bank_count.item(), self.hp.bank_size))
         if self.hp.strategy in ("replay", "hard") and filled > 0:
-            sim = cosine_max(
-                self.standardize(self.goal_of(state))[:, None, :],
-                self.standardize(self.bank_start[None, :filled, :]),
-            )  # (N, filled)
+            project = self.space.project
+            sim = self.between(self.goal_of(state)[:, None, :], project(self.bank_start[None, :filled, :]))  # (N, filled)
             if self.hp.strategy == "replay":
-                return self.bank_goal[sim.argmax(-1)]
+                return project(self.bank_goal[sim.argmax(-1)])
             return self._unreached_replay_goal(state, sim, world_model, actor_critic)
         return self._best_imagined_end(state, world_model, actor_critic)
 
@@ -263,11 +264,10 @@ class GoalStateModel(nn.Module):
         (N, filled)), the goal of the most similar one that an imagined actor rollout of ``offset``
         steps from the state never matches; the most similar one where the actor matches them all."""
         top = sim.topk(min(self.hp.rollouts, sim.shape[1]), -1).indices  # (N, R), most similar first
-        candidates = self.bank_goal[top]  # (N, R, D)
+        candidates = self.space.project(self.bank_goal[top])  # (N, R, G)
         states, _, _ = world_model.rssm.imagine(state, actor_critic.sample, self.hp.offset)
-        visited = self.goal_of(states)[1:]  # (k, N, D)
-        hit = cosine_max(self.standardize(candidates).unsqueeze(0),
-                         self.standardize(visited).unsqueeze(2)) >= self.hp.threshold  # (k, N, R)
+        visited = self.goal_of(states)[1:]  # (k, N, G)
+        hit = self.between(candidates.unsqueeze(0), visited.unsqueeze(2)) >= self.hp.threshold  # (k, N, R)
         free = (~hit.any(0)).float().argmax(-1)  # first unmatched candidate, 0 if none
         return candidates[torch.arange(len(free), device=free.device), free]
 
@@ -277,10 +277,10 @@ class GoalStateModel(nn.Module):
         start = {k: v.repeat_interleave(r, 0) for k, v in state.items()}  # (N * R, ...)
         states, feat, _ = world_model.rssm.imagine(start, actor_critic.sample, hp.horizon)  # feat (H + 1, N * R, F)
         score = imagined_return(world_model, actor_critic, feat, hp.gamma)  # (N * R,)
-        ends = self.goal_of(states)[-1].reshape(n, r, -1)  # (N, R, D)
+        ends = self.goal_of(states)[-1].reshape(n, r, -1)  # (N, R, G)
         # a goal the state already matches is not worth proposing: rank only the others, and
         # where every rollout ends there, take the least similar end
-        sim = self.similarity(ends, {"deter": self.goal_of(state).unsqueeze(1)})  # (N, R)
+        sim = self.between(ends, self.goal_of(state).unsqueeze(1))  # (N, R)
         already = sim >= hp.threshold
         score = score.reshape(n, r).masked_fill(already, float("-inf"))
         best = torch.where(already.all(-1), sim.argmin(-1), score.argmax(-1))  # (N,)
@@ -289,7 +289,7 @@ class GoalStateModel(nn.Module):
 
 @dataclass
 class GoalTrack:
-    """Per-environment acting state of goal pursuit (all tensors (N,) or (N, D))."""
+    """Per-environment acting state of goal pursuit (all tensors (N,) or (N, G))."""
 
     goal: torch.Tensor
     active: torch.Tensor
@@ -344,7 +344,7 @@ class GoalPursuit(nn.Module):
                           agent.world_model, agent.actor_critic)
         if not self.mix_weight:
             return agent.actor_critic.sample(feat), track
-        matcher_logits = agent.goal_matcher.policy_logits(feat, post["deter"], track.goal)
+        matcher_logits = agent.goal_matcher.policy_logits(feat, agent.goal_model.goal_of(post), track.goal)
         probs = mixture_probs(agent.actor_critic.policy_logits(feat), matcher_logits, self.mix_weight)
         return sample_index(probs), track
 
@@ -370,7 +370,7 @@ class GoalPursuit(nn.Module):
         episode: the previous one's matches are counted and its goal dropped."""
         metric = self.metrics[self.split]
         if track is None:
-            track = GoalTrack.empty(len(reward), post["deter"].shape[-1], post["deter"].device)
+            track = GoalTrack.empty(len(reward), goal_model.space.dim, post["deter"].device)
         ended = is_first & track.in_episode
         if ended.any():
             metric.update(episode_matches=track.matches[ended])

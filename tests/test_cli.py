@@ -181,19 +181,23 @@ def test_sigkill_then_resume_continues_counters_and_memmap_replay(tmp_path):
 
 
 def test_fit_with_dreams_logs_dream_goal_and_weaning_metrics(tmp_path):
+    # in the learned goal space (the default deter space runs the same code, minus its learning)
     out = cli(tmp_path, "fit", "--config", SMOKE, "--config", str(ROOT / "configs" / "dreams.yaml"),
-              "--model.max_env_steps", "384", "--model.goals.rollouts", "2")
+              "--model.max_env_steps", "384", "--model.goals.rollouts", "2", "--model.goals.space", "inverse")
     assert "goal_step_success" in out.stdout  # the validation table has goal columns
     ckpt = load(tmp_path / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt")
     (buffer,) = [v["buffer"] for k, v in ckpt["callbacks"].items() if k.startswith("DreamGeneration")]
     assert buffer["feat"].shape[0] > 0, "the dream buffer is saved for resume"
     assert len(ckpt["optimizer_states"]) == 4  # world model, actor, critic, goal matcher
+    space_optimizer = ckpt["state_dict"]["goal_model.space._extra_state"]["optimizer"]
+    assert space_optimizer["state"], "the goal space's Adam moments are saved for resume"
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs(client.get_experiment_by_name("procgen-dreamer").experiment_id)
     for key in ("dream/quality", "dream/count", "goal_matcher/loss", "goal_matcher/dream_success",
                 "goal_matcher/actor_dream_success", "bridge/kl", "bridge/transferred",
                 "weaning/weight", "goal/step_success", "val/unseen_levels/goal/step_success",
+                "goal_space/inverse_accuracy", "goal_space/inverse_loss",
                 "val/train_levels/goal/episode_success"):
         assert key in run.data.metrics, key
     weights = [m.value for m in client.get_metric_history(run.info.run_id, "weaning/weight")]

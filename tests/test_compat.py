@@ -24,16 +24,19 @@ def test_ddp_still_reads_the_ignore_list():
     assert "_ddp_params_and_buffers_to_ignore" in inspect.getsource(DistributedDataParallel)
 
 
-def test_ddp_leaves_the_goal_matcher_and_goal_banks_alone_and_nothing_else():
+@pytest.mark.parametrize("space", ["deter", "inverse"])
+def test_ddp_leaves_the_goal_matcher_goal_space_and_goal_banks_alone_and_nothing_else(space):
     from dreamer.agent import Dreamer
 
-    model = Dreamer(size="tiny")
+    model = Dreamer(size="tiny", goals={"space": space})
     ignored = set(model._ddp_params_and_buffers_to_ignore)
     matcher = {f"goal_matcher.{name}" for name, _ in [*model.goal_matcher.named_parameters(),
                                                       *model.goal_matcher.named_buffers()]}
+    learned_space = {f"goal_model.space.{name}" for name, _ in model.goal_model.space.named_parameters()}
     banks = {"goal_model.bank_start", "goal_model.bank_goal", "goal_model.bank_count"}
     assert {"goal_matcher.ac.actor.0.weight", "goal_matcher.ac.critic.0.weight", "goal_matcher.ac.ret_lo"} <= matcher
-    assert ignored == matcher | banks
+    assert ("goal_model.space.proj.weight" in learned_space) == (space == "inverse")
+    assert ignored == matcher | learned_space | banks
 
 
 def test_mlflow_logger_still_holds_its_ids_before_creating_a_run(tmp_path):

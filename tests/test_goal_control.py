@@ -97,7 +97,7 @@ def test_reinforcement_learning_in_imagination_reaches_goals_the_actor_cannot():
     def success(policy):
         return reached(agent, start, goal, policy, 8).float().mean().item()
 
-    before = success(matcher.toward(goal))
+    before = success(matcher.toward(goal, agent.goal_model.space))
     for _ in range(100):
         train_start = LineWorld.state(torch.randint(0, P, (256,)))
         train_goal = F.one_hot(torch.randint(0, P, (256,)), P).float()
@@ -106,7 +106,7 @@ def test_reinforcement_learning_in_imagination_reaches_goals_the_actor_cannot():
         loss.backward()
         optimizer.step()
         matcher.ac.update_slow_critic()
-    after = success(matcher.toward(goal))
+    after = success(matcher.toward(goal, agent.goal_model.space))
     assert success(always_right) == 0.0
     assert before < 0.5 and after >= 0.9, (before, after)
     assert set(metrics) >= {"goal_matcher/rl_actor", "goal_matcher/rl_critic", "goal_matcher/rl_return"}

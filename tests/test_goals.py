@@ -70,14 +70,13 @@ def test_restored_dreams_follow_the_model_to_its_device():
 
 def test_hindsight_goal_is_a_later_state_of_the_same_dream():
     torch.manual_seed(0)
-    horizon, feat_dim, deter_dim = 5, 6, 4
+    horizon, feat_dim = 5, 6
     buffer = _identifiable_buffer(capacity=3, first=2, second=2, horizon=horizon, feat_dim=feat_dim)
     assert len(buffer) == 3  # dream 0 dropped, dreams 1, 2, 3 kept
 
     n = 20000
-    feat, deter, goal, action = buffer.hindsight(n, deter_dim)
-    assert feat.shape == (n, feat_dim) and deter.shape == (n, deter_dim)
-    assert goal.shape == (n, deter_dim) and action.shape == (n,)
+    feat, goal, action = buffer.hindsight(n)
+    assert feat.shape == (n, feat_dim) and goal.shape == (n, feat_dim) and action.shape == (n,)
 
     # decode (dream, step) of the sample's state and of the goal
     d = (feat[:, 0] // 100).long()
@@ -86,8 +85,7 @@ def test_hindsight_goal_is_a_later_state_of_the_same_dream():
     j = (goal[:, 0] % 100).long()
     k = torch.arange(feat_dim, dtype=torch.float32)
     assert torch.equal(feat, 1000 * k + (100 * d + t).float()[:, None])  # a real stored row
-    assert torch.equal(deter, feat[:, :deter_dim])
-    assert torch.equal(goal, 1000 * k[:deter_dim] + (100 * gd + j).float()[:, None])  # deter only
+    assert torch.equal(goal, 1000 * k + (100 * gd + j).float()[:, None])  # a later stored row
     assert torch.equal(action, 10000 + 100 * d + t)  # the action taken at the sample's step
     assert torch.equal(gd, d)  # same dream
     assert set(d.tolist()) == {1, 2, 3}

@@ -1,0 +1,96 @@
+"""Goal spaces: the fixed ones read the right part of a state, the learned inverse-dynamics one
+keeps what the actions move and drops what moves by itself, and restores with its optimiser."""
+
+import torch
+import torch.nn.functional as F
+import pytest
+
+from dreamer.agent import Dreamer
+from dreamer.goal_space import GoalSpace, InverseDynamicsSpace, make_goal_space
+from dreamer.goals import GoalStateModel
+
+C = 5  # classes per latent
+
+
+def ring_world(batch: int, length: int, seed: int):
+    """Posteriors (B, T, ...) of a world with two categorical latents of ``C`` classes: the agent's
+    position on a ring, moved by the action (0 left, 1 stay, 2 right), and a light that cycles
+    one step each frame whatever the agent does. Returns (post, actions (B, T), is_first (B, T))."""
+    g = torch.Generator().manual_seed(seed)
+    action = torch.randint(0, 3, (batch, length), generator=g)
+    pos = torch.zeros(batch, length, dtype=torch.long)
+    light = torch.zeros(batch, length, dtype=torch.long)
+    pos[:, 0] = torch.randint(0, C, (batch,), generator=g)
+    light[:, 0] = torch.randint(0, C, (batch,), generator=g)
+    for t in range(1, length):  # action[t - 1] leads to step t
+        pos[:, t] = (pos[:, t - 1] + action[:, t - 1] - 1) % C
+        light[:, t] = (light[:, t - 1] + 1) % C
+    stoch = F.one_hot(torch.stack([pos, light], -1), C).float()  # (B, T, 2, C)
+    post = {"deter": torch.randn(batch, length, 4, generator=g), "stoch": stoch, "logits": torch.zeros_like(stoch)}
+    is_first = torch.zeros(batch, length, dtype=torch.bool)
+    is_first[:, 0] = True
+    return post, action, is_first
+
+
+def state_of(pos: int, light: int) -> dict[str, torch.Tensor]:
+    stoch = F.one_hot(torch.tensor([[pos, light]]), C).float()  # (1, 2, C)
+    return {"deter": torch.zeros(1, 4), "stoch": stoch, "logits": torch.zeros_like(stoch)}
+
+
+def trained_goal_model(kind: str) -> GoalStateModel:
+    torch.manual_seed(0)
+    space = make_goal_space(kind, deter=4, latent=2 * C, num_actions=3, dim=8, units=64)
+    gm = GoalStateModel(4, space=space)
+    for step in range(400):
+        post, action, is_first = ring_world(32, 16, seed=step)
+        gm.observe(post, is_first, action, seed=step)
+    return gm
+
+
+def test_fixed_spaces_read_deter_or_the_latent_from_states_and_features_alike():
+    post, _, _ = ring_world(2, 3, seed=0)
+    feat = torch.cat([post["deter"], post["stoch"].flatten(-2)], -1)
+    deter, stoch = GoalSpace("deter", 4, 2 * C), GoalSpace("stoch", 4, 2 * C)
+    assert deter.dim == 4 and stoch.dim == 2 * C
+    assert torch.equal(deter.of_state(post), post["deter"]) and torch.equal(deter.of_features(feat), post["deter"])
+    assert torch.equal(stoch.of_state(post), post["stoch"].flatten(-2))
+    assert torch.equal(stoch.of_features(feat), post["stoch"].flatten(-2))
+    assert deter.learn(post, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.bool)) == {}
+    with pytest.raises(ValueError, match="unknown goal space 'pixels'; allowed: deter, stoch, inverse"):
+        GoalSpace("pixels", 4, 2 * C)
+
+
+def test_the_inverse_dynamics_space_keeps_what_actions_move_and_drops_what_moves_by_itself():
+    gm = trained_goal_model("inverse")
+    post, action, is_first = ring_world(64, 16, seed=10_000)  # held out
+    metrics = gm.space.learn(post, action, is_first)
+    assert metrics["goal_space/inverse_accuracy"] > 0.95  # the action is known from the move
+    same_place = gm.similarity(gm.goal_of(state_of(2, 0)), state_of(2, 3))
+    other_place = gm.similarity(gm.goal_of(state_of(2, 0)), state_of(4, 0))
+    assert same_place > 0.95 and other_place < 0.5, (same_place, other_place)
+
+    raw = trained_goal_model("stoch")  # the frame's latent: the light counts as much as the place
+    assert raw.similarity(raw.goal_of(state_of(2, 0)), state_of(2, 3)) < 0.7
+    assert not raw.matched(raw.goal_of(state_of(2, 0)), state_of(2, 3))
+
+
+def test_the_learned_space_and_its_optimiser_restore_from_a_state_dict():
+    gm = trained_goal_model("inverse")
+    fresh = GoalStateModel(4, space=InverseDynamicsSpace(4, 2 * C, 3, dim=8, units=64))
+    fresh.load_state_dict(gm.state_dict())
+    post, action, is_first = ring_world(32, 16, seed=5)
+    a, b = gm.space.learn(post, action, is_first), fresh.space.learn(post, action, is_first)
+    assert a["goal_space/inverse_loss"] == b["goal_space/inverse_loss"]
+    for p, q in zip(gm.space.parameters(), fresh.space.parameters()):
+        assert torch.equal(p, q)  # the same Adam step: its moments came back too
+
+
+def test_a_dreamer_with_each_goal_space_sizes_its_matcher_to_the_goals():
+    for space, dim in (("deter", 64), ("stoch", 128), ("inverse", 16)):
+        model = Dreamer(size="tiny", goals={"space": space, "space_dim": 16})
+        assert model.goal_model.space.dim == dim
+        assert model.goal_model.bank_goal.shape[-1] == (64 if space == "deter" else 128)  # sources
+        feat = torch.randn(3, model.world_model.rssm.feat_dim)
+        goal = torch.randn(3, dim)
+        logits = model.goal_matcher.policy_logits(feat, model.goal_model.space.of_features(feat), goal)
+        assert logits.shape == (3, 15)
