@@ -126,9 +126,9 @@ class InverseDynamicsSpace(GoalSpace):
 
 
 def make_goal_space(kind: str, deter: int, latent: int, num_actions: int, dim: int = 32,
-                    units: int = 256) -> GoalSpace:
+                    units: int = 256, lr: float = 3e-4) -> GoalSpace:
     """The goal space ``kind`` (one of ``SPACES``) of a world model with ``deter`` recurrent units
-    and ``latent`` categorical latent values; ``dim`` and ``units`` size the learned one."""
+    and ``latent`` categorical latent values; ``dim``, ``units`` and ``lr`` are the learned one's."""
     if kind == "inverse":
-        return InverseDynamicsSpace(deter, latent, num_actions, dim, units)
+        return InverseDynamicsSpace(deter, latent, num_actions, dim, units, lr)
     return GoalSpace(kind, deter, latent)

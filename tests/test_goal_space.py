@@ -94,3 +94,24 @@ def test_a_dreamer_with_each_goal_space_sizes_its_matcher_to_the_goals():
         goal = torch.randn(3, dim)
         logits = model.goal_matcher.policy_logits(feat, model.goal_model.space.of_features(feat), goal)
         assert logits.shape == (3, 15)
+
+
+def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import goal_spaces
+
+    cwd, _ = smoke_run
+    ckpt = str(cwd / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt")
+    text = goal_spaces.run([ckpt, "--updates", "2", "--space-steps", "3", "--eval-batches", "2",
+                            "--batch-size", "4", "--seq-len", "16", "--offsets", "4", "8"])
+    rows = [line.split() for line in text.splitlines()[1:]]
+    assert [(r[0], r[1]) for r in rows] == [(s, k) for s in ("deter", "stoch", "inverse") for k in ("4", "8")]
+    assert all(r[-1] == "-" for r in rows if r[0] != "inverse")  # only the learned space has an accuracy
+    assert all(0.0 <= float(r[-1]) <= 1.0 for r in rows if r[0] == "inverse")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        goal_spaces.run([ckpt, "--offsets", "32"])  # goals 32 steps ahead need sequences longer than 32
+    assert "--offsets must lie in [1, --seq-len - 1] = [1, 31], got [32]" in capsys.readouterr().err

@@ -58,6 +58,7 @@ def one(args, queue):
     queue.put((code, err.getvalue()))
 
 if __name__ == "__main__":
+    import cli  # noqa: F401 (imported once here, the forked cases inherit it)
     mp.set_start_method("fork")
     results = []
     for args in json.loads(sys.argv[2]):

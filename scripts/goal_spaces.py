@@ -1,0 +1,133 @@
+"""Which goal space makes reaching a goal mean controlling something? Compares goal spaces on one
+trained checkpoint's world model, actor and replay, everything else fixed.
+
+    python scripts/goal_spaces.py runs/<name>/checkpoints/last.ckpt [--spaces deter stoch inverse]
+        [--updates 150] [--space-steps 300] [--seeds 0 1]
+
+For each space and seed: a fresh goal model and goal matcher. A learned space first trains on
+``--space-steps`` replayed batches (the goal statistics follow in every space); then ``--updates``
+``DreamGeneration`` phases train the matcher as in a run with the dream callbacks (hindsight
+imitation plus RL in imagination); then the hard goal sets (real goals k steps ahead on replayed
+trajectories that the goal-blind actor's own dreams miss, ``DreamGeneration.evaluate_hard``) are
+measured on ``--eval-batches`` replayed batches. Printed per space, means with standard errors
+over the seeds: success within k dreamed steps of the matcher, the actor and a uniformly random
+policy, the lift (matcher - actor) and the fraction of open pairs that are hard (kept).
+Needs a checkpoint with its replay (in RAM, or memory-mapped with the files in place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from callbacks.dreams import DreamGeneration  # noqa: E402
+from datamodules.games import NUM_ACTIONS  # noqa: E402
+from datamodules.replay import replay_batch  # noqa: E402
+from dreamer.goal_space import SPACES, make_goal_space  # noqa: E402
+from dreamer.goals import GoalMatcher, GoalStateModel  # noqa: E402
+from scripts.goal_ablation import mean_se  # noqa: E402
+from scripts.world_model_probe import load  # noqa: E402
+
+COLUMNS = ("matcher", "actor", "random", "lift", "kept")
+
+
+def fresh_goals(model, kind: str, space_dim: int, space_lr: float) -> None:
+    """Give ``model`` a new goal model in space ``kind`` and a new matcher for its goals; the
+    goal model keeps the checkpoint's threshold, rollouts and offset."""
+    rssm, old, matcher = model.world_model.rssm, model.goal_model.hp, model.goal_matcher.hp
+    space = make_goal_space(kind, rssm.deter, rssm.stoch * rssm.classes, NUM_ACTIONS, space_dim, matcher.units,
+                            space_lr)
+    model.goal_model = GoalStateModel(rssm.deter, "value", old.threshold, old.rollouts, old.horizon, old.offset,
+                                      gamma=old.gamma, space=space)
+    model.goal_matcher = GoalMatcher(rssm.feat_dim, space.dim, NUM_ACTIONS, matcher.units, matcher.layers, matcher.lr)
+    optimizer = model.goal_matcher.configure_optimizers()
+    model.optimizer = lambda name: optimizer  # what DreamGeneration asks the Trainer-held module for
+
+
+def posteriors(model, replay, batch_size: int, seq_len: int) -> tuple[dict, dict]:
+    """A replayed batch and the world model's posteriors (B, T, ...) of it."""
+    batch = replay_batch(replay.sample(batch_size, seq_len))
+    with torch.no_grad():
+        _, _, post = model.world_model.loss(batch)
+    return batch, {k: v.detach() for k, v in post.items()}
+
+
+def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]:
+    """Train a fresh goal space (if learned) and matcher on ``model``; the hard-set metrics."""
+    torch.manual_seed(seed)
+    fresh_goals(model, kind, args.space_dim, args.space_lr)
+    gm, out = model.goal_model, {}
+    generation = DreamGeneration(every_n_updates=1, hard_offsets=tuple(args.offsets))
+    for step in range(args.space_steps + args.updates):
+        batch, post = posteriors(model, replay, args.batch_size, args.seq_len)
+        learned = gm.observe(post, batch["is_first"], batch["action"], seed=step)
+        out.update({k: float(v) for k, v in learned.items()})
+        if step >= args.space_steps:
+            generation.generate(model, post, batch["is_first"])
+    totals: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for _ in range(args.eval_batches):
+            batch, post = posteriors(model, replay, args.batch_size, args.seq_len)
+            for key, value in generation.evaluate_hard(model, post, batch["is_first"]).items():
+                totals.setdefault(key, []).append(value)
+    out.update({k: sum(v) / len(v) for k, v in totals.items()})
+    return out
+
+
+def table(results: dict[str, list[dict[str, float]]], offsets: list[int]) -> str:
+    lines = [f"{'space':8s} {'k':>3s} " + " ".join(f"{c:>15s}" for c in COLUMNS) + f" {'inverse acc':>15s}"]
+    for kind, runs in results.items():
+        for k in offsets:
+            cells = [mean_se([r[f"goal_hard/k{k}_{c}"] for r in runs if f"goal_hard/k{k}_{c}" in r]) for c in COLUMNS]
+            acc = mean_se([r["goal_space/inverse_accuracy"] for r in runs if "goal_space/inverse_accuracy" in r])
+            lines.append(f"{kind:8s} {k:3d} " + " ".join(f"{c:>15s}" for c in cells) + f" {acc:>15s}")
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--spaces", nargs="+", default=list(SPACES), choices=SPACES)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--updates", type=int, default=150, help="DreamGeneration phases per space")
+    parser.add_argument("--space-steps", type=int, default=300, help="replayed batches a learned space trains on first")
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--space-dim", type=int, default=32, help="size of the learned inverse space")
+    parser.add_argument("--space-lr", type=float, default=3e-4, help="Adam learning rate of the learned space")
+    parser.add_argument("--offsets", type=int, nargs="+", default=[4, 8, 16])
+    args = parser.parse_args(argv)
+    for name in ("updates", "eval_batches", "batch_size", "space_dim"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.space_lr <= 1:
+        parser.error(f"--space-lr must lie in (0, 1], got {args.space_lr}")
+    if args.space_steps < 0:
+        parser.error(f"--space-steps must be >= 0, got {args.space_steps}")
+    if min(args.offsets) < 1 or max(args.offsets) >= args.seq_len:
+        parser.error(f"--offsets must lie in [1, --seq-len - 1] = [1, {args.seq_len - 1}], got {args.offsets}")
+    return args
+
+
+def run(argv: list[str] | None = None) -> str:
+    args = parse(argv)
+    model, replay = load(args.checkpoint)
+    results: dict[str, list[dict[str, float]]] = {}
+    for kind in args.spaces:
+        for seed in args.seeds:
+            start = time.perf_counter()
+            results.setdefault(kind, []).append(compare_space(model, replay, kind, seed, args))
+            print(f"{kind} seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return table(results, args.offsets)
+
+
+if __name__ == "__main__":
+    print(run())
