@@ -380,7 +380,7 @@ class GoalPursuit(nn.Module):
         if track.active.any():
             active = track.active.clone()
             matched = goal_model.matched(track.goal, post) & active
-            metric.update(matched=matched[active], reward=reward[active])
+            metric.update(matched=matched[active], reward=reward[active], age=track.age[active] + 1)
             track.matches += matched.long()
             track.age += active.long()
             track.active &= ~matched & (track.age < self.goal_steps)

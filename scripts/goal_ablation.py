@@ -33,6 +33,7 @@ ROWS = [
     ("goal step success", "goal/step_success"),
     ("goal episode success", "goal/episode_success"),
     ("goal matches / episode", "goal/matches_per_episode"),
+    ("goal steps to reach", "goal/steps_to_reach"),
     ("goal-game alignment", "goal/alignment"),
     ("return", "return"),
     ("level completion", "level_complete"),
@@ -125,7 +126,7 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
         for label, key in ROWS:
             row(f"{label} ({where})", f"val/{split}/{key}")
         for who in ("actor", "matcher"):
-            for label, key in ROWS[:3]:
+            for label, key in ROWS[:4]:
                 row(f"hard, {who} acts: {label[5:]} ({where})", f"val/{split}/hard_{who}/{key[5:]}")
     for label, key in DREAM_ROWS:
         row(f"{label} (dreams)", key)

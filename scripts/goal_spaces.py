@@ -12,6 +12,12 @@ trajectories that the goal-blind actor's own dreams miss, ``DreamGeneration.eval
 measured on ``--eval-batches`` replayed batches. Printed per space, means with standard errors
 over the seeds: success within k dreamed steps of the matcher, the actor and a uniformly random
 policy, the lift (matcher - actor) and the fraction of open pairs that are hard (kept).
+
+With ``--real-episodes N`` the trained matcher also pursues hard goals in the real game
+(``model.goals.strategy hard``: replayed goals the actor's own dreams do not reach), on the run's
+training levels and on unseen levels, N episodes each: once the goal-blind actor acts while the
+goals are tracked, once the matcher acts alone (w = 1). Printed: goal step success, episode
+success, matches per episode and steps to reach, for both.
 Needs a checkpoint with its replay (in RAM, or memory-mapped with the files in place).
 """
 
@@ -30,12 +36,15 @@ sys.path.insert(0, str(ROOT))
 from callbacks.dreams import DreamGeneration  # noqa: E402
 from datamodules.games import NUM_ACTIONS  # noqa: E402
 from datamodules.replay import replay_batch  # noqa: E402
+from datamodules.replay_datamodule import ReplayDataModule  # noqa: E402
+from dreamer.checkpoints import CheckpointError, read_checkpoint  # noqa: E402
 from dreamer.goal_space import SPACES, make_goal_space  # noqa: E402
 from dreamer.goals import GoalMatcher, GoalStateModel  # noqa: E402
 from scripts.goal_ablation import mean_se  # noqa: E402
 from scripts.world_model_probe import load  # noqa: E402
 
 COLUMNS = ("matcher", "actor", "random", "lift", "kept")
+REAL = ("step_success", "episode_success", "matches_per_episode", "steps_to_reach")
 
 
 def fresh_goals(model, kind: str, space_dim: int, space_lr: float) -> None:
@@ -44,7 +53,7 @@ def fresh_goals(model, kind: str, space_dim: int, space_lr: float) -> None:
     rssm, old, matcher = model.world_model.rssm, model.goal_model.hp, model.goal_matcher.hp
     space = make_goal_space(kind, rssm.deter, rssm.stoch * rssm.classes, NUM_ACTIONS, space_dim, matcher.units,
                             space_lr)
-    model.goal_model = GoalStateModel(rssm.deter, "value", old.threshold, old.rollouts, old.horizon, old.offset,
+    model.goal_model = GoalStateModel(rssm.deter, "hard", old.threshold, old.rollouts, old.horizon, old.offset,
                                       gamma=old.gamma, space=space)
     model.goal_matcher = GoalMatcher(rssm.feat_dim, space.dim, NUM_ACTIONS, matcher.units, matcher.layers, matcher.lr)
     optimizer = model.goal_matcher.configure_optimizers()
@@ -78,6 +87,22 @@ def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]
             for key, value in generation.evaluate_hard(model, post, batch["is_first"]).items():
                 totals.setdefault(key, []).append(value)
     out.update({k: sum(v) / len(v) for k, v in totals.items()})
+    if args.real_episodes:
+        out.update(real_game_pursuit(model, args.data, args.real_episodes))
+    return out
+
+
+def real_game_pursuit(model, data: ReplayDataModule, episodes: int) -> dict[str, float]:
+    """Goal success on hard goals in the real game, per split: ``real/{split}/{actor,matcher}_{metric}``."""
+    out = {}
+    model.goals.track = True
+    for who, weight in (("actor", None), ("matcher", 1.0)):
+        model.goals.mix_weight = weight
+        for split in ("train_levels", "unseen_levels"):
+            with model.goals.measuring(split) as summary:
+                data.evaluate(model, split, episodes)
+            out.update({f"real/{split}/{who}_{k.split('/')[-1]}": v for k, v in summary.items()})
+    model.goals.track, model.goals.mix_weight = False, None
     return out
 
 
@@ -88,6 +113,15 @@ def table(results: dict[str, list[dict[str, float]]], offsets: list[int]) -> str
             cells = [mean_se([r[f"goal_hard/k{k}_{c}"] for r in runs if f"goal_hard/k{k}_{c}" in r]) for c in COLUMNS]
             acc = mean_se([r["goal_space/inverse_accuracy"] for r in runs if "goal_space/inverse_accuracy" in r])
             lines.append(f"{kind:8s} {k:3d} " + " ".join(f"{c:>15s}" for c in cells) + f" {acc:>15s}")
+    for split in ("train_levels", "unseen_levels"):
+        if not any(f"real/{split}/actor_step_success" in r for runs in results.values() for r in runs):
+            continue
+        lines.append(f"\nhard goals in the real game, {split.replace('_', ' ')}: actor acting / matcher acting (w = 1)")
+        lines.append(f"{'space':8s} " + " ".join(f"{m:>33s}" for m in REAL))
+        for kind, runs in results.items():
+            cells = [" / ".join(mean_se([r[f"real/{split}/{who}_{m}"] for r in runs if f"real/{split}/{who}_{m}" in r])
+                                for who in ("actor", "matcher")) for m in REAL]
+            lines.append(f"{kind:8s} " + " ".join(f"{c:>33s}" for c in cells))
     return "\n".join(lines)
 
 
@@ -103,6 +137,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--space-dim", type=int, default=32, help="size of the learned inverse space")
     parser.add_argument("--space-lr", type=float, default=3e-4, help="Adam learning rate of the learned space")
+    parser.add_argument("--real-episodes", type=int, default=0,
+                        help="episodes per split of real-game pursuit of hard goals (0: none)")
     parser.add_argument("--offsets", type=int, nargs="+", default=[4, 8, 16])
     args = parser.parse_args(argv)
     for name in ("updates", "eval_batches", "batch_size", "space_dim"):
@@ -110,8 +146,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.space_lr <= 1:
         parser.error(f"--space-lr must lie in (0, 1], got {args.space_lr}")
-    if args.space_steps < 0:
-        parser.error(f"--space-steps must be >= 0, got {args.space_steps}")
+    for name in ("space_steps", "real_episodes"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if min(args.offsets) < 1 or max(args.offsets) >= args.seq_len:
         parser.error(f"--offsets must lie in [1, --seq-len - 1] = [1, {args.seq_len - 1}], got {args.offsets}")
     return args
@@ -119,7 +156,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(argv: list[str] | None = None) -> str:
     args = parse(argv)
-    model, replay = load(args.checkpoint)
+    try:
+        ckpt = read_checkpoint(args.checkpoint)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    model, replay = load(args.checkpoint, ckpt)
+    if args.real_episodes:  # the run's own levels and envs
+        hp = ckpt.get("datamodule_hyper_parameters", {})
+        args.data = ReplayDataModule(**{k: v for k, v in hp.items() if not k.startswith("_")})
+        args.data.setup("validate")
     results: dict[str, list[dict[str, float]]] = {}
     for kind in args.spaces:
         for seed in args.seeds:

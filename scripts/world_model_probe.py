@@ -26,9 +26,10 @@ from dreamer.checkpoints import CheckpointError, read_checkpoint, restore_agent 
 from dreamer.quality import roc_auc  # noqa: E402
 
 
-def load(path: str) -> tuple[Dreamer, SequenceReplay]:
+def load(path: str, ckpt: dict | None = None) -> tuple[Dreamer, SequenceReplay]:
+    """The Dreamer and the replay saved in the checkpoint at ``path`` (``ckpt``: already read)."""
     try:
-        ckpt = read_checkpoint(path)
+        ckpt = ckpt or read_checkpoint(path)
         model = restore_agent(ckpt, path)
     except CheckpointError as e:
         sys.exit(f"error: {e}")

@@ -115,3 +115,25 @@ def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run,
     with pytest.raises(SystemExit):
         goal_spaces.run([ckpt, "--offsets", "32"])  # goals 32 steps ahead need sequences longer than 32
     assert "--offsets must lie in [1, --seq-len - 1] = [1, 31], got [32]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_goal_space_comparison_pursues_hard_goals_in_the_real_game(smoke_run):
+    # about 10 minutes on 2 cores: an untrained agent's coinrun episodes run to the time limit
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import goal_spaces
+
+    cwd, _ = smoke_run
+    ckpt = str(cwd / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt")
+    text = goal_spaces.run([ckpt, "--spaces", "deter", "inverse", "--updates", "2", "--space-steps", "3",
+                            "--eval-batches", "1", "--batch-size", "4", "--seq-len", "16", "--offsets", "4",
+                            "--real-episodes", "1"])
+    real = text.split("\n\n", 1)[1]
+    assert "real game, train levels" in real and "real game, unseen levels" in real
+    lines = [line.split() for line in real.splitlines() if line.split() and line.split()[0] in ("deter", "inverse")]
+    assert len(lines) == 4 and all(len(line) == 1 + 4 * 3 and line[2] == "/" for line in lines)
+    step_success = [float(line[c]) for line in lines for c in (1, 3)]  # the actor's and the matcher's
+    assert all(0.0 <= v <= 1.0 for v in step_success)

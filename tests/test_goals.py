@@ -284,7 +284,7 @@ def test_bridge_distillation_moves_only_the_actor_toward_the_matcher():
 def test_goal_success_hand_computed():
     metric = GoalSuccess()
     metric.update(matched=torch.tensor([True, False, True, False]),
-                  reward=torch.tensor([1.0, 2.0, 3.0, 4.0]))
+                  reward=torch.tensor([1.0, 2.0, 3.0, 4.0]), age=torch.tensor([3, 7, 5, 1]))
     metric.update(episode_matches=torch.tensor([0, 2, 1]))
     metric.update(matched=torch.tensor([[False], [False]]), reward=torch.tensor([[-1.0], [5.0]]),
                   episode_matches=torch.tensor([0]))
@@ -294,6 +294,7 @@ def test_goal_success_hand_computed():
     assert out["matches_per_episode"].item() == pytest.approx(3 / 4)
     # matched steps got 1 and 3; all active steps 1 + 2 + 3 + 4 - 1 + 5 = 14 over 6
     assert out["alignment"].item() == pytest.approx((1 + 3) / 2 - 14 / 6)
+    assert out["steps_to_reach"].item() == pytest.approx((3 + 5) / 2)  # ages of the matched steps only
 
     none_matched = GoalSuccess()
     none_matched.update(matched=torch.tensor([False, False]), reward=torch.tensor([1.0, 2.0]))
@@ -302,6 +303,7 @@ def test_goal_success_hand_computed():
     assert math.isnan(out["alignment"].item())
     assert math.isnan(out["episode_success"].item())
     assert math.isnan(out["matches_per_episode"].item())
+    assert math.isnan(out["steps_to_reach"].item())
 
     episodes_only = GoalSuccess()
     episodes_only.update(episode_matches=torch.tensor([0, 0, 3]))
@@ -408,6 +410,7 @@ def test_pursue_goals_bookkeeping_hand_made():
     assert out["episode_success"].item() == pytest.approx(2 / 3)
     assert out["matches_per_episode"].item() == pytest.approx(2 / 3)
     assert out["alignment"].item() == pytest.approx((1 + 4 + 2000) / 3 - rewards / steps)
+    assert out["steps_to_reach"].item() == 1.0  # each of the three matches came one step after its proposal
 
 
 # --------------------------------------------------------------------------- 7. cosine_max
@@ -631,10 +634,11 @@ def _ddp_goal_success(rank, world, port, out):
     metric = GoalSuccess()
     if rank == 0:
         metric.update(matched=torch.tensor([True, False]), reward=torch.tensor([2.0, 0.0]),
-                      episode_matches=torch.tensor([1]))
+                      episode_matches=torch.tensor([1]), age=torch.tensor([4, 1]))
     else:
         metric.update(matched=torch.tensor([False, False, True, False]),
-                      reward=torch.tensor([0.0, 1.0, 4.0, 1.0]), episode_matches=torch.tensor([0, 3]))
+                      reward=torch.tensor([0.0, 1.0, 4.0, 1.0]), episode_matches=torch.tensor([0, 3]),
+                      age=torch.tensor([1, 2, 9, 3]))
     out[rank] = {k: float(v) for k, v in metric.compute().items()}
     dist.destroy_process_group()
 
@@ -651,7 +655,7 @@ def test_goal_success_reduces_exactly_across_ddp_ranks():
     mp.spawn(_ddp_goal_success, args=(2, port, out), nprocs=2, join=True)
     pooled = {  # all six steps and three episodes of both ranks together
         "step_success": 2 / 6, "episode_success": 2 / 3, "matches_per_episode": 4 / 3,
-        "alignment": (2 + 4) / 2 - 8 / 6,
+        "alignment": (2 + 4) / 2 - 8 / 6, "steps_to_reach": (4 + 9) / 2,
     }
     for rank in (0, 1):
         assert out[rank] == pytest.approx(pooled), rank
