@@ -119,7 +119,7 @@ def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run,
 
 @pytest.mark.slow
 def test_the_goal_space_comparison_pursues_hard_goals_in_the_real_game(smoke_run):
-    # about 10 minutes on 2 cores: an untrained agent's coinrun episodes run to the time limit
+    # about 3 minutes on 2 cores with the smoke fixture: an untrained agent's coinrun episodes are long
     import sys
     from pathlib import Path
 
