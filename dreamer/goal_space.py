@@ -96,21 +96,20 @@ class InverseDynamicsSpace(GoalSpace):
     def project(self, source: torch.Tensor) -> torch.Tensor:
         return self.proj(source)
 
-    def action_logits(self, before: State, after: State) -> torch.Tensor:
-        """(..., A) the head's logits for the action that led from ``before`` to ``after``."""
-        z0, z1 = self.of_state(before), self.of_state(after)
-        return self.head(torch.cat([z0, z1 - z0], -1))
+    def action_logits(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        """(..., A) the head's logits for the action that led from goal vector ``before`` to ``after``."""
+        return self.head(torch.cat([before, after - before], -1))
 
     def learn(self, post: State, action: torch.Tensor, is_first: torch.Tensor) -> dict[str, torch.Tensor]:
         """One Adam step of the inverse-dynamics loss on posteriors (B, T, ...) and the actions
         (B, T) taken at each step; pairs that cross an episode start count for nothing. Every
         rank steps, so under DDP the gradient average never waits for one."""
         keep = (~is_first[:, 1:].bool()).float()  # (B, T - 1): step t + 1 continues step t's episode
-        before = {k: v[:, :-1].detach().float() for k, v in post.items()}
-        after = {k: v[:, 1:].detach().float() for k, v in post.items()}
+        source = self.source(post).detach().float()  # (B, T, latent)
         target = action[:, :-1]
         with torch.enable_grad(), torch.autocast(post["deter"].device.type, enabled=False):
-            logits = self.action_logits(before, after)  # (B, T - 1, A)
+            z = self.project(source)  # (B, T, dim), each step projected once
+            logits = self.action_logits(z[:, :-1], z[:, 1:])  # (B, T - 1, A)
             nll = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
             loss = (nll * keep.flatten()).sum() / keep.sum().clamp(min=1)
             step_optimizer(self.optimizer, loss, self.parameters(), clip=100.0)
