@@ -40,6 +40,26 @@ ROWS = [
 ]
 
 
+@torch.no_grad()
+def replayed_posteriors(model, replay, batch_size: int, seq_len: int) -> tuple[dict, dict]:
+    """A replayed batch (on the model's device) and the world model's posteriors (B, T, ...) of it."""
+    batch = replay_batch(replay.sample(batch_size, seq_len))
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    _, _, post = model.world_model.loss(batch)
+    return batch, post
+
+
+@torch.no_grad()
+def mean_over_replay(model, replay, batch_size: int, seq_len: int, batches: int, measure) -> dict[str, float]:
+    """Means over ``batches`` replayed batches of the metrics ``measure(post, is_first)`` returns."""
+    totals: dict[str, list[float]] = {}
+    for _ in range(batches):
+        batch, post = replayed_posteriors(model, replay, batch_size, seq_len)
+        for key, value in measure(post, batch["is_first"]).items():
+            totals.setdefault(key, []).append(value)
+    return {k: sum(v) / len(v) for k, v in totals.items()}
+
+
 def held_out_dream_success(cli, batches: int = 8) -> dict[str, float]:
     """Matcher vs actor (and a random policy on the hard sets) on real held-out goals, in dreams
     from replayed posterior states."""
@@ -47,17 +67,9 @@ def held_out_dream_success(cli, batches: int = 8) -> dict[str, float]:
     if gen is None:
         return {}
     model, dm = cli.model, cli.datamodule
-    totals: dict[str, list[float]] = {}
-    with torch.no_grad():
-        for _ in range(batches):
-            batch = replay_batch(dm.replay.sample(dm.hparams.batch_size, dm.hparams.seq_len))
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            _, _, post = model.world_model.loss(batch)
-            found = {**gen.evaluate(model, post, batch["is_first"]),
-                     **gen.evaluate_hard(model, post, batch["is_first"])}
-            for key, value in found.items():
-                totals.setdefault(key, []).append(value)
-    return {k: sum(v) / len(v) for k, v in totals.items()}
+    return mean_over_replay(model, dm.replay, dm.hparams.batch_size, dm.hparams.seq_len, batches,
+                            lambda post, is_first: {**gen.evaluate(model, post, is_first),
+                                                    **gen.evaluate_hard(model, post, is_first)})
 
 
 def run_arm(arm: str, config: list[str], seed: int, steps: int, extra: list[str]) -> dict[str, float]:

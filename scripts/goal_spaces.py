@@ -35,12 +35,11 @@ sys.path.insert(0, str(ROOT))
 
 from callbacks.dreams import DreamGeneration  # noqa: E402
 from datamodules.games import NUM_ACTIONS  # noqa: E402
-from datamodules.replay import replay_batch  # noqa: E402
 from datamodules.replay_datamodule import ReplayDataModule  # noqa: E402
 from dreamer.checkpoints import CheckpointError, read_checkpoint  # noqa: E402
 from dreamer.goal_space import SPACES, make_goal_space  # noqa: E402
 from dreamer.goals import GoalMatcher, GoalStateModel  # noqa: E402
-from scripts.goal_ablation import mean_se  # noqa: E402
+from scripts.goal_ablation import mean_over_replay, mean_se, replayed_posteriors  # noqa: E402
 from scripts.world_model_probe import load  # noqa: E402
 
 COLUMNS = ("matcher", "actor", "random", "lift", "kept")
@@ -60,14 +59,6 @@ def fresh_goals(model, kind: str, space_dim: int, space_lr: float) -> None:
     model.optimizer = lambda name: optimizer  # what DreamGeneration asks the Trainer-held module for
 
 
-def posteriors(model, replay, batch_size: int, seq_len: int) -> tuple[dict, dict]:
-    """A replayed batch and the world model's posteriors (B, T, ...) of it."""
-    batch = replay_batch(replay.sample(batch_size, seq_len))
-    with torch.no_grad():
-        _, _, post = model.world_model.loss(batch)
-    return batch, {k: v.detach() for k, v in post.items()}
-
-
 def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]:
     """Train a fresh goal space (if learned) and matcher on ``model``; the hard-set metrics."""
     torch.manual_seed(seed)
@@ -75,18 +66,13 @@ def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]
     gm, out = model.goal_model, {}
     generation = DreamGeneration(every_n_updates=1, hard_offsets=tuple(args.offsets))
     for step in range(args.space_steps + args.updates):
-        batch, post = posteriors(model, replay, args.batch_size, args.seq_len)
+        batch, post = replayed_posteriors(model, replay, args.batch_size, args.seq_len)
         learned = gm.observe(post, batch["is_first"], batch["action"], seed=step)
         out.update({k: float(v) for k, v in learned.items()})
         if step >= args.space_steps:
             generation.generate(model, post, batch["is_first"])
-    totals: dict[str, list[float]] = {}
-    with torch.no_grad():
-        for _ in range(args.eval_batches):
-            batch, post = posteriors(model, replay, args.batch_size, args.seq_len)
-            for key, value in generation.evaluate_hard(model, post, batch["is_first"]).items():
-                totals.setdefault(key, []).append(value)
-    out.update({k: sum(v) / len(v) for k, v in totals.items()})
+    out.update(mean_over_replay(model, replay, args.batch_size, args.seq_len, args.eval_batches,
+                                lambda post, is_first: generation.evaluate_hard(model, post, is_first)))
     if args.real_episodes:
         out.update(real_game_pursuit(model, args.data, args.real_episodes))
     return out
