@@ -28,6 +28,7 @@ from dreamer.agent import Dreamer
 from dreamer.checkpoints import CheckpointError, checkpoint_mismatch, read_checkpoint
 from dreamer.config import argument_problem, precision_problem
 from dreamer.tracking import RunLogger, params_to_log, run_exists
+from dreamer.memory import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parent
 
@@ -451,6 +452,7 @@ def main(args: list[str] | None = None, run: bool = True) -> DreamerCLI:
         if problem:
             fail(problem)
     try:
+        keep_freed_memory()  # before the replay and the model allocate (dreamer/memory.py)
         return _cli(args, run)
     except SIGTERMException:  # Lightning stops at the next batch and would exit with status 0
         print("stopped by SIGTERM; resume from the last checkpoint with --ckpt_path last", file=sys.stderr)

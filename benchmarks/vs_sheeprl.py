@@ -2,14 +2,16 @@
 
     bash ../shared/bench/sheeprl/setup.sh      # once: SheepRL 0.8.4 in its own venv
     python benchmarks/vs_sheeprl.py [--venv /tmp/bench-sheeprl] [--rounds 2] [--updates 3]
-                                    [--threads 2] [--precision 32|bf16]
+                                    [--threads 2] [--precision 32|bf16] [--sheeprl-malloc default|kept]
 
 The configuration is SheepRL's DreamerV3-XS as resolved by the harness (``$VENV/xs_config.yaml``):
 our size overrides are read from it (recurrent state, dense units, MLP layers, latents, CNN
 multiplier with SheepRL's channel multipliers 1, 2, 4, 8), batch 16 x 64, horizon 15. Rounds
 alternate: our update ``--updates`` times in this process, then SheepRL's own ``train()`` the same
 number of times in a subprocess (the harness's ``update_speed.py``; its warm-up update is not
-timed, nor is ours). Prints seconds per update of both per round, the ratio, and parameters per
+timed, nor is ours). Ours keeps freed memory for reuse (``dreamer/memory.py``, unless
+``DREAMER_KEEP_FREED_MEMORY=0``); ``--sheeprl-malloc kept`` gives SheepRL the same glibc settings
+through the environment. Prints seconds per update of both per round, the ratio, and parameters per
 module side by side. SheepRL stays out of the project's dependencies.
 """
 
@@ -50,12 +52,13 @@ def xs_overrides(config: dict) -> dict:
     }
 
 
-def sheeprl(venv: Path, config: Path, mode: str, updates: int, threads: int, precision: str) -> dict:
+def sheeprl(venv: Path, config: Path, mode: str, updates: int, threads: int, precision: str,
+            malloc_env: dict[str, str]) -> dict:
     extra = ["--set", "fabric.precision=bf16-mixed"] if precision == "bf16" else []
     out = subprocess.run(
         [str(venv / "bin" / "python"), str(HARNESS / "update_speed.py"), str(config), mode, str(updates),
          "--threads", str(threads), *extra],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads), **malloc_env},
     )
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
@@ -70,6 +73,8 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", choices=("32", "bf16"), default="32")
+    parser.add_argument("--sheeprl-malloc", choices=("default", "kept"), default="default",
+                        help="kept: run SheepRL with the glibc malloc settings ours uses (dreamer/memory.py)")
     args = parser.parse_args()
     for name in ("rounds", "updates", "threads"):
         if getattr(args, name) < 1:
@@ -86,6 +91,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from benchmarks.agent_speed import fake_batch
     from dreamer.agent import Dreamer
+    from dreamer.memory import GLIBC_ENV, keep_freed_memory
     from dreamer.update import update
 
     torch.set_num_threads(args.threads)
@@ -107,13 +113,17 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         return times
 
+    malloc_env = GLIBC_ENV if args.sheeprl_malloc == "kept" else {}
     print(f"torch {torch.__version__}, {args.threads} threads, precision {args.precision}, batch "
           f"{batch} x {seq}, horizon {config['algo']['horizon']}; our overrides {overrides}")
+    print(f"malloc: ours {'kept' if keep_freed_memory() else 'default'} (dreamer/memory.py), "
+          f"SheepRL {args.sheeprl_malloc}")
     ours(1)  # warm-up, as the harness does
     rows = []
     for r in range(args.rounds):
         mine = statistics.median(ours(args.updates))
-        theirs = sheeprl(args.venv, config_path, "time", args.updates, args.threads, args.precision)["median_s"]
+        theirs = sheeprl(args.venv, config_path, "time", args.updates, args.threads, args.precision,
+                         malloc_env)["median_s"]
         rows.append((mine, theirs))
         print(f"round {r + 1}: ours {mine:.3f} s/update, SheepRL {theirs:.3f} s/update, "
               f"ours / SheepRL {mine / theirs:.2f}", flush=True)
@@ -123,7 +133,7 @@ def main() -> None:
 
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     wm = model.world_model
-    their = sheeprl(args.venv, config_path, "params", 1, args.threads, args.precision)
+    their = sheeprl(args.venv, config_path, "params", 1, args.threads, args.precision, malloc_env)
     table = [
         ("world model", count(wm), their["world_model"]),
         ("encoder", count(wm.encoder), their["encoder"]),

@@ -16,6 +16,7 @@ from dreamer.config import (CNN_MULTS, KNOBS, SIZES, ActorCriticKnobs, GoalKnobs
                             module_args, precision_problem, without_optimiser)
 from dreamer.goal_space import make_goal_space
 from dreamer.goals import GoalMatcher, GoalPursuit, GoalStateModel, GoalTrack
+from dreamer.memory import keep_freed_memory
 from dreamer.rssm import State
 from dreamer.update import compile_update, update
 from dreamer.world_model import WorldModel
@@ -59,6 +60,7 @@ class Dreamer(pl.LightningModule):
         problem = argument_problem(dict(locals()))
         if problem:
             raise ValueError(problem)
+        keep_freed_memory()
         self.save_hyperparameters(logger=False)  # the CLI logs the whole config
         for group in KNOBS:  # a checkpoint records every knob, given or default
             self.hparams[group] = module_args(group, self.hparams[group])
