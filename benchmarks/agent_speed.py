@@ -169,8 +169,11 @@ def main() -> None:
     print(f"{'size':>6} {'first s':>8} {'upd/s':>8} {'s/upd':>8} {'act steps/s':>12} {'WM M':>7} {'actor M':>8} "
           f"{'critic M':>9} {'peak RSS GB':>12} {'GPU GB':>7}" + (f" {'GFLOP':>8} {'floor s':>8} {'x floor':>8}" if args.floor else ""))
     for size in args.sizes:
-        r = bench(size, args.batch, args.seq, args.updates, device, args.precision, args.compile,
-                  overrides, args.act, args.floor, **model_kwargs)
+        try:
+            r = bench(size, args.batch, args.seq, args.updates, device, args.precision, args.compile,
+                      overrides, args.act, args.floor, **model_kwargs)
+        except ValueError as e:  # the model refused a size, override or argument
+            parser.error(str(e))
         print(f"{size:>6} {r['first_update_s']:>8.2f} {r['updates_per_s']:>8.3f} {r['seconds_per_update']:>8.3f} "
               f"{r['env_steps_per_s_acting']:>12.0f} {r['world_model_M']:>7.2f} {r['actor_M']:>8.2f} "
               f"{r['critic_M']:>9.2f} {r['peak_rss_gb']:>12.2f} {r['gpu_peak_gb']:>7.2f}"

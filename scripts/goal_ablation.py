@@ -3,8 +3,10 @@ of means with standard errors over the seeds.
 
     python scripts/goal_ablation.py --config configs/learn_bigfish.yaml --seeds 0 1 2 --max-env-steps 40000
 
-Each arm trains with ``cli.py fit`` (the dreams arm adds ``configs/dreams.yaml``), then validates
-on training and unseen levels. Both arms measure goal success the same way (``model.goals.track``,
+Each arm and seed trains with ``cli.py fit`` in ``runs/ablation/<arm>-seed<seed>`` (the dreams arm
+adds ``configs/dreams.yaml``), then validates on training and unseen levels, and keeps its
+measurements in ``ablation.json`` there. Running the script again reuses finished arms and resumes
+interrupted ones from their last checkpoint, so seeds can be added over several sittings. Both arms measure goal success the same way (``model.goals.track``,
 goals from the same state model). For the dreams arm it also measures the goal matcher:
 - in dreams, on held-out real goals and on the hard sets (real goals k steps ahead that the
   goal-blind actor's dreams miss; ``DreamGeneration.evaluate_hard``) against the actor and a
@@ -16,6 +18,7 @@ goals from the same state model). For the dreams arm it also measures the goal m
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -73,13 +76,39 @@ def held_out_dream_success(cli, batches: int = 8) -> dict[str, float]:
 
 
 def run_arm(arm: str, config: list[str], seed: int, steps: int, extra: list[str]) -> dict[str, float]:
+    """Train and measure one arm and seed in ``runs/ablation/<arm>-seed<seed>``, or take its
+    measurements from there: a finished arm is not trained again, and an interrupted one resumes
+    from its last checkpoint, so the seeds of a long ablation can be run a few at a time."""
+    root = Path("runs") / "ablation" / f"{arm}-seed{seed}"
+    record = root / "ablation.json"
+    setting = {"arm": arm, "config": config, "seed": seed, "max_env_steps": steps, "extra": extra}
+    resume = []
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved["setting"] != setting:
+            differ = ", ".join(k for k in setting if saved["setting"].get(k) != setting[k])
+            raise SystemExit(f"error: {root} holds this arm and seed run with another {differ} "
+                             f"({saved['setting']}); move that directory away or run elsewhere")
+        if "metrics" in saved:
+            print(f"{root}: finished earlier, its measurements reused")
+            return saved["metrics"]
+        if not (root / "checkpoints" / "last.ckpt").is_file():
+            raise SystemExit(f"error: {root} holds an unfinished run with no checkpoint to resume; "
+                             "remove that directory to start this arm and seed again")
+        print(f"{root}: unfinished, resuming from its last checkpoint")
+        resume = ["--ckpt_path", "last"]
+    elif root.exists():
+        raise SystemExit(f"error: {root} exists but was not started by this script; move it away")
     args = ["fit"]
     for c in config + (["configs/dreams.yaml"] if arm == "dreams" else []):
         args += ["--config", str(ROOT / c) if not Path(c).is_absolute() else c]
     args += ["--seed_everything", str(seed), "--data.seed", str(seed),
              "--model.max_env_steps", str(steps), "--model.goals.track", "true",
-             "--trainer.default_root_dir", f"runs/ablation/{arm}-seed{seed}",
-             "--trainer.logger.init_args.run_name", f"ablation-{arm}-seed{seed}", *extra]
+             "--trainer.default_root_dir", str(root),
+             "--trainer.logger.init_args.run_name", f"ablation-{arm}-seed{seed}", *extra, *resume]
+    if not resume:
+        root.mkdir(parents=True)
+        record.write_text(json.dumps({"setting": setting}))
     cli = main(args)
     cli.trainer.validate(cli.model, datamodule=cli.datamodule)
     cli.model.to(cli.trainer.strategy.root_device)  # Lightning's teardown left it on the CPU
@@ -87,6 +116,7 @@ def run_arm(arm: str, config: list[str], seed: int, steps: int, extra: list[str]
     metrics.update(held_out_dream_success(cli))
     if arm == "dreams":
         metrics.update(real_hard_goal_pursuit(cli))
+    record.write_text(json.dumps({"setting": setting, "metrics": metrics}, indent=1))
     return metrics
 
 

@@ -120,6 +120,20 @@ def test_the_sheeprl_comparison_says_how_to_set_sheeprl_up_when_it_is_missing(tm
     assert out.returncode == 2 and "--rounds must be a positive integer" in out.stderr
 
 
+def test_the_speed_benchmark_refuses_an_override_the_model_refuses_in_one_line():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "agent_speed.py"
+    out = subprocess.run([sys.executable, str(script), "--no-act", "--sizes", "tiny", "--overrides", "cnn_mults=1,2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1] == ("agent_speed.py: error: model.overrides.cnn_mults must be a list of 1 to 6 "
+                                           "positive integers (channels per 64x64 -> 4x4 conv stage, in units of "
+                                           "depth), got '1,2'")
+
+
 def test_sheeprl_configuration_maps_onto_our_size_overrides():
     from benchmarks.vs_sheeprl import xs_overrides
     from dreamer.agent import Dreamer

@@ -1,10 +1,14 @@
-"""scripts/goal_ablation.py: the table it prints, and (slow) both arms end to end on the smoke config."""
+"""scripts/goal_ablation.py: the table it prints, finished arms reused and interrupted ones resumed,
+and (slow) both arms end to end on the smoke config."""
 
+import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import goal_ablation  # noqa: E402
@@ -35,3 +39,47 @@ def test_both_arms_run_end_to_end_and_the_dreams_arm_reports_hard_goals(tmp_path
     assert "hard, matcher acts: step success (train)" in text
     dreams = [line.split()[-1] for line in text.splitlines() if line.startswith("hard, matcher acts")]
     assert any(cell != "-" for cell in dreams)
+
+
+class FakeCLI:
+    """What ``run_arm`` reads of a finished ``cli.main``: the trainer's validation metrics."""
+
+    def __init__(self, args):
+        self.args = args
+        self.model = SimpleNamespace(to=lambda device: None)
+        self.datamodule = None
+        self.trainer = SimpleNamespace(validate=lambda *a, **k: None, callbacks=[],
+                                       strategy=SimpleNamespace(root_device="cpu"),
+                                       callback_metrics={"val/train_levels/return": torch.tensor(2.5)})
+
+
+def test_finished_arms_are_reused_and_interrupted_ones_resume(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(goal_ablation, "main", lambda args: calls.append(args) or FakeCLI(args))
+    arm = ("plain", ["configs/smoke.yaml"], 0, 384, [])
+    assert goal_ablation.run_arm(*arm) == {"val/train_levels/return": 2.5}
+    assert "--ckpt_path" not in calls[0] and calls[0][calls[0].index("--trainer.default_root_dir") + 1] == \
+        str(Path("runs/ablation/plain-seed0"))
+    record = tmp_path / "runs" / "ablation" / "plain-seed0" / "ablation.json"
+    assert json.loads(record.read_text())["metrics"] == {"val/train_levels/return": 2.5}
+
+    # finished: measured again without training
+    assert goal_ablation.run_arm(*arm) == {"val/train_levels/return": 2.5} and len(calls) == 1
+    # the same directory with another setting is refused, naming what differs
+    with pytest.raises(SystemExit, match="another max_env_steps"):
+        goal_ablation.run_arm("plain", ["configs/smoke.yaml"], 0, 768, [])
+
+    # interrupted (no measurements yet): resumed from its last checkpoint
+    record.write_text(json.dumps({"setting": json.loads(record.read_text())["setting"]}))
+    with pytest.raises(SystemExit, match="no checkpoint to resume; remove that directory"):
+        goal_ablation.run_arm(*arm)
+    (record.parent / "checkpoints").mkdir()
+    (record.parent / "checkpoints" / "last.ckpt").write_bytes(b"")
+    goal_ablation.run_arm(*arm)
+    assert calls[-1][-2:] == ["--ckpt_path", "last"] and "metrics" in json.loads(record.read_text())
+
+    # a directory this script did not start is left alone
+    (tmp_path / "runs" / "ablation" / "dreams-seed0").mkdir()
+    with pytest.raises(SystemExit, match="was not started by this script"):
+        goal_ablation.run_arm("dreams", ["configs/smoke.yaml"], 0, 384, [])
