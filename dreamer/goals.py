@@ -133,6 +133,8 @@ class GoalStateModel(nn.Module):
         proposals fall back to ``value``.
       - ``hard``: as ``replay``, but among the ``rollouts`` most similar pairs it takes the first
         goal that the goal-blind actor, imagined ``offset`` steps from the state, does not reach.
+        Where the actor reaches them all there is no hard goal: goal pursuit then leaves the
+        lane without a goal for that step (``propose_where``).
     ``heldout(post, is_first)`` gives evaluation pairs from real experience, goals the matcher
     never generated (it trains on goals relabelled inside its own dreams).
 
@@ -249,27 +251,39 @@ class GoalStateModel(nn.Module):
     # ------------------------------------------------------------- proposals
     @torch.no_grad()
     def propose(self, state: State, world_model, actor_critic) -> torch.Tensor:
-        """Goals (N, G) for states (N, ...)."""
+        """Goals (N, G) for states (N, ...); with ``hard``, a state where the actor reaches every
+        candidate gets the most similar one (``propose_where`` tells which)."""
+        return self.propose_where(state, world_model, actor_critic)[0]
+
+    @torch.no_grad()
+    def propose_where(self, state: State, world_model, actor_critic) -> tuple[torch.Tensor, torch.Tensor]:
+        """Goals (N, G) for states (N, ...) and where they are what the strategy asks for (N,):
+        everywhere, except with ``hard`` where the goal-blind actor reaches every candidate."""
         filled = int(min(self.bank_count.item(), self.hp.bank_size))
         if self.hp.strategy in ("replay", "hard") and filled > 0:
             project = self.space.project
             sim = self.between(self.goal_of(state)[:, None, :], project(self.bank_start[None, :filled, :]))  # (N, filled)
-            if self.hp.strategy == "replay":
-                return project(self.bank_goal[sim.argmax(-1)])
-            return self._unreached_replay_goal(state, sim, world_model, actor_critic)
-        return self._best_imagined_end(state, world_model, actor_critic)
+            if self.hp.strategy == "hard":
+                return self._unreached_replay_goal(state, sim, world_model, actor_critic)
+            goal = project(self.bank_goal[sim.argmax(-1)])
+        else:
+            goal = self._best_imagined_end(state, world_model, actor_critic)
+        return goal, torch.ones(len(goal), dtype=torch.bool, device=goal.device)
 
-    def _unreached_replay_goal(self, state: State, sim: torch.Tensor, world_model, actor_critic) -> torch.Tensor:
+    def _unreached_replay_goal(self, state: State, sim: torch.Tensor, world_model,
+                               actor_critic) -> tuple[torch.Tensor, torch.Tensor]:
         """Among the ``rollouts`` bank pairs whose starts are most similar to each state (``sim``
         (N, filled)), the goal of the most similar one that an imagined actor rollout of ``offset``
-        steps from the state never matches; the most similar one where the actor matches them all."""
+        steps from the state never matches, and whether there was one (N,); where the actor
+        matches them all, the most similar one."""
         top = sim.topk(min(self.hp.rollouts, sim.shape[1]), -1).indices  # (N, R), most similar first
         candidates = self.space.project(self.bank_goal[top])  # (N, R, G)
         states, _, _ = world_model.rssm.imagine(state, actor_critic.sample, self.hp.offset)
         visited = self.goal_of(states)[1:]  # (k, N, G)
         hit = self.between(candidates.unsqueeze(0), visited.unsqueeze(2)) >= self.hp.threshold  # (k, N, R)
-        free = (~hit.any(0)).float().argmax(-1)  # first unmatched candidate, 0 if none
-        return candidates[torch.arange(len(free), device=free.device), free]
+        unreached = ~hit.any(0)  # (N, R)
+        free = unreached.float().argmax(-1)  # first unmatched candidate, 0 if none
+        return candidates[torch.arange(len(free), device=free.device), free], unreached.any(-1)
 
     def _best_imagined_end(self, state: State, world_model, actor_critic) -> torch.Tensor:
         hp = self.hp
@@ -388,8 +402,8 @@ class GoalPursuit(nn.Module):
         if need.any():
             self._seed += 1
             with isolated_rng(post["deter"].device, self._seed):
-                goal = goal_model.propose({k: v[need] for k, v in post.items()}, world_model, actor_critic)
+                goal, usable = goal_model.propose_where({k: v[need] for k, v in post.items()}, world_model, actor_critic)
             track.goal[need] = goal
-            track.active[need] = True
+            track.active[need] = usable  # no goal (until the next step) where the strategy has none
             track.age[need] = 0
         return track

@@ -146,22 +146,48 @@ def test_a_checkpoint_of_the_matcher_without_a_critic_restores():
         assert torch.equal(agent.goal_matcher.ac.actor.state_dict()[name], value)
 
 
+def replay_goal_model(strategy: str, goals: tuple[int, ...]) -> GoalStateModel:
+    """Replayed pairs from position 4 to each of ``goals``, in that order."""
+    gm = GoalStateModel(goal_dim=P, strategy=strategy, threshold=0.7, rollouts=4, offset=3)
+    gm.mean.zero_(), gm.var.fill_(1.0), gm.stats_seen.fill_(True)
+    for goal in goals:
+        gm.bank_start[gm.bank_count] = LineWorld.state(torch.tensor([4]))["deter"][0]
+        gm.bank_goal[gm.bank_count] = LineWorld.state(torch.tensor([goal]))["deter"][0]
+        gm.bank_count += 1
+    return gm
+
+
 def test_the_hard_strategy_proposes_the_replayed_goal_the_actor_does_not_reach():
-    world = LineWorld()
-    actor = SimpleNamespace(sample=always_right)
+    world, actor = LineWorld(), SimpleNamespace(sample=always_right)
     chosen = {}
     for strategy in ("replay", "hard"):
-        gm = GoalStateModel(goal_dim=P, strategy=strategy, threshold=0.7, rollouts=4, offset=3)
-        gm.mean.zero_(), gm.var.fill_(1.0), gm.stats_seen.fill_(True)
-        # two replayed pairs from position 4: three steps right (the actor's way) and three left
-        for goal in (7, 1):
-            gm.bank_start[gm.bank_count] = LineWorld.state(torch.tensor([4]))["deter"][0]
-            gm.bank_goal[gm.bank_count] = LineWorld.state(torch.tensor([goal]))["deter"][0]
-            gm.bank_count += 1
-        proposed = gm.propose(LineWorld.state(torch.tensor([4, 4])), world, actor)
+        # three steps right of position 4 (the actor's way), then three left
+        gm = replay_goal_model(strategy, (7, 1))
+        proposed, usable = gm.propose_where(LineWorld.state(torch.tensor([4, 4])), world, actor)
         chosen[strategy] = proposed.argmax(-1).tolist()
+        assert usable.tolist() == [True, True]
     assert chosen["hard"] == [1, 1]  # the actor, always moving right, reaches 7 but never 1
     assert chosen["replay"] == [7, 7]  # the plain replay strategy takes the first most similar
+
+
+def test_where_the_actor_reaches_every_candidate_goal_pursuit_proposes_none():
+    from dreamer.goals import GoalPursuit
+
+    world, actor = LineWorld(), SimpleNamespace(sample=always_right)
+    gm = replay_goal_model("hard", (6, 7))  # both on the actor's way
+    proposed, usable = gm.propose_where(LineWorld.state(torch.tensor([4])), world, actor)
+    assert usable.tolist() == [False] and proposed.argmax(-1).tolist() == [6]
+    pursuit = GoalPursuit(goal_steps=8, track=True)
+    post = LineWorld.state(torch.tensor([4]))
+    track = None
+    for _ in range(3):  # the lane stays without a goal, so nothing is scored
+        track = pursuit.step(post, torch.tensor([False]), torch.zeros(1), track, gm, world, actor)
+        assert track.active.tolist() == [False]
+    assert pursuit.metrics["fit"].steps == 0
+    # a candidate off the actor's way: the lane pursues it
+    gm = replay_goal_model("hard", (6, 1))
+    track = pursuit.step(post, torch.tensor([False]), torch.zeros(1), track, gm, world, actor)
+    assert track.active.tolist() == [True] and track.goal.argmax(-1).tolist() == [1]
 
 
 def test_the_hard_goal_set_is_empty_where_every_pair_crosses_an_episode_start():

@@ -182,7 +182,8 @@ def test_act_samples_from_the_weighted_mixture():
     one_hot = torch.full((NUM_ACTIONS,), -math.inf)
     one_hot[target] = 0.0  # the matcher always picks action 7
     model.goal_matcher.policy_logits = lambda feat, deter, goal: one_hot.expand(len(feat), -1)
-    model.goal_model.propose = lambda state, wm, ac: torch.zeros(len(state["deter"]), DETER)
+    model.goal_model.propose_where = lambda state, wm, ac: (torch.zeros(len(state["deter"]), DETER),
+                                                            torch.ones(len(state["deter"]), dtype=torch.bool))
 
     n = 2000
     obs = _frames(2, n=1, steps=1)[0].expand(n, -1, -1, -1)
@@ -331,11 +332,12 @@ def test_pursue_goals_bookkeeping_hand_made():
     metric = model.goals.metrics["fit"]
     calls, queue = [], []
 
-    def propose(state, world_model, actor_critic):
+    def propose_where(state, world_model, actor_critic):
         calls.append(state["deter"].clone())
-        return queue.pop(0)  # IndexError when a goal is proposed that the test did not expect
+        goal = queue.pop(0)  # IndexError when a goal is proposed that the test did not expect
+        return goal, torch.ones(len(goal), dtype=torch.bool)
 
-    model.goal_model.propose = propose
+    model.goal_model.propose_where = propose_where
 
     def step(deters, is_first, reward, track, new_goals, proposed_for):
         post = _post(*deters)
