@@ -133,8 +133,9 @@ class GoalStateModel(nn.Module):
         proposals fall back to ``value``.
       - ``hard``: as ``replay``, but among the ``rollouts`` most similar pairs it takes the first
         goal that the goal-blind actor, imagined ``offset`` steps from the state, does not reach.
-        Where the actor reaches them all there is no hard goal: goal pursuit then leaves the
-        lane without a goal for that step (``propose_where``).
+        Where the actor reaches them all there is no hard goal (``propose_where`` says where):
+        goal pursuit then steers toward the most similar candidate without scoring that step,
+        and asks again at the next.
     ``heldout(post, is_first)`` gives evaluation pairs from real experience, goals the matcher
     never generated (it trains on goals relabelled inside its own dreams).
 
@@ -404,6 +405,6 @@ class GoalPursuit(nn.Module):
             with isolated_rng(post["deter"].device, self._seed):
                 goal, usable = goal_model.propose_where({k: v[need] for k, v in post.items()}, world_model, actor_critic)
             track.goal[need] = goal
-            track.active[need] = usable  # no goal (until the next step) where the strategy has none
+            track.active[need] = usable  # unscored (and asked again next step) where the strategy has none
             track.age[need] = 0
         return track

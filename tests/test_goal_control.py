@@ -170,7 +170,7 @@ def test_the_hard_strategy_proposes_the_replayed_goal_the_actor_does_not_reach()
     assert chosen["replay"] == [7, 7]  # the plain replay strategy takes the first most similar
 
 
-def test_where_the_actor_reaches_every_candidate_goal_pursuit_proposes_none():
+def test_where_the_actor_reaches_every_candidate_goal_pursuit_scores_nothing():
     from dreamer.goals import GoalPursuit
 
     world, actor = LineWorld(), SimpleNamespace(sample=always_right)
@@ -180,7 +180,7 @@ def test_where_the_actor_reaches_every_candidate_goal_pursuit_proposes_none():
     pursuit = GoalPursuit(goal_steps=8, track=True)
     post = LineWorld.state(torch.tensor([4]))
     track = None
-    for _ in range(3):  # the lane stays without a goal, so nothing is scored
+    for _ in range(3):  # the lane steers toward candidate 6 unscored, asking again each step
         track = pursuit.step(post, torch.tensor([False]), torch.zeros(1), track, gm, world, actor)
         assert track.active.tolist() == [False]
     assert pursuit.metrics["fit"].steps == 0
