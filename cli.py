@@ -27,8 +27,8 @@ from datamodules.replay_datamodule import ReplayDataModule
 from dreamer.agent import Dreamer
 from dreamer.checkpoints import CheckpointError, checkpoint_mismatch, read_checkpoint
 from dreamer.config import argument_problem, precision_problem
-from dreamer.tracking import RunLogger, params_to_log, run_exists
 from dreamer.memory import keep_freed_memory
+from dreamer.tracking import RunLogger, params_to_log, run_exists
 
 ROOT = Path(__file__).resolve().parent
 
