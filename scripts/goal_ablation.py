@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from callbacks.dreams import DreamGeneration, DreamWeaning  # noqa: E402
-from cli import main  # noqa: E402
+from cli import fail, main  # noqa: E402
 from datamodules.replay import replay_batch  # noqa: E402
 
 ROWS = [
@@ -87,18 +87,18 @@ def run_arm(arm: str, config: list[str], seed: int, steps: int, extra: list[str]
         saved = json.loads(record.read_text())
         if saved["setting"] != setting:
             differ = ", ".join(k for k in setting if saved["setting"].get(k) != setting[k])
-            raise SystemExit(f"error: {root} holds this arm and seed run with another {differ} "
-                             f"({saved['setting']}); move that directory away or run elsewhere")
+            fail(f"{root} holds this arm and seed run with another {differ} ({saved['setting']}); "
+                 "move that directory away or run elsewhere")
         if "metrics" in saved:
             print(f"{root}: finished earlier, its measurements reused")
             return saved["metrics"]
         if not (root / "checkpoints" / "last.ckpt").is_file():
-            raise SystemExit(f"error: {root} holds an unfinished run with no checkpoint to resume; "
-                             "remove that directory to start this arm and seed again")
+            fail(f"{root} holds an unfinished run with no checkpoint to resume; "
+                 "remove that directory to start this arm and seed again")
         print(f"{root}: unfinished, resuming from its last checkpoint")
         resume = ["--ckpt_path", "last"]
     elif root.exists():
-        raise SystemExit(f"error: {root} exists but was not started by this script; move it away")
+        fail(f"{root} exists but was not started by this script; move it away")
     args = ["fit"]
     for c in config + (["configs/dreams.yaml"] if arm == "dreams" else []):
         args += ["--config", str(ROOT / c) if not Path(c).is_absolute() else c]

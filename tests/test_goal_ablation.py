@@ -3,6 +3,7 @@ and (slow) both arms end to end on the smoke config."""
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -53,7 +54,16 @@ class FakeCLI:
                                        callback_metrics={"val/train_levels/return": torch.tensor(2.5)})
 
 
-def test_finished_arms_are_reused_and_interrupted_ones_resume(tmp_path, monkeypatch):
+def refused(capsys, call, message: str) -> None:
+    """``call()`` ends the script with status 2 and the one line ``error: ...message...``."""
+    with pytest.raises(SystemExit) as stop:
+        call()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
+
+
+def test_finished_arms_are_reused_and_interrupted_ones_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     calls = []
     monkeypatch.setattr(goal_ablation, "main", lambda args: calls.append(args) or FakeCLI(args))
@@ -67,13 +77,12 @@ def test_finished_arms_are_reused_and_interrupted_ones_resume(tmp_path, monkeypa
     # finished: measured again without training
     assert goal_ablation.run_arm(*arm) == {"val/train_levels/return": 2.5} and len(calls) == 1
     # the same directory with another setting is refused, naming what differs
-    with pytest.raises(SystemExit, match="another max_env_steps"):
-        goal_ablation.run_arm("plain", ["configs/smoke.yaml"], 0, 768, [])
+    refused(capsys, lambda: goal_ablation.run_arm("plain", ["configs/smoke.yaml"], 0, 768, []),
+            "another max_env_steps")
 
     # interrupted (no measurements yet): resumed from its last checkpoint
     record.write_text(json.dumps({"setting": json.loads(record.read_text())["setting"]}))
-    with pytest.raises(SystemExit, match="no checkpoint to resume; remove that directory"):
-        goal_ablation.run_arm(*arm)
+    refused(capsys, lambda: goal_ablation.run_arm(*arm), "no checkpoint to resume; remove that directory")
     (record.parent / "checkpoints").mkdir()
     (record.parent / "checkpoints" / "last.ckpt").write_bytes(b"")
     goal_ablation.run_arm(*arm)
@@ -81,5 +90,5 @@ def test_finished_arms_are_reused_and_interrupted_ones_resume(tmp_path, monkeypa
 
     # a directory this script did not start is left alone
     (tmp_path / "runs" / "ablation" / "dreams-seed0").mkdir()
-    with pytest.raises(SystemExit, match="was not started by this script"):
-        goal_ablation.run_arm("dreams", ["configs/smoke.yaml"], 0, 384, [])
+    refused(capsys, lambda: goal_ablation.run_arm("dreams", ["configs/smoke.yaml"], 0, 384, []),
+            "was not started by this script")
