@@ -6,7 +6,11 @@ of means with standard errors over the seeds.
 Each arm and seed trains with ``cli.py fit`` in ``runs/ablation/<arm>-seed<seed>`` (the dreams arm
 adds ``configs/dreams.yaml``), then validates on training and unseen levels, and keeps its
 measurements in ``ablation.json`` there. Running the script again reuses finished arms and resumes
-interrupted ones from their last checkpoint, so seeds can be added over several sittings. Both arms measure goal success the same way (``model.goals.track``,
+interrupted ones from their last checkpoint, so seeds can be added over several sittings.
+``--results DIR`` also keeps each finished arm's measurements in ``DIR/<arm>-seed<seed>.json`` and
+reuses them from there: a small directory that can be committed, so an ablation too long for one
+machine's lifetime accumulates across machines (``benchmarks/results/`` holds ours). Both arms
+measure goal success the same way (``model.goals.track``,
 goals from the same state model). For the dreams arm it also measures the goal matcher:
 - in dreams, on held-out real goals and on the hard sets (real goals k steps ahead that the
   goal-blind actor's dreams miss; ``DreamGeneration.evaluate_hard``) against the actor and a
@@ -20,7 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -75,22 +82,59 @@ def held_out_dream_success(cli, batches: int = 8) -> dict[str, float]:
                                                     **gen.evaluate_hard(model, post, is_first)})
 
 
-def run_arm(arm: str, config: list[str], seed: int, steps: int, extra: list[str]) -> dict[str, float]:
+def read_record(path: Path, setting: dict) -> dict:
+    """The record at ``path``, refused in one line if it is unreadable or was taken with another
+    setting (naming what differs)."""
+    try:
+        saved = json.loads(path.read_text())
+        saved["setting"]["arm"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        fail(f"{path} is not a measurement record of this script ({type(err).__name__}: {err}); "
+             "move it away")
+    if saved["setting"] != setting:
+        differ = ", ".join(k for k in setting if saved["setting"].get(k) != setting[k])
+        fail(f"{path} holds this arm and seed run with another {differ} ({saved['setting']}); "
+             "move it away or run elsewhere")
+    return saved
+
+
+def provenance() -> dict[str, str]:
+    """When, where and from which commit a measurement was taken."""
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    cpu = f"{names[0]} x{len(names)}" if names else platform.processor()
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit or "unknown", "cpu": cpu,
+            "torch": torch.__version__}
+
+
+def run_arm(arm: str, config: list[str], seed: int, steps: int, extra: list[str],
+            results: Path | None = None) -> dict[str, float]:
     """Train and measure one arm and seed in ``runs/ablation/<arm>-seed<seed>``, or take its
-    measurements from there: a finished arm is not trained again, and an interrupted one resumes
-    from its last checkpoint, so the seeds of a long ablation can be run a few at a time."""
+    measurements from there or from ``results``: a finished arm is not trained again, and an
+    interrupted one resumes from its last checkpoint, so the seeds of a long ablation can be run a
+    few at a time."""
     root = Path("runs") / "ablation" / f"{arm}-seed{seed}"
     record = root / "ablation.json"
     setting = {"arm": arm, "config": config, "seed": seed, "max_env_steps": steps, "extra": extra}
+    kept = results / f"{arm}-seed{seed}.json" if results is not None else None
+    if kept is not None and kept.is_file():
+        saved = read_record(kept, setting)
+        print(f"{kept}: finished earlier ({saved.get('measured', {}).get('date', 'date unknown')}), "
+              "its measurements reused")
+        return saved["metrics"]
     resume = []
     if record.is_file():
-        saved = json.loads(record.read_text())
-        if saved["setting"] != setting:
-            differ = ", ".join(k for k in setting if saved["setting"].get(k) != setting[k])
-            fail(f"{root} holds this arm and seed run with another {differ} ({saved['setting']}); "
-                 "move that directory away or run elsewhere")
+        saved = read_record(record, setting)
         if "metrics" in saved:
             print(f"{root}: finished earlier, its measurements reused")
+            if kept is not None:
+                keep(kept, json.dumps(saved, indent=1))
             return saved["metrics"]
         if not (root / "checkpoints" / "last.ckpt").is_file():
             fail(f"{root} holds an unfinished run with no checkpoint to resume; "
@@ -116,8 +160,16 @@ def run_arm(arm: str, config: list[str], seed: int, steps: int, extra: list[str]
     metrics.update(held_out_dream_success(cli))
     if arm == "dreams":
         metrics.update(real_hard_goal_pursuit(cli))
-    record.write_text(json.dumps({"setting": setting, "metrics": metrics}, indent=1))
+    finished = json.dumps({"setting": setting, "measured": provenance(), "metrics": metrics}, indent=1)
+    record.write_text(finished)
+    if kept is not None:
+        keep(kept, finished)
     return metrics
+
+
+def keep(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
 
 
 def real_hard_goal_pursuit(cli) -> dict[str, float]:
@@ -182,16 +234,21 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--max-env-steps", type=int, default=40_000)
     parser.add_argument("--arms", nargs="+", default=["plain", "dreams"], choices=["plain", "dreams"])
+    parser.add_argument("--results", type=Path, default=None,
+                        help="also keep finished arms' measurements in DIR/<arm>-seed<seed>.json and "
+                             "reuse them from there (a directory to commit; default: runs/ablation only)")
     args, extra = parser.parse_known_args(argv)
     if args.max_env_steps < 1:
-        parser.error("--max-env-steps must be >= 1")
+        fail(f"--max-env-steps {args.max_env_steps}: must be >= 1")
+    if args.results is not None and args.results.exists() and not args.results.is_dir():
+        fail(f"--results {args.results} is a file; give a directory (created if missing)")
     args.config = args.config or ["configs/learn_bigfish.yaml"]
     return args, extra
 
 
 def run(argv: list[str] | None = None) -> str:
     args, extra = parse(argv)
-    results = {arm: [run_arm(arm, args.config, s, args.max_env_steps, extra) for s in args.seeds]
+    results = {arm: [run_arm(arm, args.config, s, args.max_env_steps, extra, args.results) for s in args.seeds]
                for arm in args.arms}
     text = table(results)
     print(f"\nablation: {', '.join(args.config)}, seeds {args.seeds}, {args.max_env_steps} env steps each\n{text}")

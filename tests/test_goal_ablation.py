@@ -92,3 +92,37 @@ def test_finished_arms_are_reused_and_interrupted_ones_resume(tmp_path, monkeypa
     (tmp_path / "runs" / "ablation" / "dreams-seed0").mkdir()
     refused(capsys, lambda: goal_ablation.run_arm("dreams", ["configs/smoke.yaml"], 0, 384, []),
             "was not started by this script")
+
+
+def test_results_directory_carries_finished_arms_to_another_machine(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(goal_ablation, "main", lambda args: calls.append(args) or FakeCLI(args))
+    results = tmp_path / "results"
+    arm = ("plain", ["configs/smoke.yaml"], 0, 384, [])
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+
+    monkeypatch.chdir(first)
+    assert goal_ablation.run_arm(*arm, results=results) == {"val/train_levels/return": 2.5}
+    kept = json.loads((results / "plain-seed0.json").read_text())
+    assert kept["setting"]["max_env_steps"] == 384 and kept["metrics"] == {"val/train_levels/return": 2.5}
+    assert set(kept["measured"]) == {"date", "commit", "cpu", "torch"} and kept["measured"]["torch"] == torch.__version__
+
+    # a fresh machine (no runs/ directory) reuses the kept measurements without training
+    monkeypatch.chdir(second)
+    assert goal_ablation.run_arm(*arm, results=results) == {"val/train_levels/return": 2.5}
+    assert len(calls) == 1 and not (second / "runs").exists()
+    # another setting is refused, naming what differs
+    refused(capsys, lambda: goal_ablation.run_arm("plain", ["configs/smoke.yaml"], 0, 384, ["--x", "1"],
+                                                  results=results), "another extra")
+    # an arm finished before --results was given is copied there when the script runs again
+    monkeypatch.chdir(first)
+    (results / "plain-seed0.json").unlink()
+    assert goal_ablation.run_arm(*arm, results=results) == {"val/train_levels/return": 2.5} and len(calls) == 1
+    assert json.loads((results / "plain-seed0.json").read_text())["metrics"] == {"val/train_levels/return": 2.5}
+
+    # a file that is not a record, and --results naming a file, are refused in one line
+    (results / "plain-seed0.json").write_text("{not json")
+    refused(capsys, lambda: goal_ablation.run_arm(*arm, results=results), "is not a measurement record")
+    refused(capsys, lambda: goal_ablation.parse(["--results", str(results / "plain-seed0.json")]), "is a file")
+    refused(capsys, lambda: goal_ablation.parse(["--max-env-steps", "0"]), "must be >= 1")
