@@ -73,7 +73,7 @@ class Dreamer(pl.LightningModule):
                                         **without_optimiser(ac))
         with torch.random.fork_rng(devices=[]):  # plain DreamerV3 keeps its random stream
             space = make_goal_space(goal["space"], arch["deter"], arch["stoch"] * arch["classes"], NUM_ACTIONS,
-                                    goal["space_dim"], arch["units"])
+                                    goal["space_dim"], arch["units"], steps=goal["offset"])
             self.goal_matcher = GoalMatcher(feat, space.dim, NUM_ACTIONS, arch["units"], arch["layers"],
                                             goal["matcher_lr"])
         self.goal_model = GoalStateModel(arch["deter"], goal["strategy"], goal["threshold"], goal["rollouts"],

@@ -97,7 +97,7 @@ class ActorCriticKnobs:
 
 @dataclass(frozen=True)
 class GoalKnobs:
-    """``model.goals``: the goal space (``space``, and ``space_dim`` for the learned ``inverse``;
+    """``model.goals``: the goal space (``space``, and ``space_dim`` for the learned ``inverse`` and ``multistep``;
     see ``dreamer/goal_space.py``), goal proposals, matching, the matcher's optimiser, and ``track``
     (measure goal success while acting without DreamWeaning); see ``dreamer/goals.py``."""
 
@@ -203,4 +203,8 @@ def argument_problem(args: Any) -> str | None:
                 return problem
     if args["norm"] not in NORMS:
         return f"unknown model.norm {args['norm']!r}; allowed: {', '.join(NORMS)}"
+    goals = {f.name: f.default for f in fields(GoalKnobs)} | as_dict(args.get("goals"))
+    if goals["space"] == "multistep" and goals["offset"] < 2:
+        return (f"model.goals.space multistep learns from steps 2 or more apart, up to model.goals.offset; "
+                f"got offset {goals['offset']}: set it to 2 or more, or use the inverse space")
     return None

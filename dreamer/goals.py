@@ -21,7 +21,7 @@ from torch import nn
 from dreamer.actor_critic import ActorCritic
 from dreamer.distributed import mean_over_ranks, world_size
 from dreamer.distributions import sample_index
-from dreamer.goal_space import GoalSpace
+from dreamer.goal_space import GoalSpace, continuing
 from dreamer.metrics import GoalSuccess
 from dreamer.nets import init_args
 from dreamer.rssm import State
@@ -209,7 +209,7 @@ class GoalStateModel(nn.Module):
         k = offset or self.hp.offset
         if post["deter"].shape[1] <= k:
             raise ValueError(f"goal offset {k} needs sequences longer than {k} steps")
-        return k, is_first[:, 1:].float().unfold(1, k, 1).sum(-1) == 0  # a new episode at t+1..t+k breaks it
+        return k, continuing(is_first, k)
 
     @torch.no_grad()
     def observe(self, post: State, is_first: torch.Tensor, action: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:

@@ -51,7 +51,7 @@ def fresh_goals(model, kind: str, space_dim: int, space_lr: float) -> None:
     goal model keeps the checkpoint's threshold, rollouts and offset."""
     rssm, old, matcher = model.world_model.rssm, model.goal_model.hp, model.goal_matcher.hp
     space = make_goal_space(kind, rssm.deter, rssm.stoch * rssm.classes, NUM_ACTIONS, space_dim, matcher.units,
-                            space_lr)
+                            space_lr, steps=old.offset)
     model.goal_model = GoalStateModel(rssm.deter, "hard", old.threshold, old.rollouts, old.horizon, old.offset,
                                       gamma=old.gamma, space=space)
     model.goal_matcher = GoalMatcher(rssm.feat_dim, space.dim, NUM_ACTIONS, matcher.units, matcher.layers, matcher.lr)

@@ -12,18 +12,20 @@ from dreamer.goals import GoalStateModel
 C = 5  # classes per latent
 
 
-def ring_world(batch: int, length: int, seed: int):
+def ring_world(batch: int, length: int, seed: int, delay: int = 0):
     """Posteriors (B, T, ...) of a world with two categorical latents of ``C`` classes: the agent's
-    position on a ring, moved by the action (0 left, 1 stay, 2 right), and a light that cycles
-    one step each frame whatever the agent does. Returns (post, actions (B, T), is_first (B, T))."""
+    position on a ring, moved by the action (0 left, 1 stay, 2 right) ``delay`` steps after the
+    next one, and a light that cycles one step each frame whatever the agent does. Returns (post,
+    actions (B, T), is_first (B, T))."""
     g = torch.Generator().manual_seed(seed)
     action = torch.randint(0, 3, (batch, length), generator=g)
     pos = torch.zeros(batch, length, dtype=torch.long)
     light = torch.zeros(batch, length, dtype=torch.long)
     pos[:, 0] = torch.randint(0, C, (batch,), generator=g)
     light[:, 0] = torch.randint(0, C, (batch,), generator=g)
-    for t in range(1, length):  # action[t - 1] leads to step t
-        pos[:, t] = (pos[:, t - 1] + action[:, t - 1] - 1) % C
+    for t in range(1, length):  # action[t - 1 - delay] leads to step t
+        move = action[:, t - 1 - delay] - 1 if t - 1 - delay >= 0 else 0
+        pos[:, t] = (pos[:, t - 1] + move) % C
         light[:, t] = (light[:, t - 1] + 1) % C
     stoch = F.one_hot(torch.stack([pos, light], -1), C).float()  # (B, T, 2, C)
     post = {"deter": torch.randn(batch, length, 4, generator=g), "stoch": stoch, "logits": torch.zeros_like(stoch)}
@@ -37,12 +39,12 @@ def state_of(pos: int, light: int) -> dict[str, torch.Tensor]:
     return {"deter": torch.zeros(1, 4), "stoch": stoch, "logits": torch.zeros_like(stoch)}
 
 
-def trained_goal_model(kind: str) -> GoalStateModel:
+def trained_goal_model(kind: str, delay: int = 0) -> GoalStateModel:
     torch.manual_seed(0)
-    space = make_goal_space(kind, deter=4, latent=2 * C, num_actions=3, dim=8, units=64)
+    space = make_goal_space(kind, deter=4, latent=2 * C, num_actions=3, dim=8, units=64, steps=4)
     gm = GoalStateModel(4, space=space)
     for step in range(400):
-        post, action, is_first = ring_world(32, 16, seed=step)
+        post, action, is_first = ring_world(32, 16, seed=step, delay=delay)
         gm.observe(post, is_first, action, seed=step)
     return gm
 
@@ -56,7 +58,7 @@ def test_fixed_spaces_read_deter_or_the_latent_from_states_and_features_alike():
     assert torch.equal(stoch.of_state(post), post["stoch"].flatten(-2))
     assert torch.equal(stoch.of_features(feat), post["stoch"].flatten(-2))
     assert deter.learn(post, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.bool)) == {}
-    with pytest.raises(ValueError, match="unknown goal space 'pixels'; allowed: deter, stoch, inverse"):
+    with pytest.raises(ValueError, match="unknown goal space 'pixels'; allowed: deter, stoch, inverse, multistep"):
         GoalSpace("pixels", 4, 2 * C)
 
 
@@ -74,6 +76,32 @@ def test_the_inverse_dynamics_space_keeps_what_actions_move_and_drops_what_moves
     assert not raw.matched(raw.goal_of(state_of(2, 0)), state_of(2, 3))
 
 
+def first_action_accuracy(gm: GoalStateModel, post, action, k: int) -> float:
+    """How often the space's head names the action at t from the goal vectors at t and t + k."""
+    z = gm.goal_of(post)  # (B, T, dim)
+    return (gm.space.action_logits(z[:, :-k], z[:, k:]).argmax(-1) == action[:, :-k]).float().mean().item()
+
+
+def test_the_multistep_space_learns_an_action_whose_effect_shows_a_step_late():
+    # the action moves the agent one step late: one step later nothing tells which it was (chance
+    # 1/3); two steps later the move is the sum of two actions, whose first is named at best 5/9 of
+    # the time (sums -2 and +2 name it, -1 and +1 halve the choice, 0 leaves all three)
+    one, multi = trained_goal_model("inverse", delay=1), trained_goal_model("multistep", delay=1)
+    post, action, is_first = ring_world(256, 16, seed=10_000, delay=1)  # held out
+    post = {k: v[:, 2:] for k, v in post.items()}  # from where every step's move has an action behind it
+    action = action[:, 2:]
+    assert first_action_accuracy(one, post, action, 1) < 0.40
+    assert 0.50 < first_action_accuracy(multi, post, action, 2) < 5 / 9 + 0.03
+    assert multi.space.kind == "multistep" and multi.space.steps == 4
+    same_place = multi.similarity(multi.goal_of(state_of(2, 0)), state_of(2, 3))
+    other_place = multi.similarity(multi.goal_of(state_of(2, 0)), state_of(4, 0))
+    assert same_place > 0.95 and other_place < 0.5, (same_place, other_place)  # the light dropped
+    one_place = one.similarity(one.goal_of(state_of(2, 0)), state_of(4, 0))
+    assert one_place > other_place  # the one-step space tells places apart less well
+    with pytest.raises(ValueError, match="multistep goal space needs goals 2 or more steps ahead"):
+        make_goal_space("multistep", 4, 2 * C, 3, steps=1)
+
+
 def test_the_learned_space_and_its_optimiser_restore_from_a_state_dict():
     gm = trained_goal_model("inverse")
     fresh = GoalStateModel(4, space=InverseDynamicsSpace(4, 2 * C, 3, dim=8, units=64))
@@ -86,7 +114,7 @@ def test_the_learned_space_and_its_optimiser_restore_from_a_state_dict():
 
 
 def test_a_dreamer_with_each_goal_space_sizes_its_matcher_to_the_goals():
-    for space, dim in (("deter", 64), ("stoch", 128), ("inverse", 16)):
+    for space, dim in (("deter", 64), ("stoch", 128), ("inverse", 16), ("multistep", 16)):
         model = Dreamer(size="tiny", goals={"space": space, "space_dim": 16})
         assert model.goal_model.space.dim == dim
         assert model.goal_model.bank_goal.shape[-1] == (64 if space == "deter" else 128)  # sources
@@ -108,9 +136,11 @@ def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run,
     text = goal_spaces.run([ckpt, "--updates", "2", "--space-steps", "3", "--eval-batches", "2",
                             "--batch-size", "4", "--seq-len", "16", "--offsets", "4", "8"])
     rows = [line.split() for line in text.splitlines()[1:]]
-    assert [(r[0], r[1]) for r in rows] == [(s, k) for s in ("deter", "stoch", "inverse") for k in ("4", "8")]
-    assert all(r[-1] == "-" for r in rows if r[0] != "inverse")  # only the learned space has an accuracy
-    assert all(0.0 <= float(r[-1]) <= 1.0 for r in rows if r[0] == "inverse")
+    assert [(r[0], r[1]) for r in rows] == [(s, k) for s in ("deter", "stoch", "inverse", "multistep")
+                                            for k in ("4", "8")]
+    learned = ("inverse", "multistep")
+    assert all(r[-1] == "-" for r in rows if r[0] not in learned)  # only the learned spaces have an accuracy
+    assert all(0.0 <= float(r[-1]) <= 1.0 for r in rows if r[0] in learned)
     capsys.readouterr()
     with pytest.raises(SystemExit):
         goal_spaces.run([ckpt, "--offsets", "32"])  # goals 32 steps ahead need sequences longer than 32
