@@ -203,7 +203,7 @@ def argument_problem(args: Any) -> str | None:
                 return problem
     if args["norm"] not in NORMS:
         return f"unknown model.norm {args['norm']!r}; allowed: {', '.join(NORMS)}"
-    goals = {f.name: f.default for f in fields(GoalKnobs)} | as_dict(args.get("goals"))
+    goals = module_args("goals", args.get("goals"))
     if goals["space"] == "multistep" and goals["offset"] < 2:
         return (f"model.goals.space multistep learns from steps 2 or more apart, up to model.goals.offset; "
                 f"got offset {goals['offset']}: set it to 2 or more, or use the inverse space")

@@ -11,10 +11,10 @@ similar enough (``GoalStateModel.similarity``). The space decides what "reaching
   an inverse-dynamics head to tell which action led from one replayed state to the next. It keeps
   what the agent's actions change and drops what moves by itself.
 - ``multistep``: the same projection trained with a multi-step inverse-dynamics head: from the
-  state at t and the state k = 1..K steps later (K the goal offset), the first action, taken at t. One step says little where many actions look alike for a frame
-  (jumper's 15 actions have about 6 effects); over k steps the first action's consequences add
-  up, and what the agent cannot steer over k steps is still dropped (as in AC-State, Lamb et
-  al. 2022).
+  state at t and the state k = 1..K steps later (K the goal offset), the first action, taken at
+  t. One step says little where many actions look alike for a frame (jumper's 15 actions have
+  about 6 effects); over k steps the first action's consequences add up, and what the agent
+  cannot steer over k steps is still dropped (as in AC-State, Lamb et al. 2022).
 
 Each space reads a vector from a state or from model features (``source``), then maps it into
 the goal space (``project``; the identity for the fixed spaces). The goal banks store sources, so
@@ -91,8 +91,9 @@ class InverseDynamicsSpace(GoalSpace):
     (cross-entropy on replayed pairs inside one episode). With ``steps`` K > 1 it is the
     ``multistep`` space: the head reads ``[z_t, z_{t+k} - z_t]`` for every k = 1..K and predicts
     the same first action (k is not given: a one-hot of it would swamp the zero-initialised
-    projection's first signals under the head's LayerNorm, measured to stall learning). Its Adam state rides in the module's state dict
-    (``get_extra_state``), so a resumed run continues the same optimisation."""
+    projection's first signals under the head's LayerNorm, measured to stall learning). Its Adam
+    state rides in the module's state dict (``get_extra_state``), so a resumed run continues the
+    same optimisation."""
 
     def __init__(self, deter: int, latent: int, num_actions: int, dim: int = 32, units: int = 256,
                  lr: float = 3e-4, steps: int = 1) -> None:
@@ -129,7 +130,7 @@ class InverseDynamicsSpace(GoalSpace):
             z = self.project(source)  # (B, T, dim), each step projected once
             logits = torch.cat([self.action_logits(z[:, :-k], z[:, k:]).flatten(0, 1) for k in offsets])
             target = torch.cat([action[:, :-k].flatten() for k in offsets])  # the first action, at t
-            keep = torch.cat([continuing(is_first.bool(), k).flatten() for k in offsets]).float()
+            keep = torch.cat([continuing(is_first, k).flatten() for k in offsets]).float()
             nll = F.cross_entropy(logits, target, reduction="none")
             loss = (nll * keep).sum() / keep.sum().clamp(min=1)
             step_optimizer(self.optimizer, loss, self.parameters(), clip=100.0)
