@@ -54,16 +54,39 @@ class TwoHot(torch.nn.Module):
         return -(self.encode(y.detach()) * logits.log_softmax(-1)).sum(-1)
 
 
+def _short_last_axis(x: torch.Tensor) -> bool:
+    """Whether a (log-)softmax over the last axis runs faster along the second-to-last axis of the
+    transposed view: on CPUs, for fewer than 16 classes (torch's kernel vectorises over the
+    classes, so 4, 8 or 15 of them leave its vector units mostly idle; along an outer axis it
+    vectorises over the rows). Measured on an AVX-512 Xeon (fp32, forward and backward): 5.9x
+    faster for 32 x 8 latents of 2048 states, 2.8x for 15 actions, and 2x slower for 16 classes."""
+    return x.device.type == "cpu" and x.dim() >= 2 and x.shape[-1] < 16
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis (the same values as ``x.softmax(-1)``, up to rounding)."""
+    if _short_last_axis(x):
+        return x.transpose(-1, -2).softmax(-2).transpose(-1, -2)
+    return x.softmax(-1)
+
+
+def log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the last axis (the same values as ``x.log_softmax(-1)``, up to rounding)."""
+    if _short_last_axis(x):
+        return x.transpose(-1, -2).log_softmax(-2).transpose(-1, -2)
+    return x.log_softmax(-1)
+
+
 def unimix_probs(logits: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
     """``(1 - unimix) * softmax(logits) + unimix / K``."""
-    probs = logits.softmax(-1)
+    probs = softmax(logits)
     return probs if unimix == 0 else (1 - unimix) * probs + unimix / logits.shape[-1]
 
 
 def unimix_logits(logits: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
     """Normalised log-probabilities of ``unimix_probs``."""
     if unimix == 0:
-        return logits.log_softmax(-1)
+        return log_softmax(logits)
     return unimix_probs(logits, unimix).log()
 
 
@@ -82,7 +105,7 @@ def sample_one_hot(logits: torch.Tensor, probs: torch.Tensor | None = None) -> t
     """One-hot sample with straight-through gradients to the probabilities (``probs`` if given,
     else ``softmax(logits)``)."""
     if probs is None:
-        probs = logits.softmax(-1)
+        probs = softmax(logits)
     sample = F.one_hot(sample_index(probs), probs.shape[-1]).to(probs.dtype)
     if not (torch.is_grad_enabled() and probs.requires_grad):
         return sample  # imagination and acting: the straight-through term is exactly 0

@@ -201,10 +201,27 @@ class BlockGRU(nn.Module):
         (DreamerV3 divides actions by max(1, |a|): one-hot actions are unchanged.)"""
         n, g = deter.shape[0], self.blocks
         x = torch.cat([self.deter_in(deter), self.stoch_in(stoch), self.action_in(action)], -1)  # (N, 3H)
-        x = torch.cat([deter.reshape(n, g, -1), x.unsqueeze(1).expand(n, g, x.shape[-1])], -1)
-        x = self.hidden_layers(x.reshape(n, -1))  # (N, G * (D/G + 3H)) -> (N, D)
-        reset, cand, update = self.gates(x).reshape(n, g, -1).chunk(3, -1)  # each (N, G, D/G)
+        layers = list(self.hidden_layers) or [self.gates]
+        x = self._into_blocks(layers[0], deter.reshape(n, g, -1), x)  # (N, out of the first layer)
+        for layer in layers[1:]:
+            x = layer(x)
+        if self.hidden_layers:
+            x = self.gates(x)
+        reset, cand, update = x.reshape(n, g, -1).chunk(3, -1)  # each (N, G, D/G)
         reset = torch.sigmoid(reset)
         cand = torch.tanh(reset * cand)
         update = torch.sigmoid(update - 1)
         return (update * cand + (1 - update) * deter.reshape(n, g, -1)).reshape(n, -1)
+
+    @staticmethod
+    def _into_blocks(layer: BlockLinear, own: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        """``layer`` applied to every block's input ``[own[:, g], shared]`` without building it:
+        each block's own slice (N, G, D/G) through its block of weights, plus the shared
+        projections (N, 3H) through all blocks' weights for them at once, one dense matmul. The
+        (N, G, D/G + 3H) input it avoids was 30 MB per step when imagining 2048 states."""
+        n, g, k = own.shape
+        weight = layer.weight  # (G, D/G + 3H, out/G)
+        y = torch.bmm(own.transpose(0, 1), weight[:, :k]).transpose(0, 1)  # (N, G, out/G)
+        shared_weight = weight[:, k:].transpose(0, 1).reshape(weight.shape[1] - k, -1)  # (3H, out)
+        y = y.reshape(n, -1) + shared @ shared_weight
+        return y if layer.bias is None else y + layer.bias

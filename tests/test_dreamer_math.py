@@ -14,8 +14,10 @@ from dreamer.agent import Dreamer
 from dreamer.distributions import (
     TwoHot,
     categorical_kl,
+    log_softmax,
     sample_index,
     sample_one_hot,
+    softmax,
     symexp,
     symlog,
     unimix_logits,
@@ -458,3 +460,19 @@ def test_update_slow_critic_moves_by_rate():
     ac.update_slow_critic()
     torch.testing.assert_close(ac.slow_critic[-1].bias, torch.full((255,), 0.02 + 0.02 * 0.98))
     assert (ac.critic[-1].bias == 1.0).all()
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 4), (3, 6, 8), (2, 3, 15), (4, 16), (2, 255)])
+def test_short_axis_softmax_matches_torch_values_and_gradients(shape):
+    """The helpers take a transposed route for fewer than 16 classes; values and gradients must
+    be torch's own."""
+    torch.manual_seed(0)
+    x = (3 * torch.randn(shape)).requires_grad_()
+    weight = torch.randn(shape)
+    for ours, theirs in ((softmax, torch.softmax), (log_softmax, torch.log_softmax)):
+        got, want = ours(x), theirs(x, -1)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        (g_ours,) = torch.autograd.grad((ours(x) * weight).sum(), x)
+        (g_theirs,) = torch.autograd.grad((theirs(x, -1) * weight).sum(), x)
+        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-5, atol=1e-6)

@@ -93,6 +93,29 @@ def test_block_gru_blocks_see_each_others_state():
             assert block.abs().max() > 1e-4, (i, j)  # block i's next state depends on block j's state
 
 
+@pytest.mark.parametrize("blocks, dynlayers", [(4, 1), (1, 1), (4, 2), (4, 0)])
+def test_block_gru_matches_its_definition_block_by_block(blocks, dynlayers):
+    """The core computes each block's layer on [its own deter slice, the three shared projections]
+    without building that input; here it is built explicitly, block by block, as in the docstring."""
+    torch.manual_seed(1)
+    core = BlockGRU(deter=16, stoch=6, num_actions=3, hidden=8, blocks=blocks, dynlayers=dynlayers)
+    deter, stoch = torch.randn(5, 16), torch.randn(5, 6)
+    action = F.one_hot(torch.tensor([0, 1, 2, 1, 0]), 3).float()
+    shared = torch.cat([core.deter_in(deter), core.stoch_in(stoch), core.action_in(action)], -1)  # (5, 24)
+    own = deter.reshape(5, blocks, -1)
+    first = (list(core.hidden_layers) or [core.gates])[0]
+    x = torch.cat([torch.cat([own[:, b], shared], -1) @ first.weight[b] for b in range(blocks)], -1) + first.bias
+    for layer in list(core.hidden_layers)[1:]:
+        x = layer(x)
+    if dynlayers:
+        x = core.gates(x)
+    reset, cand, update = x.reshape(5, blocks, -1).chunk(3, -1)
+    cand = torch.tanh(torch.sigmoid(reset) * cand)
+    update = torch.sigmoid(update - 1)
+    expected = (update * cand + (1 - update) * own).reshape(5, 16)
+    torch.testing.assert_close(core(deter, stoch, action), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_reward_head_learns_a_rare_separable_event():
     """A 1% event marked by one feature direction: the reward head (one hidden layer, zero output,
     the CPU configs' learning rate) must rank events mostly above the rest within 300 updates and
