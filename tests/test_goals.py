@@ -209,16 +209,18 @@ def test_bridge_coef_schedules():
 
 # --------------------------------------------------------------------------- 4. distillation
 def _hand_log_probs(logits):
-    """unimix 1% log-probabilities, computed here from raw network outputs."""
-    return (0.99 * logits.softmax(-1) + 0.01 / logits.shape[-1]).log()
+    """unimix 1% log-probabilities, computed here from raw network outputs (in float64)."""
+    return (0.99 * logits.double().softmax(-1) + 0.01 / logits.shape[-1]).log()
 
 
-def _hand_kl(model, feat, goal):
+def _hand_kl(model, feat, goal, reverse=False):
+    """KL(pi_g || pi_actor) on ``feat`` toward ``goal`` (KL(pi_actor || pi_g) with ``reverse``)."""
     with torch.no_grad():
         deter = feat[:, :DETER]
         matcher = _hand_log_probs(model.goal_matcher.ac.actor(torch.cat([feat, goal - deter], -1)))
         actor = _hand_log_probs(model.actor_critic.actor(feat))
-        return (matcher.exp() * (matcher - actor)).sum(-1).mean().item()
+        lhs, rhs = (actor, matcher) if reverse else (matcher, actor)
+        return (lhs.exp() * (lhs - rhs)).sum(-1).mean().item()
 
 
 def tiny_model_after_a_batch():
@@ -240,6 +242,10 @@ def test_bridge_distillation_moves_only_the_actor_toward_the_matcher():
     generation.generate(model, model.last_post, batch["is_first"])
     assert len(generation.buffer) == 8
     feat = generation.buffer.states(64)
+    # both policies start near uniform (a KL of ~4e-5, of the order of float32 rounding of their
+    # log-probabilities): make the matcher's differ
+    with torch.no_grad():
+        model.goal_matcher.ac.actor[-1].weight.mul_(300)
 
     proposed = []
     propose = model.goal_model.propose
@@ -265,7 +271,9 @@ def test_bridge_distillation_moves_only_the_actor_toward_the_matcher():
     kl_after = _hand_kl(model, feat, goal)
     model.load_state_dict(before)
     kl_before = _hand_kl(model, feat, goal)
-    assert metrics["bridge/kl"] == pytest.approx(kl_before, rel=1e-5)
+    within = pytest.approx(kl_before, rel=1e-5)
+    assert metrics["bridge/kl"] == within
+    assert _hand_kl(model, feat, goal, reverse=True) != within  # not the reverse KL
     assert kl_after < kl_before
     assert metrics["bridge/transferred"] == pytest.approx(kl_before - kl_after, rel=1e-3)
     assert metrics["bridge/coef"] == 1.0
