@@ -55,8 +55,8 @@ def fresh_goals(model, kind: str, space_dim: int, space_lr: float) -> None:
     model.goal_model = GoalStateModel(rssm.deter, "hard", old.threshold, old.rollouts, old.horizon, old.offset,
                                       gamma=old.gamma, space=space)
     model.goal_matcher = GoalMatcher(rssm.feat_dim, space.dim, NUM_ACTIONS, matcher.units, matcher.layers, matcher.lr)
-    optimizer = model.goal_matcher.configure_optimizers()
-    model.optimizer = lambda name: optimizer  # what DreamGeneration asks the Trainer-held module for
+    optimizers = model.configure_optimizers()  # with the new matcher's
+    model.optimizers = lambda: optimizers  # what the Trainer answers a module that it fits
 
 
 def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]:
