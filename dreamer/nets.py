@@ -201,12 +201,10 @@ class BlockGRU(nn.Module):
         (DreamerV3 divides actions by max(1, |a|): one-hot actions are unchanged.)"""
         n, g = deter.shape[0], self.blocks
         x = torch.cat([self.deter_in(deter), self.stoch_in(stoch), self.action_in(action)], -1)  # (N, 3H)
-        layers = list(self.hidden_layers) or [self.gates]
-        x = self._into_blocks(layers[0], deter.reshape(n, g, -1), x)  # (N, out of the first layer)
-        for layer in layers[1:]:
+        first, *rest = [*self.hidden_layers, self.gates]
+        x = self._into_blocks(first, deter.reshape(n, g, -1), x)  # (N, out of the first layer)
+        for layer in rest:
             x = layer(x)
-        if self.hidden_layers:
-            x = self.gates(x)
         reset, cand, update = x.reshape(n, g, -1).chunk(3, -1)  # each (N, G, D/G)
         reset = torch.sigmoid(reset)
         cand = torch.tanh(reset * cand)
