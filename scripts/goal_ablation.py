@@ -98,18 +98,28 @@ def read_record(path: Path, setting: dict) -> dict:
     return saved
 
 
-def provenance() -> dict[str, str]:
-    """When, where and from which commit a measurement was taken."""
+def code_version() -> str:
+    """The checked-out commit, with ``+changes`` when tracked files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD")
+        return f"{commit}+changes" if commit and git("status", "--porcelain", "--untracked-files=no") else commit
     except (OSError, subprocess.SubprocessError):
-        commit = ""
+        return ""
+
+
+STARTED_AT = code_version()  # the code this process runs, whatever is committed while it trains
+
+
+def provenance() -> dict[str, str]:
+    """When, where and from which commit (the one this process started from) a measurement was taken."""
     cpuinfo = Path("/proc/cpuinfo")
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
              if line.startswith("model name")] if cpuinfo.is_file() else []
     cpu = f"{names[0]} x{len(names)}" if names else platform.processor()
-    return {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit or "unknown", "cpu": cpu,
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": STARTED_AT or "unknown", "cpu": cpu,
             "torch": torch.__version__}
 
 

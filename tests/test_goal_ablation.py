@@ -4,6 +4,7 @@ and (slow) both arms end to end on the smoke config."""
 import json
 import math
 import re
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -107,6 +108,10 @@ def test_results_directory_carries_finished_arms_to_another_machine(tmp_path, mo
     kept = json.loads((results / "plain-seed0.json").read_text())
     assert kept["setting"]["max_env_steps"] == 384 and kept["metrics"] == {"val/train_levels/return": 2.5}
     assert set(kept["measured"]) == {"date", "commit", "cpu", "torch"} and kept["measured"]["torch"] == torch.__version__
+    head = subprocess.run(["git", "-C", str(goal_ablation.ROOT), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    assert kept["measured"]["commit"] == goal_ablation.STARTED_AT  # the code the process started from
+    assert head and goal_ablation.STARTED_AT.removesuffix("+changes") == head
 
     # a fresh machine (no runs/ directory) reuses the kept measurements without training
     monkeypatch.chdir(second)
