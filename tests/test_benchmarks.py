@@ -170,5 +170,26 @@ def test_the_gpu_check_runs_without_procgen_on_its_shipped_dataset():
     assert quality.returncode == 0, quality.stderr
     assert "precision bf16" in quality.stdout and "copy-last-frame MSE" in quality.stdout
     assert re.search(r"8016 unseen-level steps, \d+ rewarded", quality.stdout), quality.stdout
+    agreement = run_without_env_libs("benchmarks/gpu_agreement.py", "--device", "cpu", "--size", "tiny")
+    assert agreement.returncode == 0, agreement.stdout + agreement.stderr
+    assert "largest relative difference 0.00e+00: OK" in agreement.stdout
+    assert re.search(r"bf16-mixed loss [\d.]+: finite", agreement.stdout), agreement.stdout
     blocked = subprocess.run([sys.executable, "-c", f"{NO_ENV_LIBS}; import procgen"], capture_output=True)
     assert blocked.returncode != 0  # the blocker works, so the runs above did not use procgen
+
+
+def test_the_gpu_agreement_check_draws_the_same_noise_everywhere_and_flags_differences():
+    """The part of the GPU check that compares devices: noise comes from the seeded CPU stream
+    whatever device asks for it, and a loss off by more than the tolerance is reported."""
+    from benchmarks.gpu_agreement import TOLERANCE, cpu_noise, relative_differences
+
+    draw = cpu_noise(torch.rand)
+    torch.manual_seed(3)
+    expected = torch.rand(4, 2)
+    torch.manual_seed(3)
+    assert torch.equal(draw(4, 2, device=torch.device("cpu")), expected)
+    differences = relative_differences({"loss/image": 1000.0, "loss/actor": 1e-4},
+                                       {"loss/image": 1000.5, "loss/actor": 3e-4})
+    assert differences["loss/image"] == pytest.approx(5e-4)  # within tolerance
+    assert differences["loss/actor"] == pytest.approx(2e-3)  # absolute near zero: 2e-4 / 0.1
+    assert differences["loss/image"] < TOLERANCE < differences["loss/actor"]

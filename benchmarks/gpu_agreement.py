@@ -1,0 +1,75 @@
+"""Does the GPU compute the same update as the CPU? One world-model and actor-critic loss of the
+``small`` agent on a fixed fake batch, on the CPU and on ``--device``, with the same weights and
+the same sampling noise, compared loss by loss; then the loss under bf16 autocast must be finite.
+
+The two devices' random streams differ, so every ``torch.rand`` draw (the only source of noise in
+``Dreamer.loss``: latent and action samples, ``dreamer.distributions.sample_index``) is taken
+from the seeded CPU stream and moved to the device. TF32 is switched off (cuDNN convolutions use it
+by default), so fp32 means fp32 on both sides.
+    python benchmarks/gpu_agreement.py --device cuda
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.agent_speed import fake_batch  # noqa: E402
+from dreamer.agent import Dreamer  # noqa: E402
+
+TOLERANCE = 1e-3
+
+
+def losses_on(where: str, size: str) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = Dreamer(size=size).to(where)
+    batch = fake_batch(16, 64, torch.device(where))
+    torch.manual_seed(1)
+    _, metrics = model.loss(batch)
+    return {k: float(v) for k, v in metrics.items() if k.startswith("loss/")}
+
+
+def relative_differences(cpu: dict[str, float], dev: dict[str, float]) -> dict[str, float]:
+    """|cpu - dev| / max(|cpu|, 0.1) per loss: relative, and absolute for near-zero losses (the
+    actor loss is ~1e-4 at initialisation)."""
+    return {k: abs(cpu[k] - dev[k]) / max(abs(cpu[k]), 0.1) for k in sorted(cpu)}
+
+
+def cpu_noise(rand):
+    """``torch.rand`` drawn from the CPU stream and moved to the requested device."""
+    def draw(*size, device=None, **kwargs):
+        return rand(*size, **kwargs).to(device) if device is not None else rand(*size, **kwargs)
+    return draw
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", default="small")
+    args = parser.parse_args()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rand, torch.rand = torch.rand, cpu_noise(torch.rand)
+    try:
+        cpu, dev = losses_on("cpu", args.size), losses_on(args.device, args.size)
+    finally:
+        torch.rand = rand
+    differences = relative_differences(cpu, dev)
+    for k, diff in differences.items():
+        print(f"{k:<22} cpu {cpu[k]:>12.5f}  {args.device} {dev[k]:>12.5f}  rel {diff:.1e}")
+    worst = max(differences.values())
+    agree = worst < TOLERANCE
+    print(f"largest relative difference {worst:.2e}: {'OK' if agree else 'MISMATCH'} (tolerance {TOLERANCE:g})")
+    torch.manual_seed(0)
+    model = Dreamer(size=args.size).to(args.device)
+    with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
+        loss, _ = model.loss(fake_batch(16, 64, torch.device(args.device)))
+    loss = loss.detach()
+    finite = bool(torch.isfinite(loss))
+    print(f"bf16-mixed loss {float(loss):.4f}: {'finite' if finite else 'NOT FINITE'}")
+    return 0 if agree and finite else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
