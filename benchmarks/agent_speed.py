@@ -1,7 +1,7 @@
 """Updates/s, env steps/s (acting with the agent), peak memory and parameter counts per model size.
 
     python benchmarks/agent_speed.py [--sizes tiny 12M 25M] [--batch 16] [--seq 64] [--updates 5]
-                                     [--precision 32|bf16] [--compile] [--floor]
+                                     [--precision 32|bf16] [--compile] [--cuda-graph] [--floor]
 
 One update = ``Dreamer.loss`` (world-model loss on B x T replayed steps, 15-step imagination from
 every posterior state, actor and critic losses), one backward, clipping and three optimiser steps:
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.world_model_quality import parse_pairs  # noqa: E402
 from dreamer.agent import Dreamer  # noqa: E402
-from dreamer.update import compile_update, update  # noqa: E402
+from dreamer.update import GraphedUpdate, compile_update, update  # noqa: E402
 
 
 def peak_rss_gb() -> float:
@@ -80,27 +80,33 @@ def fake_batch(batch: int, seq: int, device) -> dict[str, torch.Tensor]:
 
 def bench(size: str, batch: int, seq: int, updates: int, device, precision: str = "32",
           compile: bool = False, overrides: dict | None = None, act: bool = True,
-          floor: bool = False, **model_kwargs) -> dict[str, float]:
+          floor: bool = False, cuda_graph: bool = False, **model_kwargs) -> dict[str, float]:
     torch.manual_seed(0)
     model = Dreamer(size=size, overrides=overrides or None, **model_kwargs).to(device)
     optimizers = model.configure_optimizers()[:3]  # world model, actor, critic
     data = fake_batch(batch, seq, device)
     if compile:
         compile_update(model)
+    step = lambda: update(model, optimizers, data)  # noqa: E731
+    if cuda_graph:
+        GraphedUpdate.make_capturable(optimizers)
+        graphed = GraphedUpdate(model, optimizers)
+        step = lambda: graphed(data)  # noqa: E731
     # bf16: autocast as Lightning's "bf16-mixed" does (fp32 weights, bf16 matmuls and convolutions)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    with autocast:
-        update(model, optimizers, data)  # warm-up (and compilation)
+    for _ in range(1 + (graphed.warmup if cuda_graph else 0)):
+        with autocast:
+            step()  # warm-up (and compilation, or the CUDA graph's capture)
     if device.type == "cuda":
         torch.cuda.synchronize()
     first_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(updates):
         with autocast:
-            update(model, optimizers, data)
+            step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     update_s = (time.perf_counter() - start) / updates
@@ -150,6 +156,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("32", "bf16"), default="32")
     parser.add_argument("--compile", action="store_true", help="torch.compile networks and RSSM steps")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay the whole update as one CUDA graph (dreamer.update.GraphedUpdate)")
     parser.add_argument("--no-act", dest="act", action="store_false", help="skip acting (needs procgen)")
     parser.add_argument("--floor", action="store_true", help="FLOPs per update and the FLOP floor")
     parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
@@ -163,15 +171,17 @@ def main() -> None:
     except ValueError as e:
         parser.error(str(e))
     device = torch.device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        parser.error(f"--cuda-graph needs --device cuda (got {device})")
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch} x {args.seq}, precision {args.precision}, compile {args.compile}, "
+          f"batch {args.batch} x {args.seq}, precision {args.precision}, compile {args.compile}, cuda graph {args.cuda_graph}, "
           f"overrides {overrides or '-'}, model {model_kwargs or '-'}")
     print(f"{'size':>6} {'first s':>8} {'upd/s':>8} {'s/upd':>8} {'act steps/s':>12} {'WM M':>7} {'actor M':>8} "
           f"{'critic M':>9} {'peak RSS GB':>12} {'GPU GB':>7}" + (f" {'GFLOP':>8} {'floor s':>8} {'x floor':>8}" if args.floor else ""))
     for size in args.sizes:
         try:
             r = bench(size, args.batch, args.seq, args.updates, device, args.precision, args.compile,
-                      overrides, args.act, args.floor, **model_kwargs)
+                      overrides, args.act, args.floor, args.cuda_graph, **model_kwargs)
         except ValueError as e:  # the model refused a size, override or argument
             parser.error(str(e))
         print(f"{size:>6} {r['first_update_s']:>8.2f} {r['updates_per_s']:>8.3f} {r['seconds_per_update']:>8.3f} "

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: one unattended call on the device machine, about 8 minutes on an H100/H200.
 #   1. the same update on CPU and on the GPU gives the same losses (fp32), and a finite one in bf16;
-#   2. seconds per update and peak GPU memory at 12M, 50M and 200M, fp32 and bf16-mixed, eager;
+#      the update replayed as a CUDA graph follows the eager one;
+#   2. seconds per update and peak GPU memory at 12M, 50M and 200M, fp32 and bf16-mixed, eager and
+#      as one CUDA graph;
 #   3. the same with torch.compile (each precision under its own time limit: sizes not reached
 #      by then are missing from the table);
 #   4. world-model quality, fp32 against bf16-mixed, for the same minutes of training on the
@@ -40,6 +42,14 @@ export PYTHONUNBUFFERED=1 GPU_CHECK_DEVICE="$DEVICE"
     timeout 240 python3 benchmarks/agent_speed.py --device "$DEVICE" --no-act --sizes $SIZES \
       --updates "$UPDATES" --precision "$precision" || echo "(stopped: status $?)"
   done
+
+  echo "== 2b. the same, the whole update replayed as one CUDA graph (dreamer.update.GraphedUpdate)"
+  if [ "$DEVICE" = cuda ]; then
+    for precision in 32 bf16; do
+      timeout 240 python3 benchmarks/agent_speed.py --device "$DEVICE" --no-act --sizes $SIZES \
+        --updates "$UPDATES" --precision "$precision" --cuda-graph || echo "(stopped: status $?)"
+    done
+  fi
 
   echo "== 3. the same with torch.compile (at most ${COMPILE_S} s per precision)"
   if [ "$COMPILE_S" -gt 0 ]; then

@@ -107,11 +107,10 @@ class ActorCritic(pl.LightningModule):
         flat = gather_cat(returns.detach().flatten().float())  # percentiles over every rank's returns
         lo, hi = torch.quantile(flat, 0.05), torch.quantile(flat, 0.95)
         d = self.hp.retnorm_decay
-        if not self.ret_init:
-            self.ret_lo.copy_(lo), self.ret_hi.copy_(hi), self.ret_init.fill_(True)
-        else:
-            self.ret_lo.mul_(d).add_((1 - d) * lo)
-            self.ret_hi.mul_(d).add_((1 - d) * hi)
+        # branch-free (no read-back of ret_init): the first update takes the percentiles as they are
+        self.ret_lo.copy_(torch.where(self.ret_init, self.ret_lo * d + (1 - d) * lo, lo))
+        self.ret_hi.copy_(torch.where(self.ret_init, self.ret_hi * d + (1 - d) * hi, hi))
+        self.ret_init.fill_(True)
 
     @torch.no_grad()
     def update_slow_critic(self) -> None:
