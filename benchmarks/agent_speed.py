@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.world_model_quality import parse_pairs  # noqa: E402
 from dreamer.agent import Dreamer  # noqa: E402
-from dreamer.update import GraphedUpdate, compile_update, update  # noqa: E402
+from dreamer.update import GraphedUpdate, set_capturable, compile_update, update  # noqa: E402
 
 
 def peak_rss_gb() -> float:
@@ -89,7 +89,7 @@ def bench(size: str, batch: int, seq: int, updates: int, device, precision: str 
         compile_update(model)
     step = lambda: update(model, optimizers, data)  # noqa: E731
     if cuda_graph:
-        GraphedUpdate.make_capturable(optimizers)
+        set_capturable(optimizers)
         graphed = GraphedUpdate(model, optimizers)
         step = lambda: graphed(data)  # noqa: E731
     # bf16: autocast as Lightning's "bf16-mixed" does (fp32 weights, bf16 matmuls and convolutions)

@@ -42,6 +42,17 @@ def precision_problem(precision: str | int | None) -> str | None:
             "half-precision weights (bf16-true, 16-true) merge the two-hot bins, which reach 4.9e8")
 
 
+def cuda_graph_problem(device_type: str, world_size: int, compile: bool) -> str | None:
+    """Why ``model.cuda_graph`` cannot run this fit, or None if it can."""
+    if device_type != "cuda":
+        return f"model.cuda_graph replays updates on a CUDA GPU; this run is on {device_type}: use trainer.accelerator gpu, or leave model.cuda_graph false"
+    if world_size != 1:
+        return f"model.cuda_graph runs on one GPU; this run has {world_size} processes: use trainer.devices 1, or leave model.cuda_graph false"
+    if compile:
+        return "model.cuda_graph and model.compile are alternatives; pick one (on GPUs cuda_graph was faster: README, GPU check)"
+    return None
+
+
 class Range(NamedTuple):
     """What a knob allows: a numeric range, or choices."""
 

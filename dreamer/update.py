@@ -88,7 +88,7 @@ class GraphedUpdate:
     The first ``warmup`` calls run ``update`` eagerly on a side stream (real updates; cuBLAS and
     autograd set themselves up), the next one captures and replays. Every call copies ``batch``
     into the captured input buffers, so its keys, shapes and dtypes must stay the same. The
-    optimisers must be Adam with ``capturable=True`` (``make_capturable`` before their first step).
+    optimisers must be Adam with ``capturable=True`` (``set_capturable``).
     The loss and gradient norms are checked after the replay: a non-finite one raises
     ``FloatingPointError``, the weights in memory are then spoilt and the run must stop without
     saving. Returns what ``update`` returns, as fresh tensors (the captured outputs are
@@ -101,13 +101,6 @@ class GraphedUpdate:
         self.model, self.optimizers, self.warmup = model, list(optimizers), warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0
-
-    @staticmethod
-    def make_capturable(optimizers) -> None:
-        """Keep Adam's step counts on the device, so its steps can be captured."""
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["capturable"] = True
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.calls += 1
@@ -146,6 +139,20 @@ class GraphedUpdate:
         self.outputs = (loss.detach(), metrics, norms)
         self.captured_post = self.model.last_post
         self.graph.replay()  # capturing runs nothing: this is the update
+
+
+def set_capturable(optimizers, on: bool = True) -> None:
+    """Adam's ``capturable`` switch for ``optimizers`` (raw torch optimisers), with the step
+    counts of existing state moved where that mode keeps them: on the parameter's device when
+    captured in a CUDA graph, on the CPU otherwise (a checkpoint written by a graphed run resumes
+    eagerly on a CPU, and the other way round)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["capturable"] = on
+            for p in group["params"]:
+                state = opt.state.get(p, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(p.device if on else "cpu", torch.float32)
 
 
 def clone_tree(tree):

@@ -133,3 +133,86 @@ def test_compiled_model_acts_eagerly():
     action, state = model.act(obs, torch.ones(3, dtype=torch.bool))
     model.act(obs, torch.zeros(3, dtype=torch.bool), state)
     assert action.shape == (3,) and not counters["frames"], dict(counters["frames"])
+
+
+# ---------------------------------------------------------------- the CUDA-graphed update
+def test_cuda_graph_is_refused_off_a_single_gpu_in_one_line():
+    from dreamer.config import cuda_graph_problem
+
+    assert cuda_graph_problem("cuda", 1, False) is None
+    assert "runs on one GPU; this run has 2 processes" in cuda_graph_problem("cuda", 2, False)
+    assert "alternatives" in cuda_graph_problem("cuda", 1, True)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"^model.cuda_graph replays updates on a CUDA GPU; this run is on cpu: "):
+        trainer.fit(Dreamer(size="tiny", cuda_graph=True), train_dataloaders=[fake_batch(2, 4, torch.device("cpu"))])
+
+
+def test_training_with_cuda_graph_hands_the_raw_capturable_optimisers_over_and_lightning_counts_steps(monkeypatch):
+    """What Lightning sees of the graphed update, on a CPU: the graph itself (dreamer.update.
+    GraphedUpdate, checked against eager updates by benchmarks/gpu_agreement.py on GPUs) is
+    replaced by eager updates. The optimisers it gets are torch's Adams switched to capturable,
+    and every update counts three optimiser steps in trainer.global_step (checkpoints and logging
+    go by it), as eager training does."""
+    import dreamer.agent
+    from dreamer.update import set_capturable, update
+
+    calls = []
+
+    class EagerStandIn:
+        def __init__(self, model, optimizers):
+            assert all(type(opt) is torch.optim.Adam for opt in optimizers)
+            assert all(g["capturable"] for opt in optimizers for g in opt.param_groups)
+            set_capturable(optimizers, False)  # Adam's capturable steps need a GPU
+            self.model, self.optimizers = model, optimizers
+
+        def __call__(self, batch):
+            calls.append(batch["obs"].shape)
+            return update(self.model, self.optimizers, batch)
+
+    monkeypatch.setattr(dreamer.agent, "GraphedUpdate", EagerStandIn)
+    monkeypatch.setattr(dreamer.agent, "cuda_graph_problem", lambda *args: None)
+    torch.manual_seed(0)
+    model = Dreamer(size="tiny", cuda_graph=True)
+    before = {k: v.clone() for k, v in model.world_model.named_parameters()}
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader([fake_batch(2, 4, torch.device("cpu"))] * 2,
+                                                                  batch_size=None))
+    assert len(calls) == 2 and model.updates == 2
+    assert trainer.global_step == 6  # world model, actor and critic steps of two updates
+    assert any(not torch.equal(v, before[k]) for k, v in model.world_model.named_parameters())
+
+
+def test_adam_state_of_a_graphed_run_resumes_eagerly_on_a_cpu():
+    """A checkpoint written with capturable Adams (their step counts on the GPU) resumes on a
+    CPU once ``set_capturable(..., False)`` has run (``Dreamer.on_train_start``), and steps exactly
+    as an Adam that was never capturable."""
+    from dreamer.update import set_capturable
+
+    def adam_after_one_step():
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(5))
+        opt = torch.optim.Adam([p], lr=0.1)
+        p.grad = torch.ones(5)
+        opt.step()
+        return p, opt
+
+    p, opt = adam_after_one_step()
+    saved = opt.state_dict()
+    saved["param_groups"][0]["capturable"] = True  # as a graphed run saves it
+    ref_p, ref_opt = adam_after_one_step()
+    for resumed, mode in ((False, "as saved"), (True, "switched back")):
+        q = torch.nn.Parameter(p.detach().clone())
+        opt2 = torch.optim.Adam([q], lr=0.1)
+        opt2.load_state_dict(saved)
+        q.grad = torch.full((5,), 0.5)
+        if not resumed:
+            with pytest.raises(Exception, match="capturable"):
+                opt2.step()
+            continue
+        set_capturable([opt2], False)
+        opt2.step()
+    ref_p.grad = torch.full((5,), 0.5)
+    ref_opt.step()
+    assert torch.equal(q, ref_p), mode
+    assert opt2.state[q]["step"].device.type == "cpu" and float(opt2.state[q]["step"]) == 2.0
