@@ -23,7 +23,7 @@ SIZES="${GPU_CHECK_SIZES:-12M 50M 200M}"
 UPDATES="${GPU_CHECK_UPDATES:-3}"
 MINUTES="${GPU_CHECK_MINUTES:-1}"
 QUALITY_SIZE="${GPU_CHECK_QUALITY_SIZE:-${SIZES%% *}}"
-COMPILE_S="${GPU_CHECK_COMPILE_S:-90}"  # per precision; 0 skips the compiled runs
+COMPILE_S="${GPU_CHECK_COMPILE_S:-60}"  # per precision; 0 skips the compiled runs
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.txt"
 export PYTHONUNBUFFERED=1 GPU_CHECK_DEVICE="$DEVICE"
