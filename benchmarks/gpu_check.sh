@@ -8,7 +8,8 @@
 #      by then are missing from the table);
 #   4. world-model quality, fp32 against bf16-mixed, for the same minutes of training on the
 #      bigfish dataset shipped in benchmarks/datasets/ (collected on a CPU machine with
-#      benchmarks/world_model_quality.py --save-data; no procgen needed here).
+#      benchmarks/world_model_quality.py --save-data; no procgen needed here);
+#   5. a Lightning fit with model.cuda_graph on fake batches, resumed eagerly, resumed graphed.
 # Needs torch with CUDA, pytorch-lightning, numpy and PyYAML; no procgen, gymnasium, mlflow or
 # omegaconf. Everything goes to $OUT/gpu_check.txt (the device tool brings $OUT back).
 #   bash benchmarks/gpu_check.sh
@@ -65,5 +66,7 @@ export PYTHONUNBUFFERED=1 GPU_CHECK_DEVICE="$DEVICE"
       --size "$QUALITY_SIZE" --minutes "$MINUTES" --evals 2 --device "$DEVICE" --precision "$precision" \
       --json "$OUT/quality.jsonl" || echo "(stopped: status $?)"
   done
+  echo "== 5. training through Lightning with model.cuda_graph: fit, resume eagerly, resume graphed"
+  timeout 240 python3 benchmarks/gpu_fit_check.py --device "$DEVICE" || echo "(status $?)"
   date -u
 } 2>&1 | tee "$LOG"

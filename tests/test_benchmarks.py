@@ -174,6 +174,10 @@ def test_the_gpu_check_runs_without_procgen_on_its_shipped_dataset():
     assert agreement.returncode == 0, agreement.stdout + agreement.stderr
     assert "largest relative difference 0.00e+00: OK" in agreement.stdout
     assert re.search(r"bf16-mixed loss [\d.]+: finite", agreement.stdout), agreement.stdout
+    fit = run_without_env_libs("benchmarks/gpu_fit_check.py", "--device", "cpu", "--size", "tiny", "--batch", "2",
+                               "--seq", "8", "--updates", "2", "--precisions", "32-true")
+    assert fit.returncode == 0, fit.stdout + fit.stderr
+    assert re.search(r"32-true +eager resumed +18 +6 +True", fit.stdout) and fit.stdout.rstrip().endswith("OK"), fit.stdout
     blocked = subprocess.run([sys.executable, "-c", f"{NO_ENV_LIBS}; import procgen"], capture_output=True)
     assert blocked.returncode != 0  # the blocker works, so the runs above did not use procgen
 
