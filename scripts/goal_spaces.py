@@ -64,7 +64,8 @@ def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]
     torch.manual_seed(seed)
     fresh_goals(model, kind, args.space_dim, args.space_lr)
     gm, out = model.goal_model, {}
-    generation = DreamGeneration(every_n_updates=1, hard_offsets=tuple(args.offsets))
+    generation = DreamGeneration(every_n_updates=1, hard_offsets=tuple(args.offsets),
+                                 rl_real_fraction=args.rl_real_fraction)
     for step in range(args.space_steps + args.updates):
         batch, post = replayed_posteriors(model, replay, args.batch_size, args.seq_len)
         learned = gm.observe(post, batch["is_first"], batch["action"], seed=step)
@@ -126,10 +127,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--real-episodes", type=int, default=0,
                         help="episodes per split of real-game pursuit of hard goals (0: none)")
     parser.add_argument("--offsets", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--rl-real-fraction", type=float, default=0.0,
+                        help="DreamGeneration.rl_real_fraction: share of the matcher's RL goals that are real hard pairs")
     args = parser.parse_args(argv)
     for name in ("updates", "eval_batches", "batch_size", "space_dim"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.rl_real_fraction <= 1:
+        parser.error(f"--rl-real-fraction must lie in [0, 1], got {args.rl_real_fraction}")
     if not 0 < args.space_lr <= 1:
         parser.error(f"--space-lr must lie in (0, 1], got {args.space_lr}")
     for name in ("space_steps", "real_episodes"):

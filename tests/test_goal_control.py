@@ -196,3 +196,54 @@ def test_the_hard_goal_set_is_empty_where_every_pair_crosses_an_episode_start():
     is_first = torch.tensor([[True, False, True, False, True]])
     start, goal, kept = hard_goals(agent, post, is_first, offset=2, n=10, tries=2)
     assert len(goal) == 0 and len(start["deter"]) == 0 and kept is None
+
+
+def test_the_matchers_rl_can_take_real_hard_pairs_and_only_those():
+    """``rl_real_fraction``: that fraction of the RL goals are real pairs of the batch the actor
+    misses (on the line world: the left-moving trajectory's), none with 0."""
+    from callbacks.dreams import DreamGeneration
+
+    agent = toy_agent()
+    left = torch.tensor([6, 5, 4, 3, 2, 1, 0, 0, 0, 0])
+    right = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 8, 8])
+    post = {k: torch.stack([LineWorld.state(left)[k], LineWorld.state(right)[k]]) for k in ("deter", "stoch")}
+    is_first = torch.zeros(2, 10, dtype=torch.bool)
+    hard = {(1, 0), (2, 0), (3, 1), (4, 2), (5, 3), (6, 4)}
+    torch.manual_seed(0)
+    start, goal = DreamGeneration(rl_goals=8, rl_real_fraction=0.5, rl_goal_steps=2).real_rl_goals(agent, post, is_first)
+    pairs = list(zip(start["deter"].argmax(-1).tolist(), goal.argmax(-1).tolist()))
+    assert len(pairs) == 4 and set(pairs) <= hard
+    start, goal = DreamGeneration(rl_goals=100, rl_real_fraction=1.0, rl_goal_steps=2).real_rl_goals(agent, post, is_first)
+    assert set(zip(start["deter"].argmax(-1).tolist(), goal.argmax(-1).tolist())) == hard  # all there are
+    start, goal = DreamGeneration(rl_goals=8).real_rl_goals(agent, post, is_first)
+    assert len(goal) == 0 and start["deter"].shape == (0, P)
+    with pytest.raises(ValueError, match=r"rl_real_fraction must be in \[0, 1\], got 1.5"):
+        DreamGeneration(rl_real_fraction=1.5)
+
+
+def test_dream_generation_with_real_rl_goals_trains_on_them_and_fills_up_with_dream_goals(monkeypatch):
+    from callbacks.dreams import DreamGeneration
+    from test_goals import tiny_model_after_a_batch
+
+    model, batch = tiny_model_after_a_batch()
+    model.goal_model.update_statistics(model.last_post)
+    real_goals = model.goal_model.goal_of(model.last_post).reshape(-1, model.goal_model.space.dim)
+    seen, rl_loss = [], model.goal_matcher.rl_loss
+
+    def recording(world_model, goal_model, start, goal):
+        seen.append(goal)
+        return rl_loss(world_model, goal_model, start, goal)
+
+    monkeypatch.setattr(model.goal_matcher, "rl_loss", recording)
+    generation = DreamGeneration(num_dreams=16, horizon=6, matcher_updates=2, matcher_batch=32, eval_goals=16,
+                                 rl_goals=32, rl_goal_steps=4, rl_real_fraction=0.25)
+    torch.manual_seed(0)
+    real_start, real_goal = generation.real_rl_goals(model, model.last_post, batch["is_first"])
+    assert 0 < len(real_goal) <= 8  # an untrained actor misses real goals
+    torch.manual_seed(0)
+    generation.generate(model, model.last_post, batch["is_first"])
+    assert len(seen) == 2 and all(len(goal) == 32 for goal in seen)
+    for goal in seen:  # the phase's real pairs first, the same in every matcher update
+        torch.testing.assert_close(goal[: len(real_goal)], seen[0][: len(real_goal)])
+        is_real = torch.cdist(goal, real_goals, compute_mode="donot_use_mm_for_euclid_dist").min(-1).values < 1e-5
+        assert is_real[: len(real_goal)].all()

@@ -145,6 +145,9 @@ def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run,
     with pytest.raises(SystemExit):
         goal_spaces.run([ckpt, "--offsets", "32"])  # goals 32 steps ahead need sequences longer than 32
     assert "--offsets must lie in [1, --seq-len - 1] = [1, 31], got [32]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        goal_spaces.run([ckpt, "--rl-real-fraction", "2"])
+    assert "--rl-real-fraction must lie in [0, 1], got 2.0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
