@@ -46,13 +46,11 @@ def loss_trajectory(device: str, size: str, updates: int, graphed: bool) -> list
     model = Dreamer(size=size).to(device)
     optimizers = model.configure_optimizers()[:3]
     batch = fake_batch(16, 64, torch.device(device))
+    set_capturable(optimizers)  # in both runs: the same Adam arithmetic
     step = lambda: update(model, optimizers, batch)  # noqa: E731
     if graphed:
-        set_capturable(optimizers)
         graph = GraphedUpdate(model, optimizers)
         step = lambda: graph(batch)  # noqa: E731
-    else:  # the same Adam arithmetic as the graphed run
-        set_capturable(optimizers)
     torch.manual_seed(1)
     out = []
     for _ in range(updates):

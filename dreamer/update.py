@@ -32,33 +32,31 @@ def update(
     number = model.updates + 1
     if not torch.isfinite(mean_over_ranks(loss.detach().float())):
         raise diverged(loss, metrics, number, "the run stopped without saving")
-    norms = apply_gradients(model, optimizers, loss, backward, steps=False)
+    norms = clipped_gradients(model, optimizers, loss, backward)
     if not torch.isfinite(norms).all():  # gradients are all-reduced: ranks agree
         raise non_finite_norms(norms, number, "nothing was applied")
-    for opt in optimizers:
-        opt.step()
-    model.actor_critic.update_slow_critic()
+    take_steps(model, optimizers)
     return loss, metrics
 
 
-def apply_gradients(model, optimizers, loss: torch.Tensor,
-                    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
-                    steps: bool = True) -> torch.Tensor:
-    """Backward of ``loss``, each optimiser's gradients clipped to its norm, and (``steps``) the
-    optimiser steps and the slow critic. Returns the three norms before clipping (3,). Reads no
-    value back to the host, so it can run inside a CUDA graph."""
+def clipped_gradients(model, optimizers, loss: torch.Tensor,
+                      backward: Callable[[torch.Tensor], None] = torch.Tensor.backward) -> torch.Tensor:
+    """Backward of ``loss`` and each optimiser's gradients clipped to its norm; the three norms
+    before clipping (3,). Reads no value back to the host, so it can run inside a CUDA graph."""
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     backward(loss)
     hp = model.hparams
     clips = (hp.world_model["clip"], hp.actor_critic["clip"], hp.actor_critic["clip"])
-    norms = torch.stack([torch.nn.utils.clip_grad_norm_(params_of(opt), clip)
-                         for opt, clip in zip(optimizers, clips)])
-    if steps:
-        for opt in optimizers:
-            opt.step()
-        model.actor_critic.update_slow_critic()
-    return norms
+    return torch.stack([torch.nn.utils.clip_grad_norm_(params_of(opt), clip)
+                        for opt, clip in zip(optimizers, clips)])
+
+
+def take_steps(model, optimizers) -> None:
+    """The optimiser steps, then the slow critic's move toward the critic."""
+    for opt in optimizers:
+        opt.step()
+    model.actor_critic.update_slow_critic()
 
 
 def diverged(loss: torch.Tensor, metrics: dict[str, torch.Tensor], number: int, outcome: str) -> FloatingPointError:
@@ -135,7 +133,8 @@ class GraphedUpdate:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), autocast:
             loss, metrics = self.model.loss(self.inputs)
-            norms = apply_gradients(self.model, self.optimizers, loss)
+            norms = clipped_gradients(self.model, self.optimizers, loss)
+            take_steps(self.model, self.optimizers)
         self.outputs = (loss.detach(), metrics, norms)
         self.captured_post = self.model.last_post
         self.graph.replay()  # capturing runs nothing: this is the update
