@@ -91,19 +91,27 @@ def uniform_policy(feat: torch.Tensor) -> torch.Tensor:
     return torch.randint(0, NUM_ACTIONS, feat.shape[:-1], device=feat.device)
 
 
-def hard_goals(pl_module, post: State, is_first: torch.Tensor, offset: int, n: int, tries: int):
+def hard_goals(pl_module, post: State, is_first: torch.Tensor, offset: int, n: int, tries: int,
+               action: torch.Tensor | None = None):
     """Real goals the goal-blind actor does not reach: up to ``n`` pairs (replayed state, the real
     state ``offset`` steps later in the same episode) whose start does not match the goal and
     from which none of ``tries`` imagined actor rollouts of ``offset`` steps matches it. Returns
-    (start (M, ...), goal (M, G), the fraction of open pairs that were kept, None without any)."""
-    start, goal = pl_module.goal_model.heldout(post, is_first, n, offset)
+    (start (M, ...), goal (M, G), the fraction of open pairs that were kept, None without any,
+    and with the replayed ``action`` (B, T) the actions (M, offset) that led to each goal)."""
+    start, goal, path = pl_module.goal_model.heldout(post, is_first, n, offset, action)
     if len(goal) == 0:
-        return start, goal, None
-    actor_reached = torch.zeros(len(goal), dtype=torch.bool, device=goal.device)
+        return start, goal, None, path
+    kept = ~reached_in_any(pl_module, start, goal, pl_module.actor_critic.sample, offset, tries)
+    path = None if path is None else path[kept]
+    return {k: v[kept] for k, v in start.items()}, goal[kept], float(kept.float().mean()), path
+
+
+def reached_in_any(pl_module, start: State, goal: torch.Tensor, policy, steps: int, tries: int) -> torch.Tensor:
+    """True (N,) where one of ``tries`` dreams of ``reached`` matches the goal."""
+    hit = torch.zeros(len(goal), dtype=torch.bool, device=goal.device)
     for _ in range(tries):
-        actor_reached |= reached(pl_module, start, goal, pl_module.actor_critic.sample, offset)
-    kept = ~actor_reached
-    return {k: v[kept] for k, v in start.items()}, goal[kept], float(kept.float().mean())
+        hit |= reached(pl_module, start, goal, policy, steps)
+    return hit
 
 
 def random_dream_goals(pl_module, start: State, steps: int) -> torch.Tensor:
@@ -141,7 +149,11 @@ class DreamGeneration(pl.Callback):
     goals. Every ``hard_eval_every`` updates, for each k in ``hard_offsets``, the same on the hard
     set (``hard_goals``: real goals k steps ahead that ``actor_tries`` actor dreams miss):
     ``goal_hard/k{k}_matcher``, ``_actor``, ``_random`` (uniform actions), ``_lift`` (matcher -
-    actor) and ``_kept`` (the fraction of open pairs that are hard).
+    actor) and ``_kept`` (the fraction of open pairs that are hard). Given the replayed actions,
+    also ``_replay``: those actions played open loop in dreams, and ``goal_control/k{k}_*``, the
+    same on the controllable subset: the hard goals that the replayed actions reach in one of
+    ``actor_tries`` dreams. Many hard goals are out of any policy's reach in the model (its
+    dreams drift from what really happened); the controllable set separates control from that.
     """
 
     uses_goals = True  # the model's goal state follows training (GoalPursuit.learning)
@@ -188,7 +200,7 @@ class DreamGeneration(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.updates % self.hard_eval_every == 0:  # outputs: what training_step returned
             with torch.no_grad():
-                self.hard_metrics = self.evaluate_hard(pl_module, outputs["post"], batch["is_first"])
+                self.hard_metrics = self.evaluate_hard(pl_module, outputs["post"], batch["is_first"], batch["action"])
         if pl_module.updates % self.every_n_updates == 0:
             self.metrics = self.generate(pl_module, outputs["post"], batch["is_first"])
         _log(pl_module, {**self.metrics, **self.hard_metrics})
@@ -246,7 +258,7 @@ class DreamGeneration(pl.Callback):
         ``rl_real_fraction`` of ``rl_goals``; none when that is 0 or the batch holds none."""
         n = int(round(self.rl_goals * self.rl_real_fraction)) if self.matcher_rl > 0 else 0
         if n > 0:
-            start, goal, _ = hard_goals(pl_module, post, is_first, self.rl_goal_steps, n, self.actor_tries)
+            start, goal, _, _ = hard_goals(pl_module, post, is_first, self.rl_goal_steps, n, self.actor_tries)
             if len(goal):
                 return {k: v.detach() for k, v in start.items()}, goal
         flat = {k: v.reshape(-1, *v.shape[2:])[:0].detach() for k, v in post.items()}  # (0, ...)
@@ -267,7 +279,7 @@ class DreamGeneration(pl.Callback):
     @torch.no_grad()
     def evaluate(self, pl_module, post: State, is_first: torch.Tensor) -> dict[str, float]:
         gm, matcher = pl_module.goal_model, pl_module.goal_matcher
-        start, goal = gm.heldout(post, is_first, self.eval_goals)
+        start, goal, _ = gm.heldout(post, is_first, self.eval_goals)
         if len(goal) == 0:
             return {}
         steps = gm.hp.offset
@@ -278,23 +290,43 @@ class DreamGeneration(pl.Callback):
             ),
         }
 
-    def evaluate_hard(self, pl_module, post: State, is_first: torch.Tensor) -> dict[str, float]:
-        """Success in dreams on the hard goal sets (see the class docstring)."""
+    def evaluate_hard(self, pl_module, post: State, is_first: torch.Tensor,
+                      action: torch.Tensor | None = None) -> dict[str, float]:
+        """Success in dreams on the hard goal sets, and with the replayed ``action`` (B, T) on the
+        controllable ones (see the class docstring)."""
         metrics = {}
         for k in self.hard_offsets:
             if post["deter"].shape[1] <= k:
                 continue  # sequences too short for goals k steps ahead
-            start, goal, kept = hard_goals(pl_module, post, is_first, k, self.eval_goals, self.actor_tries)
+            start, goal, kept, path = hard_goals(pl_module, post, is_first, k, self.eval_goals, self.actor_tries, action)
             if kept is not None:
                 metrics[f"goal_hard/k{k}_kept"] = kept
             if len(goal) == 0:
                 continue
-            success = {name: float(reached(pl_module, start, goal, policy, k).float().mean()) for name, policy in (
-                ("matcher", pl_module.goal_matcher.toward(goal, pl_module.goal_model.space)), ("actor", pl_module.actor_critic.sample),
-                ("random", uniform_policy))}
-            metrics.update({f"goal_hard/k{k}_{name}": value for name, value in success.items()})
-            metrics[f"goal_hard/k{k}_lift"] = success["matcher"] - success["actor"]
+            metrics.update(self._successes(pl_module, start, goal, k, f"goal_hard/k{k}", path))
+            if path is None:
+                continue
+            # controllable: the replayed actions themselves reach the goal in one of actor_tries dreams
+            control = reached_in_any(pl_module, start, goal, path.T.contiguous(), k, self.actor_tries)
+            metrics[f"goal_control/k{k}_kept"] = kept * float(control.float().mean())
+            if control.any():
+                start, goal = {key: v[control] for key, v in start.items()}, goal[control]
+                metrics.update(self._successes(pl_module, start, goal, k, f"goal_control/k{k}"))
         return metrics
+
+    @staticmethod
+    def _successes(pl_module, start: State, goal: torch.Tensor, k: int, prefix: str,
+                   path: torch.Tensor | None = None) -> dict[str, float]:
+        """Success within ``k`` dreamed steps of the matcher, the actor, a random policy and (with
+        ``path`` (M, k)) the replayed actions, and the lift (matcher - actor), keyed ``prefix_name``."""
+        policies = {"matcher": pl_module.goal_matcher.toward(goal, pl_module.goal_model.space),
+                    "actor": pl_module.actor_critic.sample, "random": uniform_policy}
+        if path is not None:
+            policies["replay"] = path.T.contiguous()  # (k, M): open loop
+        success = {name: float(reached(pl_module, start, goal, policy, k).float().mean())
+                   for name, policy in policies.items()}
+        success["lift"] = success["matcher"] - success["actor"]
+        return {f"{prefix}_{name}": value for name, value in success.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"buffer": self.buffer.state_dict()}

@@ -27,6 +27,7 @@ from dreamer.nets import init_args
 from dreamer.rssm import State
 
 STRATEGIES = ("value", "replay", "hard")
+MATCHER_REWARDS = ("similarity", "reach")
 
 
 def imagined_return(world_model, actor_critic, feat: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -41,6 +42,15 @@ def cosine_max(goal: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     """``g.s / max(|g|, |s|)^2`` over the last axis (1 only for identical vectors)."""
     norm = torch.maximum(goal.norm(dim=-1), state.norm(dim=-1)).clamp(min=1e-8)
     return (goal * state).sum(-1) / norm**2
+
+
+def first_match(similarity: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``reach`` goal reward of imagined steps 1..H with goal similarities (H, N): 1 on the
+    first step that matches (similarity >= ``threshold``) and 0 elsewhere, and (H, N) 1 while no
+    step up to and including this one has matched (the dream toward the goal goes on), else 0."""
+    hit = similarity >= threshold
+    matches = torch.cumsum(hit.float(), 0)  # (H, N) matches up to each step
+    return (hit & (matches == 1)).float(), (matches == 0).float()
 
 
 @contextlib.contextmanager
@@ -62,15 +72,23 @@ class GoalMatcher(pl.LightningModule):
 
     It learns two ways: by imitation of dream actions that reached a later state of the same dream
     (``loss``, hindsight relabelling), and by reinforcement learning in imagination on the goal
-    reward (``rl_loss``): the goal similarity of each imagined state, 1 exactly at the goal.
+    reward (``rl_loss``), by ``reward``:
+
+    - ``similarity``: the goal similarity of each imagined state, 1 exactly at the goal;
+    - ``reach``: 1 on the first imagined state that matches the goal (similarity at least the goal
+      model's threshold), where the dream ends; 0 before. This is what goal success counts: a
+      match within k steps, the sooner the better.
     """
 
     def __init__(
         self, feat_dim: int, goal_dim: int, num_actions: int = 15, units: int = 256,
         layers: int = 2, lr: float = 3e-4, eps: float = 1e-5, clip: float = 100.0,
         unimix: float = 0.01, horizon: int = 15, gamma: float = 0.95, entropy: float = 3e-4,
+        reward: str = "similarity",
     ) -> None:
         super().__init__()
+        if reward not in MATCHER_REWARDS:
+            raise ValueError(f"unknown goal matcher reward {reward!r}; allowed: {', '.join(MATCHER_REWARDS)}")
         self.hp = init_args(locals())
         self.ac = ActorCritic(feat_dim + goal_dim, num_actions, units, layers, horizon, gamma,
                               entropy=entropy, unimix=unimix, repval=0.0)
@@ -95,12 +113,16 @@ class GoalMatcher(pl.LightningModule):
 
     def rl_loss(self, world_model, goal_model, start: State, goal: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Actor-critic loss of pursuing ``goal`` (N, G) from ``start`` (N, ...) for ``horizon``
-        imagined steps: the reward on arriving at each step is ``goal_model.similarity`` of goal and
-        state, the continuation the world model's."""
+        imagined steps: the reward on arriving at each step is the goal reward (``hp.reward``), the
+        continuation the world model's (ending at the first match with ``reach``)."""
         with torch.no_grad():
             states, feat, actions = world_model.rssm.imagine(start, self.toward(goal, goal_model.space), self.hp.horizon)
             reward = goal_model.similarity(goal.unsqueeze(0), {k: v[1:] for k, v in states.items()})  # (H, N)
-            cont = torch.cat([torch.ones_like(reward[:1]), world_model.continue_prob(feat[1:])])  # (H + 1, N)
+            cont = world_model.continue_prob(feat[1:])  # (H, N)
+            if self.hp.reward == "reach":
+                reward, open_ = first_match(reward, goal_model.hp.threshold)
+                cont = cont * open_
+            cont = torch.cat([torch.ones_like(reward[:1]), cont])  # (H + 1, N)
             inputs = self.inputs(feat, goal_model.goal_of(states), goal.unsqueeze(0).expand(len(feat), -1, -1))
         loss, metrics = self.ac.loss(inputs, actions, reward, cont)
         return loss, {"goal_matcher/rl_" + k.split("/")[-1]: v for k, v in metrics.items()}
@@ -239,15 +261,21 @@ class GoalStateModel(nn.Module):
         self.bank_goal[idx] = goal.to(self.bank_goal.dtype)
         self.bank_count += n
 
-    def heldout(self, post: State, is_first: torch.Tensor, n: int, offset: int | None = None) -> tuple[State, torch.Tensor]:
+    def heldout(self, post: State, is_first: torch.Tensor, n: int, offset: int | None = None,
+                action: torch.Tensor | None = None) -> tuple[State, torch.Tensor, torch.Tensor | None]:
         """Up to ``n`` real (state, goal ``offset`` (default ``hp.offset``) steps later) pairs for
         evaluation, leaving out pairs whose start already matches the goal (they would count as
-        reached at no effort)."""
+        reached at no effort). Third: with the replayed ``action`` (B, T) (``action[t]`` taken at
+        step t), the actions (M, k) that led from each start to its goal, else None."""
         start, goal = self.real_pairs(post, is_first, offset)
+        path = None
+        if action is not None:
+            k, starts = self._pairs(post, is_first, offset)
+            path = action.unfold(1, k, 1)[:, :-1][starts]  # (M, k): the actions of steps t..t+k-1
         open_ = ~self.matched(goal, start)
-        start, goal = {k: v[open_] for k, v in start.items()}, goal[open_]
-        pick = torch.randperm(len(goal), device=goal.device)[:n]
-        return {k: v[pick] for k, v in start.items()}, goal[pick]
+        pick = open_.nonzero().squeeze(-1)
+        pick = pick[torch.randperm(len(pick), device=goal.device)[:n]]
+        return {k: v[pick] for k, v in start.items()}, goal[pick], None if path is None else path[pick]
 
     # ------------------------------------------------------------- proposals
     @torch.no_grad()

@@ -61,11 +61,11 @@ def replayed_posteriors(model, replay, batch_size: int, seq_len: int) -> tuple[d
 
 @torch.no_grad()
 def mean_over_replay(model, replay, batch_size: int, seq_len: int, batches: int, measure) -> dict[str, float]:
-    """Means over ``batches`` replayed batches of the metrics ``measure(post, is_first)`` returns."""
+    """Means over ``batches`` replayed batches of the metrics ``measure(post, batch)`` returns."""
     totals: dict[str, list[float]] = {}
     for _ in range(batches):
         batch, post = replayed_posteriors(model, replay, batch_size, seq_len)
-        for key, value in measure(post, batch["is_first"]).items():
+        for key, value in measure(post, batch).items():
             totals.setdefault(key, []).append(value)
     return {k: sum(v) / len(v) for k, v in totals.items()}
 
@@ -78,8 +78,8 @@ def held_out_dream_success(cli, batches: int = 8) -> dict[str, float]:
         return {}
     model, dm = cli.model, cli.datamodule
     return mean_over_replay(model, dm.replay, dm.hparams.batch_size, dm.hparams.seq_len, batches,
-                            lambda post, is_first: {**gen.evaluate(model, post, is_first),
-                                                    **gen.evaluate_hard(model, post, is_first)})
+                            lambda post, batch: {**gen.evaluate(model, post, batch["is_first"]),
+                                                 **gen.evaluate_hard(model, post, batch["is_first"], batch["action"])})
 
 
 def read_record(path: Path, setting: dict) -> dict:

@@ -38,15 +38,16 @@ from datamodules.games import NUM_ACTIONS  # noqa: E402
 from datamodules.replay_datamodule import ReplayDataModule  # noqa: E402
 from dreamer.checkpoints import CheckpointError, read_checkpoint  # noqa: E402
 from dreamer.goal_space import SPACES, make_goal_space  # noqa: E402
-from dreamer.goals import GoalMatcher, GoalStateModel  # noqa: E402
+from dreamer.goals import MATCHER_REWARDS, GoalMatcher, GoalStateModel  # noqa: E402
 from scripts.goal_ablation import mean_over_replay, mean_se, replayed_posteriors  # noqa: E402
 from scripts.world_model_probe import load  # noqa: E402
 
-COLUMNS = ("matcher", "actor", "random", "lift", "kept")
+COLUMNS = ("matcher", "actor", "random", "replay", "lift", "kept")
+SETS = ("hard", "control")
 REAL = ("step_success", "episode_success", "matches_per_episode", "steps_to_reach")
 
 
-def fresh_goals(model, kind: str, space_dim: int, space_lr: float) -> None:
+def fresh_goals(model, kind: str, space_dim: int, space_lr: float, reward: str = "similarity") -> None:
     """Give ``model`` a new goal model in space ``kind`` and a new matcher for its goals; the
     goal model keeps the checkpoint's threshold, rollouts and offset."""
     rssm, old, matcher = model.world_model.rssm, model.goal_model.hp, model.goal_matcher.hp
@@ -54,7 +55,8 @@ def fresh_goals(model, kind: str, space_dim: int, space_lr: float) -> None:
                             space_lr, steps=old.offset)
     model.goal_model = GoalStateModel(rssm.deter, "hard", old.threshold, old.rollouts, old.horizon, old.offset,
                                       gamma=old.gamma, space=space)
-    model.goal_matcher = GoalMatcher(rssm.feat_dim, space.dim, NUM_ACTIONS, matcher.units, matcher.layers, matcher.lr)
+    model.goal_matcher = GoalMatcher(rssm.feat_dim, space.dim, NUM_ACTIONS, matcher.units, matcher.layers, matcher.lr,
+                                     reward=reward)
     optimizers = model.configure_optimizers()  # with the new matcher's
     model.optimizers = lambda: optimizers  # what the Trainer answers a module that it fits
 
@@ -62,7 +64,7 @@ def fresh_goals(model, kind: str, space_dim: int, space_lr: float) -> None:
 def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]:
     """Train a fresh goal space (if learned) and matcher on ``model``; the hard-set metrics."""
     torch.manual_seed(seed)
-    fresh_goals(model, kind, args.space_dim, args.space_lr)
+    fresh_goals(model, kind, args.space_dim, args.space_lr, args.matcher_reward)
     gm, out = model.goal_model, {}
     generation = DreamGeneration(every_n_updates=1, hard_offsets=tuple(args.offsets),
                                  rl_real_fraction=args.rl_real_fraction)
@@ -73,7 +75,8 @@ def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]
         if step >= args.space_steps:
             generation.generate(model, post, batch["is_first"])
     out.update(mean_over_replay(model, replay, args.batch_size, args.seq_len, args.eval_batches,
-                                lambda post, is_first: generation.evaluate_hard(model, post, is_first)))
+                                lambda post, batch: generation.evaluate_hard(model, post, batch["is_first"],
+                                                                             batch["action"])))
     if args.real_episodes:
         out.update(real_game_pursuit(model, args.data, args.real_episodes))
     return out
@@ -94,12 +97,14 @@ def real_game_pursuit(model, data: ReplayDataModule, episodes: int) -> dict[str,
 
 
 def table(results: dict[str, list[dict[str, float]]], offsets: list[int]) -> str:
-    lines = [f"{'space':8s} {'k':>3s} " + " ".join(f"{c:>15s}" for c in COLUMNS) + f" {'inverse acc':>15s}"]
+    lines = [f"{'space':8s} {'set':7s} {'k':>3s} " + " ".join(f"{c:>15s}" for c in COLUMNS) + f" {'inverse acc':>15s}"]
     for kind, runs in results.items():
-        for k in offsets:
-            cells = [mean_se([r[f"goal_hard/k{k}_{c}"] for r in runs if f"goal_hard/k{k}_{c}" in r]) for c in COLUMNS]
-            acc = mean_se([r["goal_space/inverse_accuracy"] for r in runs if "goal_space/inverse_accuracy" in r])
-            lines.append(f"{kind:8s} {k:3d} " + " ".join(f"{c:>15s}" for c in cells) + f" {acc:>15s}")
+        acc = mean_se([r["goal_space/inverse_accuracy"] for r in runs if "goal_space/inverse_accuracy" in r])
+        for name in SETS:
+            for k in offsets:
+                key = f"goal_{name}/k{k}_"
+                cells = [mean_se([r[key + c] for r in runs if key + c in r]) for c in COLUMNS]
+                lines.append(f"{kind:8s} {name:7s} {k:3d} " + " ".join(f"{c:>15s}" for c in cells) + f" {acc:>15s}")
     for split in ("train_levels", "unseen_levels"):
         if not any(f"real/{split}/actor_step_success" in r for runs in results.values() for r in runs):
             continue
@@ -126,6 +131,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--space-lr", type=float, default=3e-4, help="Adam learning rate of the learned space")
     parser.add_argument("--real-episodes", type=int, default=0,
                         help="episodes per split of real-game pursuit of hard goals (0: none)")
+    parser.add_argument("--matcher-reward", default="similarity", choices=MATCHER_REWARDS,
+                        help="the goal reward of the matcher's RL (GoalMatcher.reward)")
     parser.add_argument("--offsets", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--rl-real-fraction", type=float, default=0.0,
                         help="DreamGeneration.rl_real_fraction: share of the matcher's RL goals that are real hard pairs")

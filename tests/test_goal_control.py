@@ -9,14 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from callbacks.dreams import hard_goals, reached
-from dreamer.goals import GoalMatcher, GoalStateModel
+from dreamer.goals import GoalMatcher, GoalStateModel, first_match
 
 P = 9  # positions 0..8 on a line; the state is the one-hot position
 
 
 class LineWorld:
     """A world model stand-in: action a moves left (a % 3 == 0), right (1) or stays (2); the
-    features and deter are the one-hot position, and nothing ever ends."""
+    features and deter are the one-hot position, and nothing ever ends. ``imagine`` takes a
+    policy or, as the RSSM, actions (H, N) to play open loop."""
 
     def __init__(self) -> None:
         self.rssm = self
@@ -32,8 +33,8 @@ class LineWorld:
     def imagine(self, start, policy, horizon, keep_states=True):
         pos = start["deter"].argmax(-1)
         states, actions = [self.state(pos)], []
-        for _ in range(horizon):
-            action = policy(self.features(states[-1]))
+        for t in range(horizon):
+            action = policy[t] if isinstance(policy, torch.Tensor) else policy(self.features(states[-1]))
             move = torch.tensor([-1, 1, 0])[action % 3]
             pos = (pos + move).clamp(0, P - 1)
             states.append(self.state(pos))
@@ -76,7 +77,8 @@ def test_the_hard_goal_set_keeps_exactly_the_goals_the_actor_does_not_reach():
     right = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 8, 8])  # one moving right, as the actor does
     post = {k: torch.stack([LineWorld.state(left)[k], LineWorld.state(right)[k]]) for k in ("deter", "stoch")}
     is_first = torch.zeros(2, 10, dtype=torch.bool)
-    start, goal, kept = hard_goals(agent, post, is_first, offset=2, n=100, tries=2)
+    start, goal, kept, path = hard_goals(agent, post, is_first, offset=2, n=100, tries=2)
+    assert path is None  # no replayed actions given
     start_pos, goal_pos = start["deter"].argmax(-1), goal.argmax(-1)
     # open pairs: left 6->4 .. 2->0 and 1->0 (6 pairs; 0->0 already matches), right 1->3 .. 6->8 and
     # 7->8 (7 pairs); the actor reaches every right goal and none of the left ones
@@ -85,9 +87,23 @@ def test_the_hard_goal_set_keeps_exactly_the_goals_the_actor_does_not_reach():
     assert not reached(agent, start, goal, always_right, 2).any()
 
 
-def test_reinforcement_learning_in_imagination_reaches_goals_the_actor_cannot():
+def test_the_reach_reward_pays_the_first_match_and_ends_the_dream_there():
+    similarity = torch.tensor([[0.2, 0.9, 0.1], [0.8, 0.95, 0.3], [0.9, 0.1, 0.69], [0.75, 0.7, 0.5]])  # (H=4, N=3)
+    reward, open_ = first_match(similarity, 0.7)
+    assert reward.T.tolist() == [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    assert open_.T.tolist() == [[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]]
+
+
+def test_an_unknown_matcher_reward_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="unknown goal matcher reward 'distance'; allowed: similarity, reach"):
+        GoalMatcher(feat_dim=P, goal_dim=P, reward="distance")
+
+
+@pytest.mark.parametrize("reward", ["similarity", "reach"])
+def test_reinforcement_learning_in_imagination_reaches_goals_the_actor_cannot(reward):
     torch.manual_seed(0)
-    matcher = GoalMatcher(feat_dim=P, goal_dim=P, units=64, layers=1, lr=3e-3, horizon=8, entropy=1e-2)
+    matcher = GoalMatcher(feat_dim=P, goal_dim=P, units=64, layers=1, lr=3e-3, horizon=8, entropy=1e-2,
+                          reward=reward)
     agent = toy_agent(matcher)
     optimizer = matcher.configure_optimizers()
     start_pos = torch.full((256,), 6)
@@ -109,6 +125,9 @@ def test_reinforcement_learning_in_imagination_reaches_goals_the_actor_cannot():
     after = success(matcher.toward(goal, agent.goal_model.space))
     assert success(always_right) == 0.0
     assert before < 0.5 and after >= 0.9, (before, after)
+    # reach pays at most 1 per dream (its first match); similarity pays on every step near the goal
+    ret = float(metrics["goal_matcher/rl_return"])
+    assert ret <= 1.0 if reward == "reach" else ret > 1.0, ret
     assert set(metrics) >= {"goal_matcher/rl_actor", "goal_matcher/rl_critic", "goal_matcher/rl_return"}
 
 
@@ -194,7 +213,7 @@ def test_the_hard_goal_set_is_empty_where_every_pair_crosses_an_episode_start():
     agent = toy_agent()
     post = {k: v.unsqueeze(0) for k, v in LineWorld.state(torch.tensor([3, 4, 5, 6, 7])).items()}
     is_first = torch.tensor([[True, False, True, False, True]])
-    start, goal, kept = hard_goals(agent, post, is_first, offset=2, n=10, tries=2)
+    start, goal, kept, _ = hard_goals(agent, post, is_first, offset=2, n=10, tries=2)
     assert len(goal) == 0 and len(start["deter"]) == 0 and kept is None
 
 

@@ -631,10 +631,11 @@ def test_heldout_goals_leave_out_pairs_already_matched():
     # one sequence of 5 steps: states 0 and 1 differ from the states 2 steps later, state 2 not
     deter = torch.stack([_e(0)[:4], _e(1)[:4], _e(2)[:4], _e(3)[:4], _e(2)[:4]]).unsqueeze(0)
     post = {"deter": deter, "stoch": torch.zeros(1, 5, 2, 2), "logits": torch.zeros(1, 5, 2, 2)}
-    start, goal = gm.heldout(post, torch.zeros(1, 5, dtype=torch.bool), n=10)
+    action = torch.tensor([[10, 11, 12, 13, 14]])
+    start, goal, path = gm.heldout(post, torch.zeros(1, 5, dtype=torch.bool), n=10, action=action)
     assert len(goal) == 2
-    pairs = {(int(s.argmax()), int(g.argmax())) for s, g in zip(start["deter"], goal)}
-    assert pairs == {(0, 2), (1, 3)}
+    pairs = {(int(s.argmax()), int(g.argmax()), tuple(p.tolist())) for s, g, p in zip(start["deter"], goal, path)}
+    assert pairs == {(0, 2, (10, 11)), (1, 3, (11, 12))}  # with the actions from each start to its goal
 
 
 def _ddp_goal_success(rank, world, port, out):
