@@ -78,7 +78,7 @@ class Dreamer(pl.LightningModule):
             space = make_goal_space(goal["space"], arch["deter"], arch["stoch"] * arch["classes"], NUM_ACTIONS,
                                     goal["space_dim"], arch["units"], steps=goal["offset"])
             self.goal_matcher = GoalMatcher(feat, space.dim, NUM_ACTIONS, arch["units"], arch["layers"],
-                                            goal["matcher_lr"])
+                                            goal["matcher_lr"], reward=goal["matcher_reward"])
         self.goal_model = GoalStateModel(arch["deter"], goal["strategy"], goal["threshold"], goal["rollouts"],
                                          ac["horizon"], goal["offset"], gamma=ac["gamma"], space=space)
         self.goals = GoalPursuit(goal["steps"], goal["track"])  # acting's goal mode and success metrics

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, NamedTuple
 
 from dreamer.goal_space import SPACES
-from dreamer.goals import STRATEGIES
+from dreamer.goals import MATCHER_REWARDS, STRATEGIES
 from dreamer.nets import NORMS
 
 # deter / hidden / stoch (categoricals) / classes / cnn depth / mlp units / actor, critic and goal
@@ -110,7 +110,8 @@ class ActorCriticKnobs:
 class GoalKnobs:
     """``model.goals``: the goal space (``space``, and ``space_dim`` for the learned ``inverse`` and ``multistep``;
     see ``dreamer/goal_space.py``), goal proposals, matching, the matcher's optimiser, and ``track``
-    (measure goal success while acting without DreamWeaning); see ``dreamer/goals.py``."""
+    (measure goal success while acting without DreamWeaning); ``matcher_reward`` is the goal reward
+    of the matcher's RL (``GoalMatcher``); see ``dreamer/goals.py``."""
 
     space: str = knob("deter", choices=SPACES)
     space_dim: int = knob(32, 1, 4096, integer=True)
@@ -120,6 +121,7 @@ class GoalKnobs:
     offset: int = knob(8, 1, 10_000, integer=True)
     steps: int = knob(32, 1, 1_000_000, integer=True)
     matcher_lr: float = knob(3e-4, 0, 1, False)
+    matcher_reward: str = knob("similarity", choices=MATCHER_REWARDS)
     track: bool = knob(False, choices=(False, True))
 
 

@@ -559,6 +559,9 @@ def test_goal_configuration_is_validated():
         Dreamer(size="tiny", goals={"strategy": "curiosity"})
     with pytest.raises(ValueError, match="goals.steps"):
         Dreamer(size="tiny", goals={"steps": 0})
+    with pytest.raises(ValueError, match="matcher_reward.*similarity, reach"):
+        Dreamer(size="tiny", goals={"matcher_reward": "distance"})
+    assert Dreamer(size="tiny", goals={"matcher_reward": "reach"}).goal_matcher.hp.reward == "reach"
     with pytest.raises(ValueError, match="keep_fraction"):
         DreamGeneration(keep_fraction=0.0)
     with pytest.raises(ValueError, match="keep_fraction"):
