@@ -97,14 +97,14 @@ def real_game_pursuit(model, data: ReplayDataModule, episodes: int) -> dict[str,
 
 
 def table(results: dict[str, list[dict[str, float]]], offsets: list[int]) -> str:
-    lines = [f"{'space':8s} {'set':7s} {'k':>3s} " + " ".join(f"{c:>15s}" for c in COLUMNS) + f" {'inverse acc':>15s}"]
+    lines = [f"{'space':9s} {'set':7s} {'k':>3s} " + " ".join(f"{c:>15s}" for c in COLUMNS) + f" {'inverse acc':>15s}"]
     for kind, runs in results.items():
         acc = mean_se([r["goal_space/inverse_accuracy"] for r in runs if "goal_space/inverse_accuracy" in r])
         for name in SETS:
             for k in offsets:
                 key = f"goal_{name}/k{k}_"
                 cells = [mean_se([r[key + c] for r in runs if key + c in r]) for c in COLUMNS]
-                lines.append(f"{kind:8s} {name:7s} {k:3d} " + " ".join(f"{c:>15s}" for c in cells) + f" {acc:>15s}")
+                lines.append(f"{kind:9s} {name:7s} {k:3d} " + " ".join(f"{c:>15s}" for c in cells) + f" {acc:>15s}")
     for split in ("train_levels", "unseen_levels"):
         if not any(f"real/{split}/actor_step_success" in r for runs in results.values() for r in runs):
             continue

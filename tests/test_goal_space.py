@@ -136,8 +136,10 @@ def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run,
     text = goal_spaces.run([ckpt, "--updates", "2", "--space-steps", "3", "--eval-batches", "2",
                             "--batch-size", "4", "--seq-len", "16", "--offsets", "4", "8"])
     rows = [line.split() for line in text.splitlines()[1:]]
-    assert [(r[0], r[1]) for r in rows] == [(s, k) for s in ("deter", "stoch", "inverse", "multistep")
-                                            for k in ("4", "8")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [(s, c, k) for s in ("deter", "stoch", "inverse", "multistep")
+                                                  for c in ("hard", "control") for k in ("4", "8")]
+    hard = [r for r in rows if r[1] == "hard" and r[3] != "-"]  # sets with goals in them
+    assert hard and all(0.0 <= float(r[6]) <= 1.0 for r in hard)  # the replayed actions' success
     learned = ("inverse", "multistep")
     assert all(r[-1] == "-" for r in rows if r[0] not in learned)  # only the learned spaces have an accuracy
     assert all(0.0 <= float(r[-1]) <= 1.0 for r in rows if r[0] in learned)
