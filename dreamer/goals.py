@@ -219,12 +219,16 @@ class GoalStateModel(nn.Module):
         return self.similarity(goal, state) >= self.hp.threshold
 
     # ------------------------------------------------------------- real experience
-    def real_pairs(self, post: State, is_first: torch.Tensor, offset: int | None = None) -> tuple[State, torch.Tensor]:
-        """(start states (M, ...), goals (M, G)): states of (B, T) posteriors and the state
-        ``offset`` (default ``hp.offset``) steps later when no episode starts in between."""
+    def real_pairs(self, post: State, is_first: torch.Tensor, offset: int | None = None,
+                   action: torch.Tensor | None = None) -> tuple[State, torch.Tensor, torch.Tensor | None]:
+        """(start states (M, ...), goals (M, G), paths): states of (B, T) posteriors and the state
+        ``offset`` (default ``hp.offset``) steps later when no episode starts in between; with the
+        replayed ``action`` (B, T) (``action[t]`` taken at step t) the actions (M, k) that led
+        from each start to its goal, else None."""
         k, starts = self._pairs(post, is_first, offset)
         start = {key: v[:, :-k][starts] for key, v in post.items()}
-        return start, self.goal_of(post)[:, k:][starts]
+        path = None if action is None else action.unfold(1, k, 1)[:, :-1][starts]  # (M, k): steps t..t+k-1
+        return start, self.goal_of(post)[:, k:][starts], path
 
     def _pairs(self, post: State, is_first: torch.Tensor, offset: int | None) -> tuple[int, torch.Tensor]:
         """(k, (B, T - k) mask of the steps whose state k steps later is in the same episode)."""
@@ -265,13 +269,8 @@ class GoalStateModel(nn.Module):
                 action: torch.Tensor | None = None) -> tuple[State, torch.Tensor, torch.Tensor | None]:
         """Up to ``n`` real (state, goal ``offset`` (default ``hp.offset``) steps later) pairs for
         evaluation, leaving out pairs whose start already matches the goal (they would count as
-        reached at no effort). Third: with the replayed ``action`` (B, T) (``action[t]`` taken at
-        step t), the actions (M, k) that led from each start to its goal, else None."""
-        start, goal = self.real_pairs(post, is_first, offset)
-        path = None
-        if action is not None:
-            k, starts = self._pairs(post, is_first, offset)
-            path = action.unfold(1, k, 1)[:, :-1][starts]  # (M, k): the actions of steps t..t+k-1
+        reached at no effort), and their paths with ``action`` as ``real_pairs`` gives them."""
+        start, goal, path = self.real_pairs(post, is_first, offset, action)
         open_ = ~self.matched(goal, start)
         pick = open_.nonzero().squeeze(-1)
         pick = pick[torch.randperm(len(pick), device=goal.device)[:n]]

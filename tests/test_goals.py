@@ -461,7 +461,8 @@ def test_replay_strategy_pairs_and_proposals():
     deter = torch.stack([_e(t, 2.0)[:6] for t in range(6)])[None]  # (1, T=6, 6), step t along e_t
     is_first = torch.zeros(1, 6, dtype=torch.bool)
     is_first[0, 3] = True  # pairs (1, 3) and (2, 4) cross an episode start; (0, 2), (3, 5) do not
-    start, goal = gm.real_pairs({"deter": deter}, is_first)
+    start, goal, path = gm.real_pairs({"deter": deter}, is_first)
+    assert path is None  # no replayed actions given
     assert torch.equal(start["deter"], deter[0, [0, 3]])
     assert torch.equal(goal, deter[0, [2, 5]])
 
