@@ -98,11 +98,14 @@ def save_agent_state(agent, checkpoint: dict[str, Any]) -> None:
 
 
 def upgrade_checkpoint(agent, checkpoint: dict[str, Any]) -> None:
-    """In place: a checkpoint written before the goal matcher had a critic gets the matcher's
+    """In place: a checkpoint written before the goal bank kept the replayed actions of its pairs
+    gets them as unknown; one written before the goal matcher had a critic gets the matcher's
     policy as its actor, a fresh critic, and (to resume) a fresh matcher optimiser state."""
     from dreamer.goals import upgrade_matcher_weights
 
     state = checkpoint.get("state_dict", {})
+    if "goal_model.bank_goal" in state and "goal_model.bank_path" not in state:
+        state["goal_model.bank_path"] = agent.goal_model.bank_path.new_full(agent.goal_model.bank_path.shape, -1)
     if not any(k.startswith("goal_matcher.policy.") for k in state):
         return
     upgrade_matcher_weights(state, agent.state_dict())

@@ -26,8 +26,15 @@ from dreamer.metrics import GoalSuccess
 from dreamer.nets import init_args
 from dreamer.rssm import State
 
-STRATEGIES = ("value", "replay", "hard")
+STRATEGIES = ("value", "replay", "hard", "control")
+REPLAYED = ("replay", "hard", "control")  # the strategies that draw goals from the bank of real pairs
 MATCHER_REWARDS = ("similarity", "reach")
+
+
+def paths(action: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, T - k, k): for each step t of replayed actions (B, T) (``action[t]`` taken at step t) the
+    k actions taken at steps t..t+k-1, the ones that led to the state k steps later."""
+    return action.unfold(1, k, 1)[:, :-1]
 
 
 def imagined_return(world_model, actor_critic, feat: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -158,6 +165,11 @@ class GoalStateModel(nn.Module):
         Where the actor reaches them all there is no hard goal (``propose_where`` says where):
         goal pursuit then steers toward the most similar candidate without scoring that step,
         and asks again at the next.
+      - ``control``: as ``hard``, but only goals that are also reachable from the state: the
+        replayed actions that led from the pair's start to its goal, imagined open loop from the
+        state, match it. Goals out of any policy's reach in the model (the bank's start was only
+        similar to the state, or the dream drifts) are left out, as in the controllable set of
+        ``DreamGeneration.evaluate_hard``. Pairs stored without their actions are never chosen.
     ``heldout(post, is_first)`` gives evaluation pairs from real experience, goals the matcher
     never generated (it trains on goals relabelled inside its own dreams).
 
@@ -182,6 +194,7 @@ class GoalStateModel(nn.Module):
         self.hp = init_args({k: v for k, v in locals().items() if k != "space"})
         self.register_buffer("bank_start", torch.zeros(bank_size, source_dim))
         self.register_buffer("bank_goal", torch.zeros(bank_size, source_dim))
+        self.register_buffer("bank_path", torch.full((bank_size, offset), -1, dtype=torch.long))  # -1: unknown
         self.register_buffer("bank_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("mean", torch.zeros(goal_dim))
         self.register_buffer("var", torch.ones(goal_dim))
@@ -227,7 +240,7 @@ class GoalStateModel(nn.Module):
         from each start to its goal, else None."""
         k, starts = self._pairs(post, is_first, offset)
         start = {key: v[:, :-k][starts] for key, v in post.items()}
-        path = None if action is None else action.unfold(1, k, 1)[:, :-1][starts]  # (M, k): steps t..t+k-1
+        path = None if action is None else paths(action, k)[starts]
         return start, self.goal_of(post)[:, k:][starts], path
 
     def _pairs(self, post: State, is_first: torch.Tensor, offset: int | None) -> tuple[int, torch.Tensor]:
@@ -240,29 +253,32 @@ class GoalStateModel(nn.Module):
     @torch.no_grad()
     def observe(self, post: State, is_first: torch.Tensor, action: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
         """Follow training: a step of a learned goal space, statistics of the batch's posteriors
-        (B, T, ...) and, with the ``replay`` strategy, its goal pairs (drawn on the random stream
+        (B, T, ...) and, with the ``REPLAYED`` strategies, its goal pairs (drawn on the random stream
         ``seed``). Returns the goal space's training metrics."""
         metrics = self.space.learn(post, action, is_first)
         self.update_statistics(post)
-        if self.hp.strategy in ("replay", "hard"):
+        if self.hp.strategy in REPLAYED:
             with isolated_rng(post["deter"].device, seed):
-                self.add_replay(post, is_first)
+                self.add_replay(post, is_first, action)
         return metrics
 
-    def add_replay(self, post: State, is_first: torch.Tensor) -> None:
-        """Store real (start, goal) pairs in the ring bank used by the ``replay`` strategy."""
+    def add_replay(self, post: State, is_first: torch.Tensor, action: torch.Tensor | None = None) -> None:
+        """Store real (start, goal) pairs in the ring bank used by the ``replay`` strategies, with
+        the replayed ``action`` (B, T) the actions that led from start to goal (else unknown)."""
         k, pairs = self._pairs(post, is_first, None)
         source = self.space.source(post)  # (B, T, source_dim)
         start, goal = source[:, :-k][pairs], source[:, k:][pairs]
+        path = paths(action, k)[pairs] if action is not None else torch.full((len(goal), k), -1, device=goal.device)
         n, size = len(goal), self.hp.bank_size
         if n == 0:
             return
         if n > size:
             keep = torch.randperm(n, device=goal.device)[:size]
-            start, goal, n = start[keep], goal[keep], size
+            start, goal, path, n = start[keep], goal[keep], path[keep], size
         idx = (self.bank_count + torch.arange(n, device=goal.device)) % size
         self.bank_start[idx] = start.to(self.bank_start.dtype)
         self.bank_goal[idx] = goal.to(self.bank_goal.dtype)
+        self.bank_path[idx] = path.to(self.bank_path.dtype)
         self.bank_count += n
 
     def heldout(self, post: State, is_first: torch.Tensor, n: int, offset: int | None = None,
@@ -286,12 +302,13 @@ class GoalStateModel(nn.Module):
     @torch.no_grad()
     def propose_where(self, state: State, world_model, actor_critic) -> tuple[torch.Tensor, torch.Tensor]:
         """Goals (N, G) for states (N, ...) and where they are what the strategy asks for (N,):
-        everywhere, except with ``hard`` where the goal-blind actor reaches every candidate."""
+        everywhere, except with ``hard`` (``control``) where no candidate is missed by the goal-blind
+        actor (and reached by its replayed actions)."""
         filled = int(min(self.bank_count.item(), self.hp.bank_size))
-        if self.hp.strategy in ("replay", "hard") and filled > 0:
+        if self.hp.strategy in REPLAYED and filled > 0:
             project = self.space.project
             sim = self.between(self.goal_of(state)[:, None, :], project(self.bank_start[None, :filled, :]))  # (N, filled)
-            if self.hp.strategy == "hard":
+            if self.hp.strategy in ("hard", "control"):
                 return self._unreached_replay_goal(state, sim, world_model, actor_critic)
             goal = project(self.bank_goal[sim.argmax(-1)])
         else:
@@ -302,16 +319,31 @@ class GoalStateModel(nn.Module):
                                actor_critic) -> tuple[torch.Tensor, torch.Tensor]:
         """Among the ``rollouts`` bank pairs whose starts are most similar to each state (``sim``
         (N, filled)), the goal of the most similar one that an imagined actor rollout of ``offset``
-        steps from the state never matches, and whether there was one (N,); where the actor
-        matches them all, the most similar one."""
+        steps from the state never matches (with ``control``: and that the pair's replayed actions,
+        imagined from the state, do match), and whether there was one (N,); where there is none,
+        the most similar one."""
         top = sim.topk(min(self.hp.rollouts, sim.shape[1]), -1).indices  # (N, R), most similar first
         candidates = self.space.project(self.bank_goal[top])  # (N, R, G)
         states, _, _ = world_model.rssm.imagine(state, actor_critic.sample, self.hp.offset)
         visited = self.goal_of(states)[1:]  # (k, N, G)
         hit = self.between(candidates.unsqueeze(0), visited.unsqueeze(2)) >= self.hp.threshold  # (k, N, R)
-        unreached = ~hit.any(0)  # (N, R)
-        free = unreached.float().argmax(-1)  # first unmatched candidate, 0 if none
-        return candidates[torch.arange(len(free), device=free.device), free], unreached.any(-1)
+        wanted = ~hit.any(0)  # (N, R)
+        if self.hp.strategy == "control":
+            wanted &= self._replayed_path_reaches(state, candidates, self.bank_path[top], world_model)
+        free = wanted.float().argmax(-1)  # first wanted candidate, 0 if none
+        return candidates[torch.arange(len(free), device=free.device), free], wanted.any(-1)
+
+    def _replayed_path_reaches(self, state: State, candidates: torch.Tensor, path: torch.Tensor,
+                               world_model) -> torch.Tensor:
+        """(N, R): whether the actions ``path`` (N, R, k), imagined open loop from each state (N, ...),
+        match their candidate goals (N, R, G) at some step; False where the actions are unknown."""
+        n, r, k = path.shape
+        start = {key: v.repeat_interleave(r, 0) for key, v in state.items()}  # (N * R, ...)
+        open_loop = path.reshape(n * r, k).clamp(min=0).T.contiguous()  # (k, N * R)
+        states, _, _ = world_model.rssm.imagine(start, open_loop, k)
+        visited = self.goal_of(states)[1:].reshape(k, n, r, -1)  # (k, N, R, G)
+        hit = (self.between(candidates.unsqueeze(0), visited) >= self.hp.threshold).any(0)
+        return hit & (path >= 0).all(-1)
 
     def _best_imagined_end(self, state: State, world_model, actor_critic) -> torch.Tensor:
         hp = self.hp

@@ -14,9 +14,10 @@ over the seeds: success within k dreamed steps of the matcher, the actor and a u
 policy, the lift (matcher - actor) and the fraction of open pairs that are hard (kept).
 
 With ``--real-episodes N`` the trained matcher also pursues hard goals in the real game
-(``model.goals.strategy hard``: replayed goals the actor's own dreams do not reach), on the run's
-training levels and on unseen levels, N episodes each: once the goal-blind actor acts while the
-goals are tracked, once the matcher acts alone (w = 1). Printed: goal step success, episode
+(``--real-strategy hard``: replayed goals the actor's own dreams do not reach; ``control``: of
+those, only the ones that the replayed actions, imagined from the current state, do reach), on the
+run's training levels and on unseen levels, N episodes each: once the goal-blind actor acts while
+the goals are tracked, once the matcher acts alone (w = 1). Printed: goal step success, episode
 success, matches per episode and steps to reach, for both.
 Needs a checkpoint with its replay (in RAM, or memory-mapped with the files in place).
 """
@@ -39,6 +40,7 @@ from datamodules.replay_datamodule import ReplayDataModule  # noqa: E402
 from dreamer.checkpoints import CheckpointError, read_checkpoint  # noqa: E402
 from dreamer.goal_space import SPACES, make_goal_space  # noqa: E402
 from dreamer.goals import MATCHER_REWARDS, GoalMatcher, GoalStateModel  # noqa: E402
+REAL_STRATEGIES = ("hard", "control")
 from scripts.goal_ablation import mean_over_replay, mean_se, replayed_posteriors  # noqa: E402
 from scripts.world_model_probe import load  # noqa: E402
 
@@ -47,13 +49,14 @@ SETS = ("hard", "control")
 REAL = ("step_success", "episode_success", "matches_per_episode", "steps_to_reach")
 
 
-def fresh_goals(model, kind: str, space_dim: int, space_lr: float, reward: str = "similarity") -> None:
-    """Give ``model`` a new goal model in space ``kind`` and a new matcher for its goals; the
-    goal model keeps the checkpoint's threshold, rollouts and offset."""
+def fresh_goals(model, kind: str, space_dim: int, space_lr: float, reward: str = "similarity",
+                strategy: str = "hard") -> None:
+    """Give ``model`` a new goal model in space ``kind`` proposing goals by ``strategy``, and a new
+    matcher for its goals; the goal model keeps the checkpoint's threshold, rollouts and offset."""
     rssm, old, matcher = model.world_model.rssm, model.goal_model.hp, model.goal_matcher.hp
     space = make_goal_space(kind, rssm.deter, rssm.stoch * rssm.classes, NUM_ACTIONS, space_dim, matcher.units,
                             space_lr, steps=old.offset)
-    model.goal_model = GoalStateModel(rssm.deter, "hard", old.threshold, old.rollouts, old.horizon, old.offset,
+    model.goal_model = GoalStateModel(rssm.deter, strategy, old.threshold, old.rollouts, old.horizon, old.offset,
                                       gamma=old.gamma, space=space)
     model.goal_matcher = GoalMatcher(rssm.feat_dim, space.dim, NUM_ACTIONS, matcher.units, matcher.layers, matcher.lr,
                                      reward=reward)
@@ -64,7 +67,7 @@ def fresh_goals(model, kind: str, space_dim: int, space_lr: float, reward: str =
 def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]:
     """Train a fresh goal space (if learned) and matcher on ``model``; the hard-set metrics."""
     torch.manual_seed(seed)
-    fresh_goals(model, kind, args.space_dim, args.space_lr, args.matcher_reward)
+    fresh_goals(model, kind, args.space_dim, args.space_lr, args.matcher_reward, args.real_strategy)
     gm, out = model.goal_model, {}
     generation = DreamGeneration(every_n_updates=1, hard_offsets=tuple(args.offsets),
                                  rl_real_fraction=args.rl_real_fraction)
@@ -96,7 +99,7 @@ def real_game_pursuit(model, data: ReplayDataModule, episodes: int) -> dict[str,
     return out
 
 
-def table(results: dict[str, list[dict[str, float]]], offsets: list[int]) -> str:
+def table(results: dict[str, list[dict[str, float]]], offsets: list[int], strategy: str = "hard") -> str:
     lines = [f"{'space':9s} {'set':7s} {'k':>3s} " + " ".join(f"{c:>15s}" for c in COLUMNS) + f" {'inverse acc':>15s}"]
     for kind, runs in results.items():
         acc = mean_se([r["goal_space/inverse_accuracy"] for r in runs if "goal_space/inverse_accuracy" in r])
@@ -108,7 +111,7 @@ def table(results: dict[str, list[dict[str, float]]], offsets: list[int]) -> str
     for split in ("train_levels", "unseen_levels"):
         if not any(f"real/{split}/actor_step_success" in r for runs in results.values() for r in runs):
             continue
-        lines.append(f"\nhard goals in the real game, {split.replace('_', ' ')}: actor acting / matcher acting (w = 1)")
+        lines.append(f"\n{strategy} goals in the real game, {split.replace('_', ' ')}: actor acting / matcher acting (w = 1)")
         lines.append(f"{'space':8s} " + " ".join(f"{m:>33s}" for m in REAL))
         for kind, runs in results.items():
             cells = [" / ".join(mean_se([r[f"real/{split}/{who}_{m}"] for r in runs if f"real/{split}/{who}_{m}" in r])
@@ -131,6 +134,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--space-lr", type=float, default=3e-4, help="Adam learning rate of the learned space")
     parser.add_argument("--real-episodes", type=int, default=0,
                         help="episodes per split of real-game pursuit of hard goals (0: none)")
+    parser.add_argument("--real-strategy", default="hard", choices=REAL_STRATEGIES,
+                        help="the goals pursued in the real game (GoalStateModel strategy)")
     parser.add_argument("--matcher-reward", default="similarity", choices=MATCHER_REWARDS,
                         help="the goal reward of the matcher's RL (GoalMatcher.reward)")
     parser.add_argument("--offsets", type=int, nargs="+", default=[4, 8, 16])
@@ -169,7 +174,7 @@ def run(argv: list[str] | None = None) -> str:
             start = time.perf_counter()
             results.setdefault(kind, []).append(compare_space(model, replay, kind, seed, args))
             print(f"{kind} seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    return table(results, args.offsets)
+    return table(results, args.offsets, args.real_strategy)
 
 
 if __name__ == "__main__":

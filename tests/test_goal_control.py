@@ -165,15 +165,75 @@ def test_a_checkpoint_of_the_matcher_without_a_critic_restores():
         assert torch.equal(agent.goal_matcher.ac.actor.state_dict()[name], value)
 
 
-def replay_goal_model(strategy: str, goals: tuple[int, ...]) -> GoalStateModel:
-    """Replayed pairs from position 4 to each of ``goals``, in that order."""
+def replay_goal_model(strategy: str, goals: tuple[int, ...], paths: tuple[list[int], ...] | None = None) -> GoalStateModel:
+    """Replayed pairs from position 4 to each of ``goals``, in that order, with the actions
+    ``paths`` (3 each) that led there (unknown without)."""
     gm = GoalStateModel(goal_dim=P, strategy=strategy, threshold=0.7, rollouts=4, offset=3)
     gm.mean.zero_(), gm.var.fill_(1.0), gm.stats_seen.fill_(True)
-    for goal in goals:
+    for i, goal in enumerate(goals):
         gm.bank_start[gm.bank_count] = LineWorld.state(torch.tensor([4]))["deter"][0]
         gm.bank_goal[gm.bank_count] = LineWorld.state(torch.tensor([goal]))["deter"][0]
+        if paths is not None:
+            gm.bank_path[gm.bank_count] = torch.tensor(paths[i])
         gm.bank_count += 1
     return gm
+
+
+LEFT3, RIGHT3, STAY3 = [0, 0, 0], [1, 1, 1], [2, 2, 2]
+
+
+def test_the_control_strategy_proposes_only_goals_the_replayed_actions_reach_from_here():
+    world, actor = LineWorld(), SimpleNamespace(sample=always_right)
+    here = LineWorld.state(torch.tensor([4]))
+    # 0: recorded with three steps left, which from 4 end at 1 (the dream, or the level, differs);
+    # 1: three steps left, reachable; 7: the actor's own way
+    goals, paths = (0, 1, 7), (LEFT3, LEFT3, RIGHT3)
+    proposed, usable = replay_goal_model("hard", goals, paths).propose_where(here, world, actor)
+    assert usable.tolist() == [True] and proposed.argmax(-1).item() in (0, 1)  # both unreached by the actor
+    proposed, usable = replay_goal_model("control", goals, paths).propose_where(here, world, actor)
+    assert usable.tolist() == [True] and proposed.argmax(-1).tolist() == [1]
+    # no candidate both missed by the actor and reached by its recorded actions: none to score
+    _, usable = replay_goal_model("control", (0, 7), (LEFT3, RIGHT3)).propose_where(here, world, actor)
+    assert usable.tolist() == [False]
+    # recorded without actions (a bank filled before it kept them): never controllable
+    _, usable = replay_goal_model("control", (1,)).propose_where(here, world, actor)
+    assert usable.tolist() == [False]
+    _, usable = replay_goal_model("hard", (1,)).propose_where(here, world, actor)
+    assert usable.tolist() == [True]
+
+
+def test_the_goal_bank_keeps_the_actions_that_led_from_each_start_to_its_goal():
+    actions = torch.tensor([[0, 0, 2, 1, 1, 0, 2, 0, 1, 1], [1, 1, 1, 2, 0, 0, 0, 1, 2, 2]])  # (B, T)
+    world, pos = LineWorld(), [torch.full((2,), 5)]
+    for t in range(actions.shape[1] - 1):  # action[t] is taken at step t
+        pos.append((pos[-1] + torch.tensor([-1, 1, 0])[actions[:, t]]).clamp(0, P - 1))
+    post = LineWorld.state(torch.stack(pos, 1).flatten())
+    post = {k: v.reshape(2, actions.shape[1], *v.shape[1:]) for k, v in post.items()}
+    is_first = torch.zeros(2, 10, dtype=torch.bool)
+    is_first[1, 4] = True  # lane 1 restarts at step 4: pairs that cross it are not stored
+    gm = replay_goal_model("control", ())
+    gm.observe(post, is_first, actions, seed=0)
+    n = int(gm.bank_count)
+    assert n == 7 + 4  # lane 0: starts 0..6; lane 1: starts 0 and 4..6 (1..3 cross the restart)
+    stored = sorted(zip(gm.bank_start[:n].argmax(-1).tolist(), gm.bank_path[:n].tolist()))
+    expected = sorted((int(pos[t][b]), actions[b, t:t + 3].tolist())
+                      for b, starts in ((0, range(7)), (1, (0, 4, 5, 6))) for t in starts)
+    assert stored == expected
+    # independent truth: each stored path, played from its start, ends at its stored goal
+    states, _, _ = world.imagine(LineWorld.state(gm.bank_start[:n].argmax(-1)), gm.bank_path[:n].T.contiguous(), 3)
+    assert torch.equal(states["deter"][-1].argmax(-1), gm.bank_goal[:n].argmax(-1))
+
+
+def test_a_checkpoint_written_before_the_bank_kept_actions_restores_with_them_unknown():
+    from dreamer.agent import Dreamer
+    from dreamer.checkpoints import restore_agent
+
+    torch.manual_seed(0)
+    saved = Dreamer(size="tiny")
+    state = {k: v for k, v in saved.state_dict().items() if k != "goal_model.bank_path"}
+    state["goal_model.bank_count"] = torch.tensor(5)
+    agent = restore_agent({"hyper_parameters": dict(saved.hparams), "state_dict": state})
+    assert int(agent.goal_model.bank_count) == 5 and (agent.goal_model.bank_path == -1).all()
 
 
 def test_the_hard_strategy_proposes_the_replayed_goal_the_actor_does_not_reach():

@@ -150,6 +150,9 @@ def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run,
     with pytest.raises(SystemExit):
         goal_spaces.run([ckpt, "--rl-real-fraction", "2"])
     assert "--rl-real-fraction must lie in [0, 1], got 2.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        goal_spaces.run([ckpt, "--real-strategy", "value"])
+    assert "--real-strategy: invalid choice: 'value' (choose from" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -165,9 +168,9 @@ def test_the_goal_space_comparison_pursues_hard_goals_in_the_real_game(smoke_run
     ckpt = str(cwd / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt")
     text = goal_spaces.run([ckpt, "--spaces", "deter", "inverse", "--updates", "2", "--space-steps", "3",
                             "--eval-batches", "1", "--batch-size", "4", "--seq-len", "16", "--offsets", "4",
-                            "--real-episodes", "1"])
+                            "--real-episodes", "1", "--real-strategy", "control"])
     real = text.split("\n\n", 1)[1]
-    assert "real game, train levels" in real and "real game, unseen levels" in real
+    assert "control goals in the real game, train levels" in real and "real game, unseen levels" in real
     lines = [line.split() for line in real.splitlines() if line.split() and line.split()[0] in ("deter", "inverse")]
     assert len(lines) == 4 and all(len(line) == 1 + 4 * 3 and line[2] == "/" for line in lines)
     step_success = [float(line[c]) for line in lines for c in (1, 3)]  # the actor's and the matcher's
