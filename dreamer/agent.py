@@ -80,7 +80,8 @@ class Dreamer(pl.LightningModule):
             self.goal_matcher = GoalMatcher(feat, space.dim, NUM_ACTIONS, arch["units"], arch["layers"],
                                             goal["matcher_lr"], reward=goal["matcher_reward"])
         self.goal_model = GoalStateModel(arch["deter"], goal["strategy"], goal["threshold"], goal["rollouts"],
-                                         ac["horizon"], goal["offset"], gamma=ac["gamma"], space=space)
+                                         ac["horizon"], goal["offset"], gamma=ac["gamma"], space=space,
+                                         actor_tries=goal["actor_tries"])
         self.goals = GoalPursuit(goal["steps"], goal["track"])  # acting's goal mode and success metrics
         self.last_post: State | None = None  # posteriors of the latest batch, for the callbacks
         self.automatic_optimization = False

@@ -111,7 +111,8 @@ class GoalKnobs:
     """``model.goals``: the goal space (``space``, and ``space_dim`` for the learned ``inverse`` and ``multistep``;
     see ``dreamer/goal_space.py``), goal proposals, matching, the matcher's optimiser, and ``track``
     (measure goal success while acting without DreamWeaning); ``matcher_reward`` is the goal reward
-    of the matcher's RL (``GoalMatcher``); see ``dreamer/goals.py``."""
+    of the matcher's RL (``GoalMatcher``); ``actor_tries`` the imagined actor rollouts that must all
+    miss a ``hard`` or ``control`` goal; see ``dreamer/goals.py``."""
 
     space: str = knob("deter", choices=SPACES)
     space_dim: int = knob(32, 1, 4096, integer=True)
@@ -123,6 +124,7 @@ class GoalKnobs:
     matcher_lr: float = knob(3e-4, 0, 1, False)
     matcher_reward: str = knob("similarity", choices=MATCHER_REWARDS)
     track: bool = knob(False, choices=(False, True))
+    actor_tries: int = knob(1, 1, 64, integer=True)
 
 
 KNOBS = {"world_model": WorldModelKnobs, "actor_critic": ActorCriticKnobs, "goals": GoalKnobs}

@@ -161,7 +161,8 @@ class GoalStateModel(nn.Module):
         state of the pair whose start is most similar to the state. Until the bank has pairs,
         proposals fall back to ``value``.
       - ``hard``: as ``replay``, but among the ``rollouts`` most similar pairs it takes the first
-        goal that the goal-blind actor, imagined ``offset`` steps from the state, does not reach.
+        goal that the goal-blind actor, imagined ``offset`` steps from the state, does not reach
+        in any of ``actor_tries`` dreams.
         Where the actor reaches them all there is no hard goal (``propose_where`` says where):
         goal pursuit then steers toward the most similar candidate without scoring that step,
         and asks again at the next.
@@ -180,7 +181,7 @@ class GoalStateModel(nn.Module):
     def __init__(
         self, goal_dim: int, strategy: str = "value", threshold: float = 0.7, rollouts: int = 8,
         horizon: int = 15, offset: int = 8, bank_size: int = 4096, gamma: float = 1 - 1 / 333,
-        space: GoalSpace | None = None,
+        space: GoalSpace | None = None, actor_tries: int = 1,
     ) -> None:
         super().__init__()
         self.space = space or GoalSpace("deter", goal_dim)
@@ -189,8 +190,8 @@ class GoalStateModel(nn.Module):
             raise ValueError(f"unknown goal strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"goal threshold must be in (0, 1], got {threshold}")
-        if rollouts < 1 or horizon < 1 or offset < 1 or bank_size < 1:
-            raise ValueError("goal rollouts, horizon, offset and bank_size must be >= 1")
+        if min(rollouts, horizon, offset, bank_size, actor_tries) < 1:
+            raise ValueError("goal rollouts, horizon, offset, bank_size and actor_tries must be >= 1")
         self.hp = init_args({k: v for k, v in locals().items() if k != "space"})
         self.register_buffer("bank_start", torch.zeros(bank_size, source_dim))
         self.register_buffer("bank_goal", torch.zeros(bank_size, source_dim))
@@ -318,16 +319,17 @@ class GoalStateModel(nn.Module):
     def _unreached_replay_goal(self, state: State, sim: torch.Tensor, world_model,
                                actor_critic) -> tuple[torch.Tensor, torch.Tensor]:
         """Among the ``rollouts`` bank pairs whose starts are most similar to each state (``sim``
-        (N, filled)), the goal of the most similar one that an imagined actor rollout of ``offset``
-        steps from the state never matches (with ``control``: and that the pair's replayed actions,
+        (N, filled)), the goal of the most similar one that none of ``actor_tries`` imagined actor
+        rollouts of ``offset`` steps from the state matches (with ``control``: and that the pair's replayed actions,
         imagined from the state, do match), and whether there was one (N,); where there is none,
         the most similar one."""
         top = sim.topk(min(self.hp.rollouts, sim.shape[1]), -1).indices  # (N, R), most similar first
         candidates = self.space.project(self.bank_goal[top])  # (N, R, G)
-        states, _, _ = world_model.rssm.imagine(state, actor_critic.sample, self.hp.offset)
-        visited = self.goal_of(states)[1:]  # (k, N, G)
-        hit = self.between(candidates.unsqueeze(0), visited.unsqueeze(2)) >= self.hp.threshold  # (k, N, R)
-        wanted = ~hit.any(0)  # (N, R)
+        wanted = torch.ones(candidates.shape[:2], dtype=torch.bool, device=candidates.device)  # (N, R)
+        for _ in range(self.hp.actor_tries):
+            states, _, _ = world_model.rssm.imagine(state, actor_critic.sample, self.hp.offset)
+            visited = self.goal_of(states)[1:]  # (k, N, G)
+            wanted &= ~(self.between(candidates.unsqueeze(0), visited.unsqueeze(2)) >= self.hp.threshold).any(0)
         if self.hp.strategy == "control":
             wanted &= self._replayed_path_reaches(state, candidates, self.bank_path[top], world_model)
         free = wanted.float().argmax(-1)  # first wanted candidate, 0 if none

@@ -50,14 +50,14 @@ REAL = ("step_success", "episode_success", "matches_per_episode", "steps_to_reac
 
 
 def fresh_goals(model, kind: str, space_dim: int, space_lr: float, reward: str = "similarity",
-                strategy: str = "hard") -> None:
+                strategy: str = "hard", actor_tries: int = 1) -> None:
     """Give ``model`` a new goal model in space ``kind`` proposing goals by ``strategy``, and a new
     matcher for its goals; the goal model keeps the checkpoint's threshold, rollouts and offset."""
     rssm, old, matcher = model.world_model.rssm, model.goal_model.hp, model.goal_matcher.hp
     space = make_goal_space(kind, rssm.deter, rssm.stoch * rssm.classes, NUM_ACTIONS, space_dim, matcher.units,
                             space_lr, steps=old.offset)
     model.goal_model = GoalStateModel(rssm.deter, strategy, old.threshold, old.rollouts, old.horizon, old.offset,
-                                      gamma=old.gamma, space=space)
+                                      gamma=old.gamma, space=space, actor_tries=actor_tries)
     model.goal_matcher = GoalMatcher(rssm.feat_dim, space.dim, NUM_ACTIONS, matcher.units, matcher.layers, matcher.lr,
                                      reward=reward)
     optimizers = model.configure_optimizers()  # with the new matcher's
@@ -67,7 +67,8 @@ def fresh_goals(model, kind: str, space_dim: int, space_lr: float, reward: str =
 def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]:
     """Train a fresh goal space (if learned) and matcher on ``model``; the hard-set metrics."""
     torch.manual_seed(seed)
-    fresh_goals(model, kind, args.space_dim, args.space_lr, args.matcher_reward, args.real_strategy)
+    fresh_goals(model, kind, args.space_dim, args.space_lr, args.matcher_reward, args.real_strategy,
+                args.real_actor_tries)
     gm, out = model.goal_model, {}
     generation = DreamGeneration(every_n_updates=1, hard_offsets=tuple(args.offsets),
                                  rl_real_fraction=args.rl_real_fraction)
@@ -136,13 +137,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="episodes per split of real-game pursuit of hard goals (0: none)")
     parser.add_argument("--real-strategy", default="hard", choices=REAL_STRATEGIES,
                         help="the goals pursued in the real game (GoalStateModel strategy)")
+    parser.add_argument("--real-actor-tries", type=int, default=1,
+                        help="imagined actor rollouts that must all miss a real-game goal (GoalStateModel actor_tries)")
     parser.add_argument("--matcher-reward", default="similarity", choices=MATCHER_REWARDS,
                         help="the goal reward of the matcher's RL (GoalMatcher.reward)")
     parser.add_argument("--offsets", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--rl-real-fraction", type=float, default=0.0,
                         help="DreamGeneration.rl_real_fraction: share of the matcher's RL goals that are real hard pairs")
     args = parser.parse_args(argv)
-    for name in ("updates", "eval_batches", "batch_size", "space_dim"):
+    for name in ("updates", "eval_batches", "batch_size", "space_dim", "real_actor_tries"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.rl_real_fraction <= 1:

@@ -202,6 +202,27 @@ def test_the_control_strategy_proposes_only_goals_the_replayed_actions_reach_fro
     assert usable.tolist() == [True]
 
 
+def test_a_hard_goal_must_be_missed_by_every_one_of_actor_tries_dreams():
+    from dreamer.agent import Dreamer
+
+    calls = []
+
+    def right_once_then_left(feat):  # the first 3-step dream goes right, every later one left
+        calls.append(1)
+        return torch.full(feat.shape[:-1], 1 if len(calls) <= 3 else 0)
+
+    here = LineWorld.state(torch.tensor([4]))
+    for tries, hard in ((1, True), (2, False)):
+        calls.clear()
+        gm = replay_goal_model("control", (1,), (LEFT3,))
+        gm.hp.actor_tries = tries
+        _, usable = gm.propose_where(here, LineWorld(), SimpleNamespace(sample=right_once_then_left))
+        assert usable.tolist() == [hard] and len(calls) == 3 * tries
+    assert Dreamer(size="tiny", goals={"actor_tries": 3}).goal_model.hp.actor_tries == 3
+    with pytest.raises(ValueError, match="actor_tries"):
+        Dreamer(size="tiny", goals={"actor_tries": 0})
+
+
 def test_the_goal_bank_keeps_the_actions_that_led_from_each_start_to_its_goal():
     actions = torch.tensor([[0, 0, 2, 1, 1, 0, 2, 0, 1, 1], [1, 1, 1, 2, 0, 0, 0, 1, 2, 2]])  # (B, T)
     world, pos = LineWorld(), [torch.full((2,), 5)]
