@@ -389,6 +389,8 @@ class GoalPursuit(nn.Module):
     """Goal pursuit while acting, in one of three modes: off (plain DreamerV3 acting), ``track``
     (propose goals and measure goal success while the actor acts) or ``mix_weight`` set (DreamWeaning
     acts with ``w * matcher + (1 - w) * actor``). Goals are proposed and scored only when on.
+    With ``greedy`` the mixture's most likely action is taken instead of a sample (goal-reaching
+    evaluation; the actor acting alone still samples).
 
     ``metrics`` hold goal success per split (``fit`` while collecting, and each validation split);
     ``split`` says which one acting updates. Proposals draw from their own random stream, so
@@ -403,6 +405,7 @@ class GoalPursuit(nn.Module):
         self.metrics = nn.ModuleDict({split: GoalSuccess() for split in self.SPLITS})
         self.split = "fit"
         self.mix_weight: float | None = None
+        self.greedy = False
         self.learning = False  # the goal model follows training (set at fit start)
         self._seed = 0
 
@@ -422,7 +425,7 @@ class GoalPursuit(nn.Module):
             return agent.actor_critic.sample(feat), track
         matcher_logits = agent.goal_matcher.policy_logits(feat, agent.goal_model.goal_of(post), track.goal)
         probs = mixture_probs(agent.actor_critic.policy_logits(feat), matcher_logits, self.mix_weight)
-        return sample_index(probs), track
+        return (probs.argmax(-1) if self.greedy else sample_index(probs)), track
 
     @contextlib.contextmanager
     def measuring(self, split: str):

@@ -17,8 +17,9 @@ With ``--real-episodes N`` the trained matcher also pursues hard goals in the re
 (``--real-strategy hard``: replayed goals the actor's own dreams do not reach; ``control``: of
 those, only the ones that the replayed actions, imagined from the current state, do reach), on the
 run's training levels and on unseen levels, N episodes each: once the goal-blind actor acts while
-the goals are tracked, once the matcher acts alone (w = 1). Printed: goal step success, episode
-success, matches per episode and steps to reach, for both.
+the goals are tracked, once the matcher acts alone (w = 1; with ``--real-greedy`` taking its most
+likely action, not a sample). Printed: goal step success, episode success, matches per episode
+and steps to reach, for both.
 Needs a checkpoint with its replay (in RAM, or memory-mapped with the files in place).
 """
 
@@ -82,21 +83,22 @@ def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]
                                 lambda post, batch: generation.evaluate_hard(model, post, batch["is_first"],
                                                                              batch["action"])))
     if args.real_episodes:
-        out.update(real_game_pursuit(model, args.data, args.real_episodes))
+        out.update(real_game_pursuit(model, args.data, args.real_episodes, args.real_greedy))
     return out
 
 
-def real_game_pursuit(model, data: ReplayDataModule, episodes: int) -> dict[str, float]:
-    """Goal success on hard goals in the real game, per split: ``real/{split}/{actor,matcher}_{metric}``."""
+def real_game_pursuit(model, data: ReplayDataModule, episodes: int, greedy: bool = False) -> dict[str, float]:
+    """Goal success on hard goals in the real game, per split: ``real/{split}/{actor,matcher}_{metric}``;
+    with ``greedy`` the matcher takes its most likely actions."""
     out = {}
-    model.goals.track = True
+    model.goals.track, model.goals.greedy = True, greedy
     for who, weight in (("actor", None), ("matcher", 1.0)):
         model.goals.mix_weight = weight
         for split in ("train_levels", "unseen_levels"):
             with model.goals.measuring(split) as summary:
                 data.evaluate(model, split, episodes)
             out.update({f"real/{split}/{who}_{k.split('/')[-1]}": v for k, v in summary.items()})
-    model.goals.track, model.goals.mix_weight = False, None
+    model.goals.track, model.goals.mix_weight, model.goals.greedy = False, None, False
     return out
 
 
@@ -137,6 +139,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="episodes per split of real-game pursuit of hard goals (0: none)")
     parser.add_argument("--real-strategy", default="hard", choices=REAL_STRATEGIES,
                         help="the goals pursued in the real game (GoalStateModel strategy)")
+    parser.add_argument("--real-greedy", action="store_true",
+                        help="in the real game the matcher takes its most likely action instead of a sample")
     parser.add_argument("--real-actor-tries", type=int, default=1,
                         help="imagined actor rollouts that must all miss a real-game goal (GoalStateModel actor_tries)")
     parser.add_argument("--matcher-reward", default="similarity", choices=MATCHER_REWARDS,

@@ -199,6 +199,10 @@ def test_act_samples_from_the_weighted_mixture():
     expected = (0.8 + 0.2 * actor_p).mean().item()  # weights swapped would give about 0.25
     assert (action == target).float().mean().item() == pytest.approx(expected, abs=0.03)
 
+    model.goals.greedy = True  # the mixture's most likely action, the matcher's at w = 0.8
+    action, _ = model.act(obs, first)
+    assert (action == target).all()
+
 
 def test_bridge_coef_schedules():
     constant = BridgeDistillation(coef=0.5, schedule="constant", decay_env_steps=1000)
