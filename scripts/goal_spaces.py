@@ -18,8 +18,9 @@ With ``--real-episodes N`` the trained matcher also pursues hard goals in the re
 those, only the ones that the replayed actions, imagined from the current state, do reach), on the
 run's training levels and on unseen levels, N episodes each: once the goal-blind actor acts while
 the goals are tracked, once the matcher acts alone (w = 1; with ``--real-greedy`` taking its most
-likely action, not a sample). Printed: goal step success, episode success, matches per episode
-and steps to reach, for both.
+likely action, not a sample), each goal pursued for at most ``--real-goal-steps`` steps (default:
+the run's ``model.goals.steps``; the hard sets in dreams give k steps for a goal k steps ahead).
+Printed: goal step success, episode success, matches per episode and steps to reach, for both.
 Needs a checkpoint with its replay (in RAM, or memory-mapped with the files in place).
 """
 
@@ -83,22 +84,24 @@ def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]
                                 lambda post, batch: generation.evaluate_hard(model, post, batch["is_first"],
                                                                              batch["action"])))
     if args.real_episodes:
-        out.update(real_game_pursuit(model, args.data, args.real_episodes, args.real_greedy))
+        out.update(real_game_pursuit(model, args.data, args.real_episodes, args.real_greedy, args.real_goal_steps))
     return out
 
 
-def real_game_pursuit(model, data: ReplayDataModule, episodes: int, greedy: bool = False) -> dict[str, float]:
+def real_game_pursuit(model, data: ReplayDataModule, episodes: int, greedy: bool = False,
+                      goal_steps: int | None = None) -> dict[str, float]:
     """Goal success on hard goals in the real game, per split: ``real/{split}/{actor,matcher}_{metric}``;
-    with ``greedy`` the matcher takes its most likely actions."""
-    out = {}
-    model.goals.track, model.goals.greedy = True, greedy
+    with ``greedy`` the matcher takes its most likely actions; each goal is pursued for at most
+    ``goal_steps`` steps (default the run's ``model.goals.steps``)."""
+    out, run_steps = {}, model.goals.goal_steps
+    model.goals.track, model.goals.greedy, model.goals.goal_steps = True, greedy, goal_steps or run_steps
     for who, weight in (("actor", None), ("matcher", 1.0)):
         model.goals.mix_weight = weight
         for split in ("train_levels", "unseen_levels"):
             with model.goals.measuring(split) as summary:
                 data.evaluate(model, split, episodes)
             out.update({f"real/{split}/{who}_{k.split('/')[-1]}": v for k, v in summary.items()})
-    model.goals.track, model.goals.mix_weight, model.goals.greedy = False, None, False
+    model.goals.track, model.goals.mix_weight, model.goals.greedy, model.goals.goal_steps = False, None, False, run_steps
     return out
 
 
@@ -141,6 +144,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the goals pursued in the real game (GoalStateModel strategy)")
     parser.add_argument("--real-greedy", action="store_true",
                         help="in the real game the matcher takes its most likely action instead of a sample")
+    parser.add_argument("--real-goal-steps", type=int, default=None,
+                        help="steps a real-game goal is pursued before it is dropped (default: the run's model.goals.steps)")
     parser.add_argument("--real-actor-tries", type=int, default=1,
                         help="imagined actor rollouts that must all miss a real-game goal (GoalStateModel actor_tries)")
     parser.add_argument("--matcher-reward", default="similarity", choices=MATCHER_REWARDS,
@@ -156,6 +161,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--rl-real-fraction must lie in [0, 1], got {args.rl_real_fraction}")
     if not 0 < args.space_lr <= 1:
         parser.error(f"--space-lr must lie in (0, 1], got {args.space_lr}")
+    if args.real_goal_steps is not None and args.real_goal_steps < 1:
+        parser.error(f"--real-goal-steps must be >= 1, got {args.real_goal_steps}")
     for name in ("space_steps", "real_episodes"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")

@@ -153,6 +153,9 @@ def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run,
     with pytest.raises(SystemExit):
         goal_spaces.run([ckpt, "--real-strategy", "value"])
     assert "--real-strategy: invalid choice: 'value' (choose from" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        goal_spaces.run([ckpt, "--real-goal-steps", "0"])
+    assert "--real-goal-steps must be >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -168,10 +171,12 @@ def test_the_goal_space_comparison_pursues_hard_goals_in_the_real_game(smoke_run
     ckpt = str(cwd / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt")
     text = goal_spaces.run([ckpt, "--spaces", "deter", "inverse", "--updates", "2", "--space-steps", "3",
                             "--eval-batches", "1", "--batch-size", "4", "--seq-len", "16", "--offsets", "4",
-                            "--real-episodes", "1", "--real-strategy", "control"])
+                            "--real-episodes", "1", "--real-strategy", "control", "--real-goal-steps", "4"])
     real = text.split("\n\n", 1)[1]
     assert "control goals in the real game, train levels" in real and "real game, unseen levels" in real
     lines = [line.split() for line in real.splitlines() if line.split() and line.split()[0] in ("deter", "inverse")]
     assert len(lines) == 4 and all(len(line) == 1 + 4 * 3 and line[2] == "/" for line in lines)
     step_success = [float(line[c]) for line in lines for c in (1, 3)]  # the actor's and the matcher's
     assert all(0.0 <= v <= 1.0 for v in step_success)
+    reach = [line[c] for line in lines for c in (10, 12)]  # steps to reach: a goal is dropped after 4 steps
+    assert all(v == "-" or 1.0 <= float(v) <= 4.0 for v in reach), reach
