@@ -320,9 +320,9 @@ class GoalStateModel(nn.Module):
                                actor_critic) -> tuple[torch.Tensor, torch.Tensor]:
         """Among the ``rollouts`` bank pairs whose starts are most similar to each state (``sim``
         (N, filled)), the goal of the most similar one that none of ``actor_tries`` imagined actor
-        rollouts of ``offset`` steps from the state matches (with ``control``: and that the pair's replayed actions,
-        imagined from the state, do match), and whether there was one (N,); where there is none,
-        the most similar one."""
+        rollouts of ``offset`` steps from the state matches (with ``control``: and that the pair's
+        replayed actions, imagined from the state, do match), and whether there was one (N,);
+        where there is none, the most similar one."""
         top = sim.topk(min(self.hp.rollouts, sim.shape[1]), -1).indices  # (N, R), most similar first
         candidates = self.space.project(self.bank_goal[top])  # (N, R, G)
         wanted = torch.ones(candidates.shape[:2], dtype=torch.bool, device=candidates.device)  # (N, R)
