@@ -33,7 +33,7 @@ def test_ddp_leaves_the_goal_matcher_goal_space_and_goal_banks_alone_and_nothing
     matcher = {f"goal_matcher.{name}" for name, _ in [*model.goal_matcher.named_parameters(),
                                                       *model.goal_matcher.named_buffers()]}
     learned_space = {f"goal_model.space.{name}" for name, _ in model.goal_model.space.named_parameters()}
-    banks = {"goal_model.bank_start", "goal_model.bank_goal", "goal_model.bank_count"}
+    banks = {"goal_model.bank_start", "goal_model.bank_goal", "goal_model.bank_path", "goal_model.bank_count"}
     assert {"goal_matcher.ac.actor.0.weight", "goal_matcher.ac.critic.0.weight", "goal_matcher.ac.ret_lo"} <= matcher
     assert ("goal_model.space.proj.weight" in learned_space) == (space == "inverse")
     assert ignored == matcher | learned_space | banks
