@@ -329,11 +329,15 @@ class GoalStateModel(nn.Module):
         for _ in range(self.hp.actor_tries):
             states, _, _ = world_model.rssm.imagine(state, actor_critic.sample, self.hp.offset)
             visited = self.goal_of(states)[1:]  # (k, N, G)
-            wanted &= ~(self.between(candidates.unsqueeze(0), visited.unsqueeze(2)) >= self.hp.threshold).any(0)
+            wanted &= ~self._matched_on_the_way(candidates, visited.unsqueeze(2))
         if self.hp.strategy == "control":
             wanted &= self._replayed_path_reaches(state, candidates, self.bank_path[top], world_model)
         free = wanted.float().argmax(-1)  # first wanted candidate, 0 if none
         return candidates[torch.arange(len(free), device=free.device), free], wanted.any(-1)
+
+    def _matched_on_the_way(self, goal: torch.Tensor, visited: torch.Tensor) -> torch.Tensor:
+        """(...): whether goals (..., G) match the goal vectors of any imagined step (k, ..., G)."""
+        return (self.between(goal.unsqueeze(0), visited) >= self.hp.threshold).any(0)
 
     def _replayed_path_reaches(self, state: State, candidates: torch.Tensor, path: torch.Tensor,
                                world_model) -> torch.Tensor:
@@ -344,8 +348,7 @@ class GoalStateModel(nn.Module):
         open_loop = path.reshape(n * r, k).clamp(min=0).T.contiguous()  # (k, N * R)
         states, _, _ = world_model.rssm.imagine(start, open_loop, k)
         visited = self.goal_of(states)[1:].reshape(k, n, r, -1)  # (k, N, R, G)
-        hit = (self.between(candidates.unsqueeze(0), visited) >= self.hp.threshold).any(0)
-        return hit & (path >= 0).all(-1)
+        return self._matched_on_the_way(candidates, visited) & (path >= 0).all(-1)
 
     def _best_imagined_end(self, state: State, world_model, actor_critic) -> torch.Tensor:
         hp = self.hp

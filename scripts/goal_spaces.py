@@ -42,13 +42,13 @@ from datamodules.replay_datamodule import ReplayDataModule  # noqa: E402
 from dreamer.checkpoints import CheckpointError, read_checkpoint  # noqa: E402
 from dreamer.goal_space import SPACES, make_goal_space  # noqa: E402
 from dreamer.goals import MATCHER_REWARDS, GoalMatcher, GoalStateModel  # noqa: E402
-REAL_STRATEGIES = ("hard", "control")
 from scripts.goal_ablation import mean_over_replay, mean_se, replayed_posteriors  # noqa: E402
 from scripts.world_model_probe import load  # noqa: E402
 
 COLUMNS = ("matcher", "actor", "random", "replay", "lift", "kept")
 SETS = ("hard", "control")
 REAL = ("step_success", "episode_success", "matches_per_episode", "steps_to_reach")
+REAL_STRATEGIES = ("hard", "control")  # the goals pursued in the real game (GoalStateModel strategies)
 
 
 def fresh_goals(model, kind: str, space_dim: int, space_lr: float, reward: str = "similarity",
