@@ -112,7 +112,8 @@ class GoalKnobs:
     see ``dreamer/goal_space.py``), goal proposals, matching, the matcher's optimiser, and ``track``
     (measure goal success while acting without DreamWeaning); ``matcher_reward`` is the goal reward
     of the matcher's RL (``GoalMatcher``); ``actor_tries`` the imagined actor rollouts that must all
-    miss a ``hard`` or ``control`` goal; see ``dreamer/goals.py``."""
+    miss a ``hard`` or ``control`` goal; ``plan`` (0: off) the dreams of ``plan_horizon`` steps that
+    choose each action while the matcher acts (``GoalPursuit.planned``); see ``dreamer/goals.py``."""
 
     space: str = knob("deter", choices=SPACES)
     space_dim: int = knob(32, 1, 4096, integer=True)
@@ -125,6 +126,8 @@ class GoalKnobs:
     matcher_reward: str = knob("similarity", choices=MATCHER_REWARDS)
     track: bool = knob(False, choices=(False, True))
     actor_tries: int = knob(1, 1, 64, integer=True)
+    plan: int = knob(0, 0, 1024, integer=True)
+    plan_horizon: int = knob(8, 1, 256, integer=True)
 
 
 KNOBS = {"world_model": WorldModelKnobs, "actor_critic": ActorCriticKnobs, "goals": GoalKnobs}

@@ -395,6 +395,11 @@ class GoalPursuit(nn.Module):
     With ``greedy`` the mixture's most likely action is taken instead of a sample (goal-reaching
     evaluation; the actor acting alone still samples).
 
+    With ``plan`` > 0 and a mixture weight above 0, acting is guided by dreams: each step imagines
+    ``plan`` rollouts of ``plan_horizon`` steps per lane with the mixture policy and takes the first
+    action of the rollout that matches the lane's goal soonest (or, where none matches, comes
+    closest to it); see ``planned``.
+
     ``metrics`` hold goal success per split (``fit`` while collecting, and each validation split);
     ``split`` says which one acting updates. Proposals draw from their own random stream, so
     pursuing goals never changes the training's.
@@ -402,9 +407,10 @@ class GoalPursuit(nn.Module):
 
     SPLITS = ("fit", "train_levels", "unseen_levels")
 
-    def __init__(self, goal_steps: int, track: bool = False) -> None:
+    def __init__(self, goal_steps: int, track: bool = False, plan: int = 0, plan_horizon: int = 8) -> None:
         super().__init__()
         self.goal_steps, self.track = goal_steps, track
+        self.plan, self.plan_horizon = plan, plan_horizon
         self.metrics = nn.ModuleDict({split: GoalSuccess() for split in self.SPLITS})
         self.split = "fit"
         self.mix_weight: float | None = None
@@ -426,9 +432,35 @@ class GoalPursuit(nn.Module):
                           agent.world_model, agent.actor_critic)
         if not self.mix_weight:
             return agent.actor_critic.sample(feat), track
+        if self.plan:
+            return self.planned(agent, post, track.goal), track
         matcher_logits = agent.goal_matcher.policy_logits(feat, agent.goal_model.goal_of(post), track.goal)
         probs = mixture_probs(agent.actor_critic.policy_logits(feat), matcher_logits, self.mix_weight)
         return (probs.argmax(-1) if self.greedy else sample_index(probs)), track
+
+    def mixture(self, agent, goal: torch.Tensor):
+        """The acting policy ``feat -> actions`` toward ``goal`` (N, G), for ``rssm.imagine``."""
+        space = agent.goal_model.space
+        return lambda feat: sample_index(mixture_probs(
+            agent.actor_critic.policy_logits(feat),
+            agent.goal_matcher.policy_logits(feat, space.of_features(feat), goal), self.mix_weight))
+
+    def planned(self, agent, post: State, goal: torch.Tensor) -> torch.Tensor:
+        """Actions (N,) chosen in dreams: from each state (N, ...) imagine ``plan`` rollouts of
+        ``plan_horizon`` steps with the mixture toward the lane's ``goal`` (N, G), score each by how
+        soon it matches the goal (``1 + H - t`` for a first match at step t in 1..H, so at least 1)
+        or else by its best similarity (below the threshold, so below any match), and take the
+        first action of the best rollout of each lane."""
+        n, p, h = len(goal), self.plan, self.plan_horizon
+        start = {k: v.repeat_interleave(p, 0) for k, v in post.items()}  # (N * P, ...)
+        goals = goal.repeat_interleave(p, 0)  # (N * P, G)
+        states, _, actions = agent.world_model.rssm.imagine(start, self.mixture(agent, goals), h)
+        sim = agent.goal_model.similarity(goals.unsqueeze(0), {k: v[1:] for k, v in states.items()})  # (H, N * P)
+        first, _ = first_match(sim, agent.goal_model.hp.threshold)
+        steps_left = torch.arange(h, 0, -1, device=sim.device, dtype=sim.dtype).unsqueeze(-1)  # (H, 1): H..1
+        score = torch.where(first.any(0), (first * steps_left).sum(0), sim.max(0).values)  # (N * P,)
+        best = score.reshape(n, p).argmax(-1)  # (N,)
+        return actions[0].reshape(n, p)[torch.arange(n, device=best.device), best]
 
     @contextlib.contextmanager
     def measuring(self, split: str):

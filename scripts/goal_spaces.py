@@ -18,8 +18,10 @@ With ``--real-episodes N`` the trained matcher also pursues hard goals in the re
 those, only the ones that the replayed actions, imagined from the current state, do reach), on the
 run's training levels and on unseen levels, N episodes each: once the goal-blind actor acts while
 the goals are tracked, once the matcher acts alone (w = 1; with ``--real-greedy`` taking its most
-likely action, not a sample), each goal pursued for at most ``--real-goal-steps`` steps (default:
-the run's ``model.goals.steps``; the hard sets in dreams give k steps for a goal k steps ahead).
+likely action, not a sample; with ``--real-plan P`` choosing each action in P dreams of
+``--real-plan-horizon`` steps, ``GoalPursuit.planned``), each goal pursued for at most
+``--real-goal-steps`` steps (default: the run's ``model.goals.steps``; the hard sets in dreams give
+k steps for a goal k steps ahead).
 Printed: goal step success, episode success, matches per episode and steps to reach, for both.
 Needs a checkpoint with its replay (in RAM, or memory-mapped with the files in place).
 """
@@ -84,28 +86,33 @@ def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]
                                 lambda post, batch: generation.evaluate_hard(model, post, batch["is_first"],
                                                                              batch["action"])))
     if args.real_episodes:
-        out.update(real_game_pursuit(model, args.data, args.real_episodes, args.real_greedy, args.real_goal_steps))
+        out.update(real_game_pursuit(model, args.data, args.real_episodes, args.real_greedy, args.real_goal_steps,
+                                     args.real_plan, args.real_plan_horizon))
     return out
 
 
 def real_game_pursuit(model, data: ReplayDataModule, episodes: int, greedy: bool = False,
-                      goal_steps: int | None = None) -> dict[str, float]:
+                      goal_steps: int | None = None, plan: int = 0, plan_horizon: int = 8) -> dict[str, float]:
     """Goal success on hard goals in the real game, per split: ``real/{split}/{actor,matcher}_{metric}``;
-    with ``greedy`` the matcher takes its most likely actions; each goal is pursued for at most
-    ``goal_steps`` steps (default the run's ``model.goals.steps``)."""
-    out, run_steps = {}, model.goals.goal_steps
-    model.goals.track, model.goals.greedy, model.goals.goal_steps = True, greedy, goal_steps or run_steps
+    with ``greedy`` the matcher takes its most likely actions, with ``plan`` > 0 it chooses them in
+    that many dreams of ``plan_horizon`` steps; each goal is pursued for at most ``goal_steps`` steps
+    (default the run's ``model.goals.steps``)."""
+    out, run = {}, (model.goals.goal_steps, model.goals.plan, model.goals.plan_horizon)
+    model.goals.track, model.goals.greedy, model.goals.goal_steps = True, greedy, goal_steps or run[0]
+    model.goals.plan, model.goals.plan_horizon = plan, plan_horizon
     for who, weight in (("actor", None), ("matcher", 1.0)):
         model.goals.mix_weight = weight
         for split in ("train_levels", "unseen_levels"):
             with model.goals.measuring(split) as summary:
                 data.evaluate(model, split, episodes)
             out.update({f"real/{split}/{who}_{k.split('/')[-1]}": v for k, v in summary.items()})
-    model.goals.track, model.goals.mix_weight, model.goals.greedy, model.goals.goal_steps = False, None, False, run_steps
+    model.goals.track, model.goals.mix_weight, model.goals.greedy = False, None, False
+    model.goals.goal_steps, model.goals.plan, model.goals.plan_horizon = run
     return out
 
 
-def table(results: dict[str, list[dict[str, float]]], offsets: list[int], strategy: str = "hard") -> str:
+def table(results: dict[str, list[dict[str, float]]], offsets: list[int], strategy: str = "hard",
+          matcher: str = "matcher acting (w = 1)") -> str:
     lines = [f"{'space':9s} {'set':7s} {'k':>3s} " + " ".join(f"{c:>15s}" for c in COLUMNS) + f" {'inverse acc':>15s}"]
     for kind, runs in results.items():
         acc = mean_se([r["goal_space/inverse_accuracy"] for r in runs if "goal_space/inverse_accuracy" in r])
@@ -117,7 +124,7 @@ def table(results: dict[str, list[dict[str, float]]], offsets: list[int], strate
     for split in ("train_levels", "unseen_levels"):
         if not any(f"real/{split}/actor_step_success" in r for runs in results.values() for r in runs):
             continue
-        lines.append(f"\n{strategy} goals in the real game, {split.replace('_', ' ')}: actor acting / matcher acting (w = 1)")
+        lines.append(f"\n{strategy} goals in the real game, {split.replace('_', ' ')}: actor acting / {matcher}")
         lines.append(f"{'space':8s} " + " ".join(f"{m:>33s}" for m in REAL))
         for kind, runs in results.items():
             cells = [" / ".join(mean_se([r[f"real/{split}/{who}_{m}"] for r in runs if f"real/{split}/{who}_{m}" in r])
@@ -146,6 +153,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="in the real game the matcher takes its most likely action instead of a sample")
     parser.add_argument("--real-goal-steps", type=int, default=None,
                         help="steps a real-game goal is pursued before it is dropped (default: the run's model.goals.steps)")
+    parser.add_argument("--real-plan", type=int, default=0,
+                        help="in the real game the matcher chooses each action in this many dreams (0: it acts alone)")
+    parser.add_argument("--real-plan-horizon", type=int, default=8, help="steps of each of those dreams")
     parser.add_argument("--real-actor-tries", type=int, default=1,
                         help="imagined actor rollouts that must all miss a real-game goal (GoalStateModel actor_tries)")
     parser.add_argument("--matcher-reward", default="similarity", choices=MATCHER_REWARDS,
@@ -154,7 +164,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rl-real-fraction", type=float, default=0.0,
                         help="DreamGeneration.rl_real_fraction: share of the matcher's RL goals that are real hard pairs")
     args = parser.parse_args(argv)
-    for name in ("updates", "eval_batches", "batch_size", "space_dim", "real_actor_tries"):
+    for name in ("updates", "eval_batches", "batch_size", "space_dim", "real_actor_tries", "real_plan_horizon"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.rl_real_fraction <= 1:
@@ -163,7 +173,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--space-lr must lie in (0, 1], got {args.space_lr}")
     if args.real_goal_steps is not None and args.real_goal_steps < 1:
         parser.error(f"--real-goal-steps must be >= 1, got {args.real_goal_steps}")
-    for name in ("space_steps", "real_episodes"):
+    for name in ("space_steps", "real_episodes", "real_plan"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if min(args.offsets) < 1 or max(args.offsets) >= args.seq_len:
@@ -188,7 +198,9 @@ def run(argv: list[str] | None = None) -> str:
             start = time.perf_counter()
             results.setdefault(kind, []).append(compare_space(model, replay, kind, seed, args))
             print(f"{kind} seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    return table(results, args.offsets, args.real_strategy)
+    matcher = (f"matcher choosing in {args.real_plan} dreams of {args.real_plan_horizon} steps" if args.real_plan
+               else "matcher acting (w = 1)")
+    return table(results, args.offsets, args.real_strategy, matcher)
 
 
 if __name__ == "__main__":

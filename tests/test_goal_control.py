@@ -2,6 +2,7 @@
 what the goal-blind actor reaches, the goal reward peaks exactly at the goal, and the matcher's
 reinforcement learning reaches goals the actor cannot."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from callbacks.dreams import hard_goals, reached
-from dreamer.goals import GoalMatcher, GoalStateModel, first_match
+from dreamer.goals import GoalMatcher, GoalPursuit, GoalStateModel, first_match
 
 P = 9  # positions 0..8 on a line; the state is the one-hot position
 
@@ -347,3 +348,36 @@ def test_dream_generation_with_real_rl_goals_trains_on_them_and_fills_up_with_dr
         torch.testing.assert_close(goal[: len(real_goal)], seen[0][: len(real_goal)])
         is_real = torch.cdist(goal, real_goals, compute_mode="donot_use_mm_for_euclid_dist").min(-1).values < 1e-5
         assert is_real[: len(real_goal)].all()
+
+
+# --------------------------------------------------------------------------- planning in dreams
+def uniform_logits(feat, here, goal):
+    return torch.full((*feat.shape[:-1], 15), -math.log(15.0))
+
+
+def right_logits(feat):
+    return F.one_hot(torch.ones(feat.shape[:-1], dtype=torch.long), 15).float().clamp(min=1e-12).log()
+
+
+def test_planning_takes_the_first_action_of_the_dream_that_matches_the_goal_soonest():
+    torch.manual_seed(0)
+    agent = SimpleNamespace(world_model=LineWorld(), goal_model=goal_model(),
+                            goal_matcher=SimpleNamespace(policy_logits=uniform_logits),
+                            actor_critic=SimpleNamespace(policy_logits=right_logits))
+    n = 32  # lanes at position 4: the first half toward 2 (two steps left), the rest toward 5 (one right)
+    here = LineWorld.state(torch.full((2 * n,), 4))
+    goal = agent.goal_model.goal_of(LineWorld.state(torch.tensor([2] * n + [5] * n)))
+    pursuit = GoalPursuit(goal_steps=32, plan=128, plan_horizon=4)
+    pursuit.mix_weight = 1.0  # the uniform matcher proposes; the always-right actor has no say
+    move = pursuit.planned(agent, here, goal) % 3  # 0 left, 1 right, 2 stay
+    # dreams such as (right, left, left, left) also end at 2, and (stay, right) at 5: only the
+    # soonest match fixes the first step
+    assert (move[:n] == 0).all() and (move[n:] == 1).all()
+
+    pursuit.plan = 1  # one dream: its first action is just a sample of the uniform matcher
+    move = pursuit.planned(agent, here, goal) % 3
+    assert (move[:n] == 0).float().mean() < 0.7 and (move[n:] == 1).float().mean() < 0.7
+
+    pursuit.plan, pursuit.mix_weight = 128, 1e-3  # the actor's dreams all go right: 2 out of reach
+    move = pursuit.planned(agent, here, goal) % 3
+    assert (move[n:] == 1).all() and (move[:n] == 1).float().mean() > 0.8

@@ -156,6 +156,12 @@ def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run,
     with pytest.raises(SystemExit):
         goal_spaces.run([ckpt, "--real-goal-steps", "0"])
     assert "--real-goal-steps must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        goal_spaces.run([ckpt, "--real-plan", "-1"])
+    assert "--real-plan must be >= 0, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        goal_spaces.run([ckpt, "--real-plan-horizon", "0"])
+    assert "--real-plan-horizon must be >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -171,9 +177,11 @@ def test_the_goal_space_comparison_pursues_hard_goals_in_the_real_game(smoke_run
     ckpt = str(cwd / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt")
     text = goal_spaces.run([ckpt, "--spaces", "deter", "inverse", "--updates", "2", "--space-steps", "3",
                             "--eval-batches", "1", "--batch-size", "4", "--seq-len", "16", "--offsets", "4",
-                            "--real-episodes", "1", "--real-strategy", "control", "--real-goal-steps", "4"])
+                            "--real-episodes", "1", "--real-strategy", "control", "--real-goal-steps", "4",
+                            "--real-plan", "2", "--real-plan-horizon", "3"])
     real = text.split("\n\n", 1)[1]
     assert "control goals in the real game, train levels" in real and "real game, unseen levels" in real
+    assert "actor acting / matcher choosing in 2 dreams of 3 steps" in real
     lines = [line.split() for line in real.splitlines() if line.split() and line.split()[0] in ("deter", "inverse")]
     assert len(lines) == 4 and all(len(line) == 1 + 4 * 3 and line[2] == "/" for line in lines)
     step_success = [float(line[c]) for line in lines for c in (1, 3)]  # the actor's and the matcher's

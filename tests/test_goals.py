@@ -203,6 +203,23 @@ def test_act_samples_from_the_weighted_mixture():
     action, _ = model.act(obs, first)
     assert (action == target).all()
 
+    model.goals.greedy, model.goals.mix_weight = False, 1.0
+    model.goals.plan, model.goals.plan_horizon = 3, 2  # choosing in dreams among the matcher's own actions
+    imagined = []
+    imagine = model.world_model.rssm.imagine
+    model.world_model.rssm.imagine = lambda start, policy, h, **kw: imagined.append(h) or imagine(start, policy, h, **kw)
+    action, _ = model.act(obs[:5], first[:5])
+    assert (action == target).all() and imagined[-1] == 2
+
+
+def test_the_plan_knobs_reach_goal_pursuit_and_bad_values_are_refused():
+    model = Dreamer(size="tiny", goals={"plan": 16, "plan_horizon": 4})
+    assert (model.goals.plan, model.goals.plan_horizon) == (16, 4)
+    assert Dreamer(size="tiny").goals.plan == 0  # acting alone by default
+    for bad in ({"plan": -1}, {"plan_horizon": 0}):
+        with pytest.raises(ValueError, match=f"model.goals.{next(iter(bad))} must"):
+            Dreamer(size="tiny", goals=bad)
+
 
 def test_bridge_coef_schedules():
     constant = BridgeDistillation(coef=0.5, schedule="constant", decay_env_steps=1000)
