@@ -2,10 +2,15 @@
 
     python benchmarks/agent_speed.py [--sizes tiny 12M 25M] [--batch 16] [--seq 64] [--updates 5]
                                      [--precision 32|bf16] [--compile] [--cuda-graph] [--floor]
+                                     [--act-plans 0 16 64]
 
 One update = ``Dreamer.loss`` (world-model loss on B x T replayed steps, 15-step imagination from
 every posterior state, actor and critic losses), one backward, clipping and three optimiser steps:
 ``dreamer.update.update``, what ``Dreamer.training_step`` runs. Acting = ``Dreamer.act`` on 16 procgen envs.
+
+``--act-plans`` adds acting toward goals with the matcher alone (w = 1): for each P, env steps/s
+when every action is chosen in P dreams (``model.goals.plan``; 0: the matcher samples), and that
+over the actor acting alone.
 
 ``--floor`` adds the FLOP floor: the FLOPs of one whole update (``torch.utils.flop_counter``)
 divided by the sustained rate of one large matmul in the same precision on the same threads,
@@ -80,7 +85,8 @@ def fake_batch(batch: int, seq: int, device) -> dict[str, torch.Tensor]:
 
 def bench(size: str, batch: int, seq: int, updates: int, device, precision: str = "32",
           compile: bool = False, overrides: dict | None = None, act: bool = True,
-          floor: bool = False, cuda_graph: bool = False, **model_kwargs) -> dict[str, float]:
+          floor: bool = False, cuda_graph: bool = False, act_plans: tuple[int, ...] = (),
+          **model_kwargs) -> dict[str, float]:
     torch.manual_seed(0)
     model = Dreamer(size=size, overrides=overrides or None, **model_kwargs).to(device)
     optimizers = model.configure_optimizers()[:3]  # world model, actor, critic
@@ -112,6 +118,7 @@ def bench(size: str, batch: int, seq: int, updates: int, device, precision: str 
     update_s = (time.perf_counter() - start) / updates
 
     act_steps_s = acting_speed(model) if act else float("nan")
+    plan_steps_s = {f"env_steps_per_s_plan{p}": acting_speed(model, plan=p) for p in act_plans}
     gflop = update_gflop(model, optimizers, data, autocast) if floor else float("nan")
     floor_s = gflop / matmul_gflops(device, precision) if floor else float("nan")
     return {
@@ -122,6 +129,7 @@ def bench(size: str, batch: int, seq: int, updates: int, device, precision: str 
         "updates_per_s": 1 / update_s,
         "seconds_per_update": update_s,
         "env_steps_per_s_acting": act_steps_s,
+        **plan_steps_s,
         "world_model_M": params(model.world_model),
         "actor_M": params(model.actor_critic.actor),
         "critic_M": params(model.actor_critic.critic),
@@ -130,10 +138,21 @@ def bench(size: str, batch: int, seq: int, updates: int, device, precision: str 
     }
 
 
-def acting_speed(model: Dreamer, steps: int = 50) -> float:
+def acting_speed(model: Dreamer, steps: int = 50, plan: int | None = None) -> float:
     """Env steps/s of ``Dreamer.act`` on 16 coinrun envs (procgen is imported only here: the GPU
-    machines have none)."""
+    machines have none); with ``plan`` the matcher acts alone toward goals, choosing each action
+    in that many dreams (0: by a sample)."""
     from datamodules.procgen import ProcgenVectorEnv
+
+    if plan is not None:
+        model.goals.mix_weight, model.goals.plan = 1.0, plan
+    try:
+        return _acting_speed(model, steps, ProcgenVectorEnv)
+    finally:
+        model.goals.mix_weight, model.goals.plan = None, 0
+
+
+def _acting_speed(model: Dreamer, steps: int, ProcgenVectorEnv) -> float:
 
     env = ProcgenVectorEnv("coinrun", 16, num_levels=200, seed=0)
     obs, _ = env.reset()
@@ -160,6 +179,8 @@ def main() -> None:
                         help="replay the whole update as one CUDA graph (dreamer.update.GraphedUpdate)")
     parser.add_argument("--no-act", dest="act", action="store_false", help="skip acting (needs procgen)")
     parser.add_argument("--floor", action="store_true", help="FLOPs per update and the FLOP floor")
+    parser.add_argument("--act-plans", type=int, nargs="*", default=[], metavar="P",
+                        help="also act toward goals with the matcher, choosing in P dreams (0: by a sample)")
     parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="size entries for every size, e.g. stoch=32 gru_blocks=8")
     parser.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
@@ -173,6 +194,10 @@ def main() -> None:
     device = torch.device(args.device)
     if args.cuda_graph and device.type != "cuda":
         parser.error(f"--cuda-graph needs --device cuda (got {device})")
+    if any(p < 0 for p in args.act_plans):
+        parser.error(f"--act-plans must be >= 0, got {args.act_plans}")
+    if args.act_plans and not args.act:
+        parser.error("--act-plans measures acting: leave out --no-act")
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"batch {args.batch} x {args.seq}, precision {args.precision}, compile {args.compile}, cuda graph {args.cuda_graph}, "
           f"overrides {overrides or '-'}, model {model_kwargs or '-'}")
@@ -181,7 +206,7 @@ def main() -> None:
     for size in args.sizes:
         try:
             r = bench(size, args.batch, args.seq, args.updates, device, args.precision, args.compile,
-                      overrides, args.act, args.floor, args.cuda_graph, **model_kwargs)
+                      overrides, args.act, args.floor, args.cuda_graph, tuple(args.act_plans), **model_kwargs)
         except ValueError as e:  # the model refused a size, override or argument
             parser.error(str(e))
         print(f"{size:>6} {r['first_update_s']:>8.2f} {r['updates_per_s']:>8.3f} {r['seconds_per_update']:>8.3f} "
@@ -189,6 +214,10 @@ def main() -> None:
               f"{r['critic_M']:>9.2f} {r['peak_rss_gb']:>12.2f} {r['gpu_peak_gb']:>7.2f}"
               + (f" {r['gflop_per_update']:>8.1f} {r['floor_s']:>8.3f} {r['times_floor']:>8.1f}" if args.floor else ""),
               flush=True)
+        for p in args.act_plans:
+            speed = r[f"env_steps_per_s_plan{p}"]
+            print(f"{size:>6} acting toward goals, matcher {'choosing in ' + str(p) + ' dreams' if p else 'sampling'}: "
+                  f"{speed:.0f} env steps/s ({speed / r['env_steps_per_s_acting']:.2f}x the actor alone)", flush=True)
 
 
 if __name__ == "__main__":

@@ -197,3 +197,21 @@ def test_the_gpu_agreement_check_draws_the_same_noise_everywhere_and_flags_diffe
     assert differences["loss/image"] == pytest.approx(5e-4)  # within tolerance
     assert differences["loss/actor"] == pytest.approx(2e-3)  # absolute near zero: 2e-4 / 0.1
     assert differences["loss/image"] < TOLERANCE < differences["loss/actor"]
+
+
+def test_the_speed_benchmark_times_acting_toward_goals_in_dreams_and_refuses_bad_plans():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "agent_speed.py")
+    out = subprocess.run([sys.executable, script, "--sizes", "tiny", "--updates", "1", "--batch", "2", "--seq", "8",
+                          "--act-plans", "0", "4"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if "acting toward goals" in line]
+    assert [line.split("matcher ")[1].split(":")[0] for line in lines] == ["sampling", "choosing in 4 dreams"]
+    assert all(float(line.split(": ")[1].split()[0]) > 0 for line in lines)
+    for bad, message in ((["--act-plans", "-1"], "--act-plans must be >= 0, got [-1]"),
+                         (["--act-plans", "4", "--no-act"], "--act-plans measures acting: leave out --no-act")):
+        out = subprocess.run([sys.executable, script, "--sizes", "tiny", *bad], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and out.stderr.splitlines()[-1] == f"agent_speed.py: error: {message}"
