@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dreamer.actor_critic import ActorCritic
@@ -411,6 +412,7 @@ class GoalPursuit(nn.Module):
         super().__init__()
         self.goal_steps, self.track = goal_steps, track
         self.plan, self.plan_horizon = plan, plan_horizon
+        self.plan_pick = "rollout"
         self.metrics = nn.ModuleDict({split: GoalSuccess() for split in self.SPLITS})
         self.split = "fit"
         self.mix_weight: float | None = None
@@ -458,9 +460,14 @@ class GoalPursuit(nn.Module):
         sim = agent.goal_model.similarity(goals.unsqueeze(0), {k: v[1:] for k, v in states.items()})  # (H, N * P)
         first, _ = first_match(sim, agent.goal_model.hp.threshold)
         steps_left = torch.arange(h, 0, -1, device=sim.device, dtype=sim.dtype).unsqueeze(-1)  # (H, 1): H..1
-        score = torch.where(first.any(0), (first * steps_left).sum(0), sim.max(0).values)  # (N * P,)
-        best = score.reshape(n, p).argmax(-1)  # (N,)
-        return actions[0].reshape(n, p)[torch.arange(n, device=best.device), best]
+        score = torch.where(first.any(0), (first * steps_left).sum(0), sim.max(0).values).reshape(n, p)
+        first_action = actions[0].reshape(n, p)
+        if self.plan_pick == "action":  # the first action whose rollouts score best on average
+            one_hot = F.one_hot(first_action, int(first_action.max()) + 1).to(score.dtype)  # (N, P, A)
+            total, count = (one_hot * score.unsqueeze(-1)).sum(1), one_hot.sum(1)  # (N, A)
+            return (total / count.clamp(min=1)).masked_fill(count == 0, float("-inf")).argmax(-1)
+        best = score.argmax(-1)  # (N,)
+        return first_action[torch.arange(n, device=best.device), best]
 
     @contextlib.contextmanager
     def measuring(self, split: str):

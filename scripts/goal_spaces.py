@@ -87,19 +87,20 @@ def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]
                                                                              batch["action"])))
     if args.real_episodes:
         out.update(real_game_pursuit(model, args.data, args.real_episodes, args.real_greedy, args.real_goal_steps,
-                                     args.real_plan, args.real_plan_horizon))
+                                     args.real_plan, args.real_plan_horizon, args.real_plan_pick))
     return out
 
 
 def real_game_pursuit(model, data: ReplayDataModule, episodes: int, greedy: bool = False,
-                      goal_steps: int | None = None, plan: int = 0, plan_horizon: int = 8) -> dict[str, float]:
+                      goal_steps: int | None = None, plan: int = 0, plan_horizon: int = 8,
+                      plan_pick: str = "rollout") -> dict[str, float]:
     """Goal success on hard goals in the real game, per split: ``real/{split}/{actor,matcher}_{metric}``;
     with ``greedy`` the matcher takes its most likely actions, with ``plan`` > 0 it chooses them in
     that many dreams of ``plan_horizon`` steps; each goal is pursued for at most ``goal_steps`` steps
     (default the run's ``model.goals.steps``)."""
-    out, run = {}, (model.goals.goal_steps, model.goals.plan, model.goals.plan_horizon)
+    out, run = {}, (model.goals.goal_steps, model.goals.plan, model.goals.plan_horizon, model.goals.plan_pick)
     model.goals.track, model.goals.greedy, model.goals.goal_steps = True, greedy, goal_steps or run[0]
-    model.goals.plan, model.goals.plan_horizon = plan, plan_horizon
+    model.goals.plan, model.goals.plan_horizon, model.goals.plan_pick = plan, plan_horizon, plan_pick
     for who, weight in (("actor", None), ("matcher", 1.0)):
         model.goals.mix_weight = weight
         for split in ("train_levels", "unseen_levels"):
@@ -107,7 +108,7 @@ def real_game_pursuit(model, data: ReplayDataModule, episodes: int, greedy: bool
                 data.evaluate(model, split, episodes)
             out.update({f"real/{split}/{who}_{k.split('/')[-1]}": v for k, v in summary.items()})
     model.goals.track, model.goals.mix_weight, model.goals.greedy = False, None, False
-    model.goals.goal_steps, model.goals.plan, model.goals.plan_horizon = run
+    model.goals.goal_steps, model.goals.plan, model.goals.plan_horizon, model.goals.plan_pick = run
     return out
 
 
@@ -156,6 +157,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--real-plan", type=int, default=0,
                         help="in the real game the matcher chooses each action in this many dreams (0: it acts alone)")
     parser.add_argument("--real-plan-horizon", type=int, default=8, help="steps of each of those dreams")
+    parser.add_argument("--real-plan-pick", default="rollout", choices=("rollout", "action"),
+                        help="take the first action of the best dream, or the first action whose dreams score best on average")
     parser.add_argument("--real-actor-tries", type=int, default=1,
                         help="imagined actor rollouts that must all miss a real-game goal (GoalStateModel actor_tries)")
     parser.add_argument("--matcher-reward", default="similarity", choices=MATCHER_REWARDS,

@@ -381,3 +381,26 @@ def test_planning_takes_the_first_action_of_the_dream_that_matches_the_goal_soon
     pursuit.plan, pursuit.mix_weight = 128, 1e-3  # the actor's dreams all go right: 2 out of reach
     move = pursuit.planned(agent, here, goal) % 3
     assert (move[n:] == 1).all() and (move[:n] == 1).float().mean() > 0.8
+
+
+def test_planning_can_pick_the_action_whose_dreams_do_best_on_average_not_the_luckiest_dream():
+    # four dreams of 4 steps from position 4 toward 2: action 3 reaches it at once in one dream and
+    # never in the other; action 5 reaches it at step 2 in both
+    positions = torch.tensor([[2, 2, 2, 2], [5, 6, 7, 8], [3, 2, 2, 2], [3, 2, 2, 2]]).T  # (H, P)
+
+    class Scripted(LineWorld):
+        def imagine(self, start, policy, horizon, keep_states=True):
+            pos = torch.cat([torch.full((1, 4), 4), positions])  # (H + 1, P)
+            states = {k: v.reshape(horizon + 1, 4, *v.shape[1:]) for k, v in self.state(pos.flatten()).items()}
+            actions = torch.tensor([3, 3, 5, 5]).expand(horizon, 4)
+            return states, states["deter"], actions
+
+    agent = SimpleNamespace(world_model=Scripted(), goal_model=goal_model(),
+                            goal_matcher=SimpleNamespace(policy_logits=uniform_logits),
+                            actor_critic=SimpleNamespace(policy_logits=right_logits))
+    pursuit = GoalPursuit(goal_steps=32, plan=4, plan_horizon=4)
+    pursuit.mix_weight = 1.0
+    here, goal = LineWorld.state(torch.tensor([4])), agent.goal_model.goal_of(LineWorld.state(torch.tensor([2])))
+    assert pursuit.planned(agent, here, goal).tolist() == [3]  # the soonest single match (score 4)
+    pursuit.plan_pick = "action"
+    assert pursuit.planned(agent, here, goal).tolist() == [5]  # mean 3 against (4 + 0) / 2
