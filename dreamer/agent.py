@@ -82,7 +82,8 @@ class Dreamer(pl.LightningModule):
         self.goal_model = GoalStateModel(arch["deter"], goal["strategy"], goal["threshold"], goal["rollouts"],
                                          ac["horizon"], goal["offset"], gamma=ac["gamma"], space=space,
                                          actor_tries=goal["actor_tries"])
-        self.goals = GoalPursuit(goal["steps"], goal["track"], goal["plan"], goal["plan_horizon"])  # acting's goal mode and success metrics
+        # acting's goal mode and success metrics
+        self.goals = GoalPursuit(goal["steps"], goal["track"], goal["plan"], goal["plan_horizon"])
         self.last_post: State | None = None  # posteriors of the latest batch, for the callbacks
         self.automatic_optimization = False
         # DDP leaves alone what trains outside its forward (averaging its own gradients) and each rank's goal bank

@@ -87,22 +87,23 @@ def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]
                                                                              batch["action"])))
     if args.real_episodes:
         out.update(real_game_pursuit(model, args.data, args.real_episodes, args.real_greedy, args.real_goal_steps,
-                                     args.real_plan, args.real_plan_horizon, args.real_plan_pick))
+                                     args.real_plan, args.real_plan_horizon, args.real_plan_pick, args.real_weight))
     return out
 
 
 def real_game_pursuit(model, data: ReplayDataModule, episodes: int, greedy: bool = False,
                       goal_steps: int | None = None, plan: int = 0, plan_horizon: int = 8,
-                      plan_pick: str = "rollout") -> dict[str, float]:
+                      plan_pick: str = "rollout", weight: float = 1.0) -> dict[str, float]:
     """Goal success on hard goals in the real game, per split: ``real/{split}/{actor,matcher}_{metric}``;
-    with ``greedy`` the matcher takes its most likely actions, with ``plan`` > 0 it chooses them in
-    that many dreams of ``plan_horizon`` steps; each goal is pursued for at most ``goal_steps`` steps
+    the second policy is the mixture with the matcher at ``weight`` (1: the matcher alone); with
+    ``greedy`` it takes its most likely actions, with ``plan`` > 0 it chooses them in that many
+    dreams of ``plan_horizon`` steps; each goal is pursued for at most ``goal_steps`` steps
     (default the run's ``model.goals.steps``)."""
     out, run = {}, (model.goals.goal_steps, model.goals.plan, model.goals.plan_horizon, model.goals.plan_pick)
     model.goals.track, model.goals.greedy, model.goals.goal_steps = True, greedy, goal_steps or run[0]
     model.goals.plan, model.goals.plan_horizon, model.goals.plan_pick = plan, plan_horizon, plan_pick
-    for who, weight in (("actor", None), ("matcher", 1.0)):
-        model.goals.mix_weight = weight
+    for who, mix_weight in (("actor", None), ("matcher", weight)):
+        model.goals.mix_weight = mix_weight
         for split in ("train_levels", "unseen_levels"):
             with model.goals.measuring(split) as summary:
                 data.evaluate(model, split, episodes)
@@ -113,7 +114,7 @@ def real_game_pursuit(model, data: ReplayDataModule, episodes: int, greedy: bool
 
 
 def table(results: dict[str, list[dict[str, float]]], offsets: list[int], strategy: str = "hard",
-          matcher: str = "matcher acting (w = 1)") -> str:
+          matcher: str = "matcher (w = 1) acting") -> str:
     lines = [f"{'space':9s} {'set':7s} {'k':>3s} " + " ".join(f"{c:>15s}" for c in COLUMNS) + f" {'inverse acc':>15s}"]
     for kind, runs in results.items():
         acc = mean_se([r["goal_space/inverse_accuracy"] for r in runs if "goal_space/inverse_accuracy" in r])
@@ -157,6 +158,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--real-plan", type=int, default=0,
                         help="in the real game the matcher chooses each action in this many dreams (0: it acts alone)")
     parser.add_argument("--real-plan-horizon", type=int, default=8, help="steps of each of those dreams")
+    parser.add_argument("--real-weight", type=float, default=1.0,
+                        help="the matcher's weight w in the acting mixture w * matcher + (1 - w) * actor, in (0, 1]")
     parser.add_argument("--real-plan-pick", default="rollout", choices=("rollout", "action"),
                         help="take the first action of the best dream, or the first action whose dreams score best on average")
     parser.add_argument("--real-actor-tries", type=int, default=1,
@@ -172,6 +175,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.rl_real_fraction <= 1:
         parser.error(f"--rl-real-fraction must lie in [0, 1], got {args.rl_real_fraction}")
+    if not 0 < args.real_weight <= 1:
+        parser.error(f"--real-weight must lie in (0, 1], got {args.real_weight}")
     if not 0 < args.space_lr <= 1:
         parser.error(f"--space-lr must lie in (0, 1], got {args.space_lr}")
     if args.real_goal_steps is not None and args.real_goal_steps < 1:
@@ -201,8 +206,8 @@ def run(argv: list[str] | None = None) -> str:
             start = time.perf_counter()
             results.setdefault(kind, []).append(compare_space(model, replay, kind, seed, args))
             print(f"{kind} seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    matcher = (f"matcher choosing in {args.real_plan} dreams of {args.real_plan_horizon} steps" if args.real_plan
-               else "matcher acting (w = 1)")
+    matcher = f"matcher (w = {args.real_weight:g})" + (
+        f" choosing in {args.real_plan} dreams of {args.real_plan_horizon} steps" if args.real_plan else " acting")
     return table(results, args.offsets, args.real_strategy, matcher)
 
 

@@ -162,6 +162,9 @@ def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run,
     with pytest.raises(SystemExit):
         goal_spaces.run([ckpt, "--real-plan-horizon", "0"])
     assert "--real-plan-horizon must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        goal_spaces.run([ckpt, "--real-weight", "0"])
+    assert "--real-weight must lie in (0, 1], got 0.0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -181,7 +184,7 @@ def test_the_goal_space_comparison_pursues_hard_goals_in_the_real_game(smoke_run
                             "--real-plan", "2", "--real-plan-horizon", "3"])
     real = text.split("\n\n", 1)[1]
     assert "control goals in the real game, train levels" in real and "real game, unseen levels" in real
-    assert "actor acting / matcher choosing in 2 dreams of 3 steps" in real
+    assert "actor acting / matcher (w = 1) choosing in 2 dreams of 3 steps" in real
     lines = [line.split() for line in real.splitlines() if line.split() and line.split()[0] in ("deter", "inverse")]
     assert len(lines) == 4 and all(len(line) == 1 + 4 * 3 and line[2] == "/" for line in lines)
     step_success = [float(line[c]) for line in lines for c in (1, 3)]  # the actor's and the matcher's
