@@ -144,25 +144,21 @@ def acting_speed(model: Dreamer, steps: int = 50, plan: int | None = None) -> fl
     in that many dreams (0: by a sample)."""
     from datamodules.procgen import ProcgenVectorEnv
 
-    if plan is not None:
-        model.goals.mix_weight, model.goals.plan = 1.0, plan
-    try:
-        return _acting_speed(model, steps, ProcgenVectorEnv)
-    finally:
-        model.goals.mix_weight, model.goals.plan = None, 0
-
-
-def _acting_speed(model: Dreamer, steps: int, ProcgenVectorEnv) -> float:
-
     env = ProcgenVectorEnv("coinrun", 16, num_levels=200, seed=0)
     obs, _ = env.reset()
     is_first, state = np.ones(16, bool), None
+    before = model.goals.mix_weight, model.goals.plan
+    if plan is not None:
+        model.goals.mix_weight, model.goals.plan = 1.0, plan
     start = time.perf_counter()
-    for _ in range(steps):
-        actions, state = model.act(torch.from_numpy(obs), torch.from_numpy(is_first), state)
-        obs, _, term, trunc, _ = env.step(actions.numpy().astype(np.int64))
-        is_first = term | trunc
-    env.close()
+    try:
+        for _ in range(steps):
+            actions, state = model.act(torch.from_numpy(obs), torch.from_numpy(is_first), state)
+            obs, _, term, trunc, _ = env.step(actions.numpy().astype(np.int64))
+            is_first = term | trunc
+    finally:
+        model.goals.mix_weight, model.goals.plan = before
+        env.close()
     return steps * 16 / (time.perf_counter() - start)
 
 

@@ -436,16 +436,19 @@ class GoalPursuit(nn.Module):
             return agent.actor_critic.sample(feat), track
         if self.plan:
             return self.planned(agent, post, track.goal), track
-        matcher_logits = agent.goal_matcher.policy_logits(feat, agent.goal_model.goal_of(post), track.goal)
-        probs = mixture_probs(agent.actor_critic.policy_logits(feat), matcher_logits, self.mix_weight)
+        probs = self.probs(agent, feat, agent.goal_model.goal_of(post), track.goal)
         return (probs.argmax(-1) if self.greedy else sample_index(probs)), track
+
+    def probs(self, agent, feat: torch.Tensor, here: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        """The acting mixture's action probabilities (N, A) at features ``feat`` (N, F) with goal
+        vector ``here`` (N, G), toward ``goal`` (N, G)."""
+        matcher_logits = agent.goal_matcher.policy_logits(feat, here, goal)
+        return mixture_probs(agent.actor_critic.policy_logits(feat), matcher_logits, self.mix_weight)
 
     def mixture(self, agent, goal: torch.Tensor):
         """The acting policy ``feat -> actions`` toward ``goal`` (N, G), for ``rssm.imagine``."""
         space = agent.goal_model.space
-        return lambda feat: sample_index(mixture_probs(
-            agent.actor_critic.policy_logits(feat),
-            agent.goal_matcher.policy_logits(feat, space.of_features(feat), goal), self.mix_weight))
+        return lambda feat: sample_index(self.probs(agent, feat, space.of_features(feat), goal))
 
     def planned(self, agent, post: State, goal: torch.Tensor) -> torch.Tensor:
         """Actions (N,) chosen in dreams: from each state (N, ...) imagine ``plan`` rollouts of
