@@ -147,17 +147,15 @@ def acting_speed(model: Dreamer, steps: int = 50, plan: int | None = None) -> fl
     env = ProcgenVectorEnv("coinrun", 16, num_levels=200, seed=0)
     obs, _ = env.reset()
     is_first, state = np.ones(16, bool), None
-    before = model.goals.mix_weight, model.goals.plan
-    if plan is not None:
-        model.goals.mix_weight, model.goals.plan = 1.0, plan
+    acting = {} if plan is None else {"mix_weight": 1.0, "plan": plan}
     start = time.perf_counter()
     try:
-        for _ in range(steps):
-            actions, state = model.act(torch.from_numpy(obs), torch.from_numpy(is_first), state)
-            obs, _, term, trunc, _ = env.step(actions.numpy().astype(np.int64))
-            is_first = term | trunc
+        with model.goals.using(**acting):
+            for _ in range(steps):
+                actions, state = model.act(torch.from_numpy(obs), torch.from_numpy(is_first), state)
+                obs, _, term, trunc, _ = env.step(actions.numpy().astype(np.int64))
+                is_first = term | trunc
     finally:
-        model.goals.mix_weight, model.goals.plan = before
         env.close()
     return steps * 16 / (time.perf_counter() - start)
 

@@ -420,9 +420,27 @@ class GoalPursuit(nn.Module):
         self.learning = False  # the goal model follows training (set at fit start)
         self._seed = 0
 
+    SETTINGS = ("track", "mix_weight", "greedy", "goal_steps", "plan", "plan_horizon", "plan_pick")
+
     @property
     def on(self) -> bool:
         return bool(self.track) or self.mix_weight is not None
+
+    @contextlib.contextmanager
+    def using(self, **settings):
+        """Acting inside the block uses ``settings`` (names from ``SETTINGS``); the values found
+        before are restored after it, also on an error."""
+        unknown = sorted(set(settings) - set(self.SETTINGS))
+        if unknown:
+            raise TypeError(f"GoalPursuit.using: unknown settings {unknown}; allowed: {', '.join(self.SETTINGS)}")
+        before = {name: getattr(self, name) for name in settings}
+        for name, value in settings.items():
+            setattr(self, name, value)
+        try:
+            yield self
+        finally:
+            for name, value in before.items():
+                setattr(self, name, value)
 
     def act(self, agent, post: State, feat: torch.Tensor, is_first: torch.Tensor,
             reward: torch.Tensor | None, track: GoalTrack | None) -> tuple[torch.Tensor, GoalTrack]:

@@ -22,7 +22,8 @@ likely action, not a sample; with ``--real-plan P`` choosing each action in P dr
 ``--real-plan-horizon`` steps, ``GoalPursuit.planned``), each goal pursued for at most
 ``--real-goal-steps`` steps (default: the run's ``model.goals.steps``; the hard sets in dreams give
 k steps for a goal k steps ahead).
-Printed: goal step success, episode success, matches per episode and steps to reach, for both.
+Printed: goal step success, episode success, matches per episode, steps to reach and the game return
+(mean episode return while pursuing the goals), for both.
 Needs a checkpoint with its replay (in RAM, or memory-mapped with the files in place).
 """
 
@@ -49,7 +50,7 @@ from scripts.world_model_probe import load  # noqa: E402
 
 COLUMNS = ("matcher", "actor", "random", "replay", "lift", "kept")
 SETS = ("hard", "control")
-REAL = ("step_success", "episode_success", "matches_per_episode", "steps_to_reach")
+REAL = ("step_success", "episode_success", "matches_per_episode", "steps_to_reach", "return")
 REAL_STRATEGIES = ("hard", "control")  # the goals pursued in the real game (GoalStateModel strategies)
 
 
@@ -94,22 +95,21 @@ def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]
 def real_game_pursuit(model, data: ReplayDataModule, episodes: int, greedy: bool = False,
                       goal_steps: int | None = None, plan: int = 0, plan_horizon: int = 8,
                       plan_pick: str = "rollout", weight: float = 1.0) -> dict[str, float]:
-    """Goal success on hard goals in the real game, per split: ``real/{split}/{actor,matcher}_{metric}``;
+    """Goal success on hard goals in the real game and the game return (``return``), per split:
+    ``real/{split}/{actor,matcher}_{metric}``;
     the second policy is the mixture with the matcher at ``weight`` (1: the matcher alone); with
     ``greedy`` it takes its most likely actions, with ``plan`` > 0 it chooses them in that many
     dreams of ``plan_horizon`` steps; each goal is pursued for at most ``goal_steps`` steps
     (default the run's ``model.goals.steps``)."""
-    out, run = {}, (model.goals.goal_steps, model.goals.plan, model.goals.plan_horizon, model.goals.plan_pick)
-    model.goals.track, model.goals.greedy, model.goals.goal_steps = True, greedy, goal_steps or run[0]
-    model.goals.plan, model.goals.plan_horizon, model.goals.plan_pick = plan, plan_horizon, plan_pick
+    out = {}
     for who, mix_weight in (("actor", None), ("matcher", weight)):
-        model.goals.mix_weight = mix_weight
-        for split in ("train_levels", "unseen_levels"):
-            with model.goals.measuring(split) as summary:
-                data.evaluate(model, split, episodes)
-            out.update({f"real/{split}/{who}_{k.split('/')[-1]}": v for k, v in summary.items()})
-    model.goals.track, model.goals.mix_weight, model.goals.greedy = False, None, False
-    model.goals.goal_steps, model.goals.plan, model.goals.plan_horizon, model.goals.plan_pick = run
+        with model.goals.using(track=True, greedy=greedy, goal_steps=goal_steps or model.goals.goal_steps, plan=plan,
+                               plan_horizon=plan_horizon, plan_pick=plan_pick, mix_weight=mix_weight):
+            for split in ("train_levels", "unseen_levels"):
+                with model.goals.measuring(split) as summary:
+                    game = data.evaluate(model, split, episodes)
+                out.update({f"real/{split}/{who}_{k.split('/')[-1]}": v for k, v in summary.items()})
+                out[f"real/{split}/{who}_return"] = game["return"]
     return out
 
 

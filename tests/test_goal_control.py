@@ -404,3 +404,19 @@ def test_planning_can_pick_the_action_whose_dreams_do_best_on_average_not_the_lu
     assert pursuit.planned(agent, here, goal).tolist() == [3]  # the soonest single match (score 4)
     pursuit.plan_pick = "action"
     assert pursuit.planned(agent, here, goal).tolist() == [5]  # mean 3 against (4 + 0) / 2
+
+
+def test_goal_pursuit_settings_hold_inside_the_block_and_come_back_after_it_even_on_an_error():
+    pursuit = GoalPursuit(goal_steps=32, plan=4)
+    with pursuit.using(mix_weight=1.0, plan=16, greedy=True) as inside:
+        assert (inside.mix_weight, inside.plan, inside.greedy, inside.goal_steps) == (1.0, 16, True, 32)
+        assert inside.on
+    assert (pursuit.mix_weight, pursuit.plan, pursuit.greedy) == (None, 4, False) and not pursuit.on
+    with pytest.raises(RuntimeError, match="mid-episode"):
+        with pursuit.using(track=True, plan_horizon=3):
+            raise RuntimeError("mid-episode")
+    assert (pursuit.track, pursuit.plan_horizon) == (False, 8)
+    with pytest.raises(TypeError, match=r"unknown settings \['horizon'\]; allowed: track, mix_weight"):
+        with pursuit.using(horizon=3):
+            pass
+    assert not hasattr(pursuit, "horizon")

@@ -144,27 +144,17 @@ def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run,
     assert all(r[-1] == "-" for r in rows if r[0] not in learned)  # only the learned spaces have an accuracy
     assert all(0.0 <= float(r[-1]) <= 1.0 for r in rows if r[0] in learned)
     capsys.readouterr()
-    with pytest.raises(SystemExit):
-        goal_spaces.run([ckpt, "--offsets", "32"])  # goals 32 steps ahead need sequences longer than 32
-    assert "--offsets must lie in [1, --seq-len - 1] = [1, 31], got [32]" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        goal_spaces.run([ckpt, "--rl-real-fraction", "2"])
-    assert "--rl-real-fraction must lie in [0, 1], got 2.0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        goal_spaces.run([ckpt, "--real-strategy", "value"])
-    assert "--real-strategy: invalid choice: 'value' (choose from" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        goal_spaces.run([ckpt, "--real-goal-steps", "0"])
-    assert "--real-goal-steps must be >= 1, got 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        goal_spaces.run([ckpt, "--real-plan", "-1"])
-    assert "--real-plan must be >= 0, got -1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        goal_spaces.run([ckpt, "--real-plan-horizon", "0"])
-    assert "--real-plan-horizon must be >= 1, got 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        goal_spaces.run([ckpt, "--real-weight", "0"])
-    assert "--real-weight must lie in (0, 1], got 0.0" in capsys.readouterr().err
+    refused = [(["--offsets", "32"], "--offsets must lie in [1, --seq-len - 1] = [1, 31], got [32]"),  # seq-len 32
+               (["--rl-real-fraction", "2"], "--rl-real-fraction must lie in [0, 1], got 2.0"),
+               (["--real-strategy", "value"], "--real-strategy: invalid choice: 'value' (choose from"),
+               (["--real-goal-steps", "0"], "--real-goal-steps must be >= 1, got 0"),
+               (["--real-plan", "-1"], "--real-plan must be >= 0, got -1"),
+               (["--real-plan-horizon", "0"], "--real-plan-horizon must be >= 1, got 0"),
+               (["--real-weight", "0"], "--real-weight must lie in (0, 1], got 0.0")]
+    for argv, message in refused:
+        with pytest.raises(SystemExit):
+            goal_spaces.run([ckpt, *argv])
+        assert message in capsys.readouterr().err, argv
 
 
 @pytest.mark.slow
@@ -186,8 +176,10 @@ def test_the_goal_space_comparison_pursues_hard_goals_in_the_real_game(smoke_run
     assert "control goals in the real game, train levels" in real and "real game, unseen levels" in real
     assert "actor acting / matcher (w = 1) choosing in 2 dreams of 3 steps" in real
     lines = [line.split() for line in real.splitlines() if line.split() and line.split()[0] in ("deter", "inverse")]
-    assert len(lines) == 4 and all(len(line) == 1 + 4 * 3 and line[2] == "/" for line in lines)
+    assert len(lines) == 4 and all(len(line) == 1 + 5 * 3 and line[2] == "/" for line in lines)
     step_success = [float(line[c]) for line in lines for c in (1, 3)]  # the actor's and the matcher's
     assert all(0.0 <= v <= 1.0 for v in step_success)
     reach = [line[c] for line in lines for c in (10, 12)]  # steps to reach: a goal is dropped after 4 steps
     assert all(v == "-" or 1.0 <= float(v) <= 4.0 for v in reach), reach
+    returns = [float(line[c]) for line in lines for c in (13, 15)]  # one coinrun episode (0 or 10) per env, 4 envs
+    assert all(v in (0.0, 2.5, 5.0, 7.5, 10.0) for v in returns), returns
