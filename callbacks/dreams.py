@@ -154,6 +154,9 @@ class DreamGeneration(pl.Callback):
     same on the controllable subset: the hard goals that the replayed actions reach in one of
     ``actor_tries`` dreams. Many hard goals are out of any policy's reach in the model (its
     dreams drift from what really happened); the controllable set separates control from that.
+    With ``hard_plan`` P > 0 also ``_planned``: the matcher (w = 1) choosing each action in P dreams
+    of ``hard_plan_horizon`` steps (``GoalPursuit.planned``, as when acting with
+    ``model.goals.plan``), success judged in the evaluation dream, drawn apart from the planning ones.
     """
 
     uses_goals = True  # the model's goal state follows training (GoalPursuit.learning)
@@ -164,14 +167,15 @@ class DreamGeneration(pl.Callback):
         matcher_batch: int = 256, eval_goals: int = 128, weight_continuation: float = 1.0,
         weight_confidence: float = 1.0, weight_return: float = 1.0, matcher_rl: float = 1.0,
         rl_goals: int = 256, rl_goal_steps: int = 8, hard_offsets: tuple[int, ...] = (4, 8, 16),
-        actor_tries: int = 2, hard_eval_every: int = 16, rl_real_fraction: float = 0.0,
+        actor_tries: int = 2, hard_eval_every: int = 16, rl_real_fraction: float = 0.0, hard_plan: int = 0,
+        hard_plan_horizon: int = 8,
     ) -> None:
         for name, value in (("every_n_updates", every_n_updates), ("num_dreams", num_dreams),
                             ("horizon", horizon), ("buffer_size", buffer_size),
                             ("matcher_batch", matcher_batch), ("eval_goals", eval_goals),
                             ("rl_goals", rl_goals), ("rl_goal_steps", rl_goal_steps),
                             ("actor_tries", actor_tries), ("hard_eval_every", hard_eval_every),
-                            *(("hard_offsets", k) for k in hard_offsets)):
+                            ("hard_plan_horizon", hard_plan_horizon), *(("hard_offsets", k) for k in hard_offsets)):
             if value < 1:
                 raise ValueError(f"DreamGeneration {name} must be >= 1, got {value}")
         if not 0.0 < keep_fraction <= 1.0:
@@ -183,7 +187,10 @@ class DreamGeneration(pl.Callback):
             raise ValueError(f"DreamGeneration matcher_rl must be >= 0, got {matcher_rl}")
         if not 0.0 <= rl_real_fraction <= 1.0:
             raise ValueError(f"DreamGeneration rl_real_fraction must be in [0, 1], got {rl_real_fraction}")
+        if hard_plan < 0:
+            raise ValueError(f"DreamGeneration hard_plan must be >= 0 (0: off), got {hard_plan}")
         self.rl_real_fraction = rl_real_fraction
+        self.hard_plan, self.hard_plan_horizon = hard_plan, hard_plan_horizon
         self.matcher_rl, self.rl_goals, self.rl_goal_steps = matcher_rl, rl_goals, rl_goal_steps
         self.hard_offsets, self.actor_tries, self.hard_eval_every = tuple(hard_offsets), actor_tries, hard_eval_every
         self.hard_metrics: dict[str, float] = {}
@@ -314,17 +321,21 @@ class DreamGeneration(pl.Callback):
                 metrics.update(self._successes(pl_module, start, goal, k, f"goal_control/k{k}"))
         return metrics
 
-    @staticmethod
-    def _successes(pl_module, start: State, goal: torch.Tensor, k: int, prefix: str,
+    def _successes(self, pl_module, start: State, goal: torch.Tensor, k: int, prefix: str,
                    path: torch.Tensor | None = None) -> dict[str, float]:
-        """Success within ``k`` dreamed steps of the matcher, the actor, a random policy and (with
-        ``path`` (M, k)) the replayed actions, and the lift (matcher - actor), keyed ``prefix_name``."""
+        """Success within ``k`` dreamed steps of the matcher, the actor, a random policy, (with
+        ``path`` (M, k)) the replayed actions and (with ``hard_plan``) the matcher choosing in
+        dreams, and the lift (matcher - actor), keyed ``prefix_name``."""
         policies = {"matcher": pl_module.goal_matcher.toward(goal, pl_module.goal_model.space),
                     "actor": pl_module.actor_critic.sample, "random": uniform_policy}
         if path is not None:
             policies["replay"] = path.T.contiguous()  # (k, M): open loop
         success = {name: float(reached(pl_module, start, goal, policy, k).float().mean())
                    for name, policy in policies.items()}
+        if self.hard_plan:  # last, so the draws of the others stay as without it
+            with pl_module.goals.using(mix_weight=1.0, plan=self.hard_plan, plan_horizon=self.hard_plan_horizon):
+                planner = pl_module.goals.planner(pl_module, goal)
+                success["planned"] = float(reached(pl_module, start, goal, planner, k).float().mean())
         success["lift"] = success["matcher"] - success["actor"]
         return {f"{prefix}_{name}": value for name, value in success.items()}
 

@@ -468,6 +468,12 @@ class GoalPursuit(nn.Module):
         space = agent.goal_model.space
         return lambda feat: sample_index(self.probs(agent, feat, space.of_features(feat), goal))
 
+    def planner(self, agent, goal: torch.Tensor):
+        """The policy ``feat -> actions`` that chooses each action toward ``goal`` (N, G) in dreams
+        (``planned``), for ``rssm.imagine``: dreams planned inside a dream."""
+        rssm = agent.world_model.rssm
+        return lambda feat: self.planned(agent, rssm.state_from_features(feat), goal)
+
     def planned(self, agent, post: State, goal: torch.Tensor) -> torch.Tensor:
         """Actions (N,) chosen in dreams: from each state (N, ...) imagine ``plan`` rollouts of
         ``plan_horizon`` steps with the mixture toward the lane's ``goal`` (N, G), score each by how

@@ -11,7 +11,9 @@ imitation plus RL in imagination); then the hard goal sets (real goals k steps a
 trajectories that the goal-blind actor's own dreams miss, ``DreamGeneration.evaluate_hard``) are
 measured on ``--eval-batches`` replayed batches. Printed per space, means with standard errors
 over the seeds: success within k dreamed steps of the matcher, the actor and a uniformly random
-policy, the lift (matcher - actor) and the fraction of open pairs that are hard (kept).
+policy, the lift (matcher - actor), the fraction of open pairs that are hard (kept) and, with
+``--dream-plan P``, the matcher choosing each action in P dreams of ``--dream-plan-horizon`` steps
+(planned; judged in the evaluation dream, drawn apart from the planning ones).
 
 With ``--real-episodes N`` the trained matcher also pursues hard goals in the real game
 (``--real-strategy hard``: replayed goals the actor's own dreams do not reach; ``control``: of
@@ -48,7 +50,7 @@ from dreamer.goals import MATCHER_REWARDS, GoalMatcher, GoalStateModel  # noqa: 
 from scripts.goal_ablation import mean_over_replay, mean_se, replayed_posteriors  # noqa: E402
 from scripts.world_model_probe import load  # noqa: E402
 
-COLUMNS = ("matcher", "actor", "random", "replay", "lift", "kept")
+COLUMNS = ("matcher", "actor", "random", "replay", "lift", "kept", "planned")
 SETS = ("hard", "control")
 REAL = ("step_success", "episode_success", "matches_per_episode", "steps_to_reach", "return")
 REAL_STRATEGIES = ("hard", "control")  # the goals pursued in the real game (GoalStateModel strategies)
@@ -76,7 +78,8 @@ def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]
                 args.real_actor_tries)
     gm, out = model.goal_model, {}
     generation = DreamGeneration(every_n_updates=1, hard_offsets=tuple(args.offsets),
-                                 rl_real_fraction=args.rl_real_fraction)
+                                 rl_real_fraction=args.rl_real_fraction, hard_plan=args.dream_plan,
+                                 hard_plan_horizon=args.dream_plan_horizon)
     for step in range(args.space_steps + args.updates):
         batch, post = replayed_posteriors(model, replay, args.batch_size, args.seq_len)
         learned = gm.observe(post, batch["is_first"], batch["action"], seed=step)
@@ -162,6 +165,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the matcher's weight w in the acting mixture w * matcher + (1 - w) * actor, in (0, 1]")
     parser.add_argument("--real-plan-pick", default="rollout", choices=("rollout", "action"),
                         help="take the first action of the best dream, or the first action whose dreams score best on average")
+    parser.add_argument("--dream-plan", type=int, default=0,
+                        help="also measure the hard sets in dreams with the matcher choosing each action in this many "
+                             "dreams (column planned; 0: not measured)")
+    parser.add_argument("--dream-plan-horizon", type=int, default=8, help="steps of each of those planning dreams")
     parser.add_argument("--real-actor-tries", type=int, default=1,
                         help="imagined actor rollouts that must all miss a real-game goal (GoalStateModel actor_tries)")
     parser.add_argument("--matcher-reward", default="similarity", choices=MATCHER_REWARDS,
@@ -170,7 +177,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rl-real-fraction", type=float, default=0.0,
                         help="DreamGeneration.rl_real_fraction: share of the matcher's RL goals that are real hard pairs")
     args = parser.parse_args(argv)
-    for name in ("updates", "eval_batches", "batch_size", "space_dim", "real_actor_tries", "real_plan_horizon"):
+    for name in ("updates", "eval_batches", "batch_size", "space_dim", "real_actor_tries", "real_plan_horizon",
+                 "dream_plan_horizon"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.rl_real_fraction <= 1:
@@ -181,7 +189,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--space-lr must lie in (0, 1], got {args.space_lr}")
     if args.real_goal_steps is not None and args.real_goal_steps < 1:
         parser.error(f"--real-goal-steps must be >= 1, got {args.real_goal_steps}")
-    for name in ("space_steps", "real_episodes", "real_plan"):
+    for name in ("space_steps", "real_episodes", "real_plan", "dream_plan"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if min(args.offsets) < 1 or max(args.offsets) >= args.seq_len:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from callbacks.dreams import hard_goals, reached
+from callbacks.dreams import DreamGeneration, hard_goals, reached
 from dreamer.goals import GoalMatcher, GoalPursuit, GoalStateModel, first_match
 
 P = 9  # positions 0..8 on a line; the state is the one-hot position
@@ -42,6 +42,10 @@ class LineWorld:
             actions.append(action)
         stacked = {k: torch.stack([s[k] for s in states]) for k in states[0]}
         return stacked, stacked["deter"], torch.stack(actions)
+
+    @staticmethod
+    def state_from_features(feat: torch.Tensor) -> dict:
+        return {"deter": feat, "stoch": torch.zeros(len(feat), 1, 1)}
 
     def continue_prob(self, feat: torch.Tensor) -> torch.Tensor:
         return torch.ones(feat.shape[:-1])
@@ -420,3 +424,25 @@ def test_goal_pursuit_settings_hold_inside_the_block_and_come_back_after_it_even
         with pursuit.using(horizon=3):
             pass
     assert not hasattr(pursuit, "horizon")
+
+
+def test_the_hard_sets_can_measure_the_matcher_choosing_in_dreams_and_leave_acting_as_it_was():
+    torch.manual_seed(0)
+    uniform = lambda feat: torch.randint(0, 15, feat.shape[:-1])  # noqa: E731
+    agent = SimpleNamespace(world_model=LineWorld(), goal_model=goal_model(), goals=GoalPursuit(goal_steps=32),
+                            goal_matcher=SimpleNamespace(policy_logits=uniform_logits,
+                                                         toward=lambda goal, space: uniform),
+                            actor_critic=SimpleNamespace(policy_logits=right_logits, sample=always_right))
+    n = 64  # from position 4 to 2 in 2 steps: only (left, left), 1 in 9 for a uniform policy
+    start = LineWorld.state(torch.full((n,), 4))
+    goal = agent.goal_model.goal_of(LineWorld.state(torch.full((n,), 2)))
+    measured = DreamGeneration(hard_plan=64, hard_plan_horizon=4)._successes(agent, start, goal, 2, "goal_hard/k2")
+    assert measured["goal_hard/k2_planned"] == 1.0  # at 4 and again at 3 some dream goes left at once
+    assert measured["goal_hard/k2_actor"] == 0.0 and measured["goal_hard/k2_matcher"] < 0.3
+    assert agent.goals.mix_weight is None and agent.goals.plan == 0  # acting settings as they were
+    without = DreamGeneration()._successes(agent, start, goal, 2, "goal_hard/k2")
+    assert "goal_hard/k2_planned" not in without
+    with pytest.raises(ValueError, match=r"DreamGeneration hard_plan must be >= 0 \(0: off\), got -1"):
+        DreamGeneration(hard_plan=-1)
+    with pytest.raises(ValueError, match="DreamGeneration hard_plan_horizon must be >= 1, got 0"):
+        DreamGeneration(hard_plan=4, hard_plan_horizon=0)

@@ -134,12 +134,14 @@ def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run,
     cwd, _ = smoke_run
     ckpt = str(cwd / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt")
     text = goal_spaces.run([ckpt, "--updates", "2", "--space-steps", "3", "--eval-batches", "2",
-                            "--batch-size", "4", "--seq-len", "16", "--offsets", "4", "8"])
+                            "--batch-size", "4", "--seq-len", "16", "--offsets", "4", "8",
+                            "--dream-plan", "2", "--dream-plan-horizon", "2"])
     rows = [line.split() for line in text.splitlines()[1:]]
     assert [(r[0], r[1], r[2]) for r in rows] == [(s, c, k) for s in ("deter", "stoch", "inverse", "multistep")
                                                   for c in ("hard", "control") for k in ("4", "8")]
     hard = [r for r in rows if r[1] == "hard" and r[3] != "-"]  # sets with goals in them
     assert hard and all(0.0 <= float(r[6]) <= 1.0 for r in hard)  # the replayed actions' success
+    assert all(0.0 <= float(r[9]) <= 1.0 for r in hard)  # the matcher choosing in 2 dreams
     learned = ("inverse", "multistep")
     assert all(r[-1] == "-" for r in rows if r[0] not in learned)  # only the learned spaces have an accuracy
     assert all(0.0 <= float(r[-1]) <= 1.0 for r in rows if r[0] in learned)
@@ -150,7 +152,9 @@ def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run,
                (["--real-goal-steps", "0"], "--real-goal-steps must be >= 1, got 0"),
                (["--real-plan", "-1"], "--real-plan must be >= 0, got -1"),
                (["--real-plan-horizon", "0"], "--real-plan-horizon must be >= 1, got 0"),
-               (["--real-weight", "0"], "--real-weight must lie in (0, 1], got 0.0")]
+               (["--real-weight", "0"], "--real-weight must lie in (0, 1], got 0.0"),
+               (["--dream-plan", "-1"], "--dream-plan must be >= 0, got -1"),
+               (["--dream-plan-horizon", "0"], "--dream-plan-horizon must be >= 1, got 0")]
     for argv, message in refused:
         with pytest.raises(SystemExit):
             goal_spaces.run([ckpt, *argv])
