@@ -154,9 +154,11 @@ class DreamGeneration(pl.Callback):
     same on the controllable subset: the hard goals that the replayed actions reach in one of
     ``actor_tries`` dreams. Many hard goals are out of any policy's reach in the model (its
     dreams drift from what really happened); the controllable set separates control from that.
-    With ``hard_plan`` P > 0 also ``_planned``: the matcher (w = 1) choosing each action in P dreams
-    of ``hard_plan_horizon`` steps (``GoalPursuit.planned``, as when acting with
-    ``model.goals.plan``), success judged in the evaluation dream, drawn apart from the planning ones.
+    With ``hard_plan`` P > 0 also ``_planned``: the acting mixture at matcher weight
+    ``hard_plan_weight`` (1: the matcher alone; near 0: the actor's own actions, a control) choosing
+    each action in P dreams of ``hard_plan_horizon`` steps (``GoalPursuit.planned``, as when acting
+    with ``model.goals.plan``), success judged in the evaluation dream, drawn apart from the planning
+    ones.
     """
 
     uses_goals = True  # the model's goal state follows training (GoalPursuit.learning)
@@ -168,7 +170,7 @@ class DreamGeneration(pl.Callback):
         weight_confidence: float = 1.0, weight_return: float = 1.0, matcher_rl: float = 1.0,
         rl_goals: int = 256, rl_goal_steps: int = 8, hard_offsets: tuple[int, ...] = (4, 8, 16),
         actor_tries: int = 2, hard_eval_every: int = 16, rl_real_fraction: float = 0.0, hard_plan: int = 0,
-        hard_plan_horizon: int = 8,
+        hard_plan_horizon: int = 8, hard_plan_weight: float = 1.0,
     ) -> None:
         for name, value in (("every_n_updates", every_n_updates), ("num_dreams", num_dreams),
                             ("horizon", horizon), ("buffer_size", buffer_size),
@@ -189,8 +191,10 @@ class DreamGeneration(pl.Callback):
             raise ValueError(f"DreamGeneration rl_real_fraction must be in [0, 1], got {rl_real_fraction}")
         if hard_plan < 0:
             raise ValueError(f"DreamGeneration hard_plan must be >= 0 (0: off), got {hard_plan}")
+        if not 0.0 < hard_plan_weight <= 1.0:
+            raise ValueError(f"DreamGeneration hard_plan_weight must be in (0, 1], got {hard_plan_weight}")
         self.rl_real_fraction = rl_real_fraction
-        self.hard_plan, self.hard_plan_horizon = hard_plan, hard_plan_horizon
+        self.hard_plan, self.hard_plan_horizon, self.hard_plan_weight = hard_plan, hard_plan_horizon, hard_plan_weight
         self.matcher_rl, self.rl_goals, self.rl_goal_steps = matcher_rl, rl_goals, rl_goal_steps
         self.hard_offsets, self.actor_tries, self.hard_eval_every = tuple(hard_offsets), actor_tries, hard_eval_every
         self.hard_metrics: dict[str, float] = {}
@@ -333,7 +337,8 @@ class DreamGeneration(pl.Callback):
         success = {name: float(reached(pl_module, start, goal, policy, k).float().mean())
                    for name, policy in policies.items()}
         if self.hard_plan:  # last, so the draws of the others stay as without it
-            with pl_module.goals.using(mix_weight=1.0, plan=self.hard_plan, plan_horizon=self.hard_plan_horizon):
+            with pl_module.goals.using(mix_weight=self.hard_plan_weight, plan=self.hard_plan,
+                                       plan_horizon=self.hard_plan_horizon):
                 planner = pl_module.goals.planner(pl_module, goal)
                 success["planned"] = float(reached(pl_module, start, goal, planner, k).float().mean())
         success["lift"] = success["matcher"] - success["actor"]

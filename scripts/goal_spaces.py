@@ -12,8 +12,9 @@ trajectories that the goal-blind actor's own dreams miss, ``DreamGeneration.eval
 measured on ``--eval-batches`` replayed batches. Printed per space, means with standard errors
 over the seeds: success within k dreamed steps of the matcher, the actor and a uniformly random
 policy, the lift (matcher - actor), the fraction of open pairs that are hard (kept) and, with
-``--dream-plan P``, the matcher choosing each action in P dreams of ``--dream-plan-horizon`` steps
-(planned; judged in the evaluation dream, drawn apart from the planning ones).
+``--dream-plan P``, the matcher (or the mixture at ``--dream-plan-weight``) choosing each action in
+P dreams of ``--dream-plan-horizon`` steps (planned; judged in the evaluation dream, drawn apart from
+the planning ones).
 
 With ``--real-episodes N`` the trained matcher also pursues hard goals in the real game
 (``--real-strategy hard``: replayed goals the actor's own dreams do not reach; ``control``: of
@@ -79,7 +80,7 @@ def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]
     gm, out = model.goal_model, {}
     generation = DreamGeneration(every_n_updates=1, hard_offsets=tuple(args.offsets),
                                  rl_real_fraction=args.rl_real_fraction, hard_plan=args.dream_plan,
-                                 hard_plan_horizon=args.dream_plan_horizon)
+                                 hard_plan_horizon=args.dream_plan_horizon, hard_plan_weight=args.dream_plan_weight)
     for step in range(args.space_steps + args.updates):
         batch, post = replayed_posteriors(model, replay, args.batch_size, args.seq_len)
         learned = gm.observe(post, batch["is_first"], batch["action"], seed=step)
@@ -169,6 +170,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also measure the hard sets in dreams with the matcher choosing each action in this many "
                              "dreams (column planned; 0: not measured)")
     parser.add_argument("--dream-plan-horizon", type=int, default=8, help="steps of each of those planning dreams")
+    parser.add_argument("--dream-plan-weight", type=float, default=1.0,
+                        help="the matcher's weight in the mixture that chooses in those dreams, in (0, 1] "
+                             "(near 0: the actor's own actions chosen in dreams, a control)")
     parser.add_argument("--real-actor-tries", type=int, default=1,
                         help="imagined actor rollouts that must all miss a real-game goal (GoalStateModel actor_tries)")
     parser.add_argument("--matcher-reward", default="similarity", choices=MATCHER_REWARDS,
@@ -183,8 +187,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.rl_real_fraction <= 1:
         parser.error(f"--rl-real-fraction must lie in [0, 1], got {args.rl_real_fraction}")
-    if not 0 < args.real_weight <= 1:
-        parser.error(f"--real-weight must lie in (0, 1], got {args.real_weight}")
+    for name in ("real_weight", "dream_plan_weight"):
+        if not 0 < getattr(args, name) <= 1:
+            parser.error(f"--{name.replace('_', '-')} must lie in (0, 1], got {getattr(args, name)}")
     if not 0 < args.space_lr <= 1:
         parser.error(f"--space-lr must lie in (0, 1], got {args.space_lr}")
     if args.real_goal_steps is not None and args.real_goal_steps < 1:

@@ -440,9 +440,13 @@ def test_the_hard_sets_can_measure_the_matcher_choosing_in_dreams_and_leave_acti
     assert measured["goal_hard/k2_planned"] == 1.0  # at 4 and again at 3 some dream goes left at once
     assert measured["goal_hard/k2_actor"] == 0.0 and measured["goal_hard/k2_matcher"] < 0.3
     assert agent.goals.mix_weight is None and agent.goals.plan == 0  # acting settings as they were
+    control = DreamGeneration(hard_plan=64, hard_plan_horizon=4, hard_plan_weight=1e-3)  # the actor's dreams
+    assert control._successes(agent, start, goal, 2, "goal_hard/k2")["goal_hard/k2_planned"] == 0.0  # all go right
     without = DreamGeneration()._successes(agent, start, goal, 2, "goal_hard/k2")
     assert "goal_hard/k2_planned" not in without
     with pytest.raises(ValueError, match=r"DreamGeneration hard_plan must be >= 0 \(0: off\), got -1"):
         DreamGeneration(hard_plan=-1)
+    with pytest.raises(ValueError, match=r"DreamGeneration hard_plan_weight must be in \(0, 1\], got 0"):
+        DreamGeneration(hard_plan=4, hard_plan_weight=0)
     with pytest.raises(ValueError, match="DreamGeneration hard_plan_horizon must be >= 1, got 0"):
         DreamGeneration(hard_plan=4, hard_plan_horizon=0)

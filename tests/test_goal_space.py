@@ -154,7 +154,8 @@ def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run,
                (["--real-plan-horizon", "0"], "--real-plan-horizon must be >= 1, got 0"),
                (["--real-weight", "0"], "--real-weight must lie in (0, 1], got 0.0"),
                (["--dream-plan", "-1"], "--dream-plan must be >= 0, got -1"),
-               (["--dream-plan-horizon", "0"], "--dream-plan-horizon must be >= 1, got 0")]
+               (["--dream-plan-horizon", "0"], "--dream-plan-horizon must be >= 1, got 0"),
+               (["--dream-plan-weight", "1.5"], "--dream-plan-weight must lie in (0, 1], got 1.5")]
     for argv, message in refused:
         with pytest.raises(SystemExit):
             goal_spaces.run([ckpt, *argv])
