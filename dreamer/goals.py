@@ -407,6 +407,7 @@ class GoalPursuit(nn.Module):
     """
 
     SPLITS = ("fit", "train_levels", "unseen_levels")
+    SETTINGS = ("track", "mix_weight", "greedy", "goal_steps", "plan", "plan_horizon", "plan_pick")  # see ``using``
 
     def __init__(self, goal_steps: int, track: bool = False, plan: int = 0, plan_horizon: int = 8) -> None:
         super().__init__()
@@ -419,8 +420,6 @@ class GoalPursuit(nn.Module):
         self.greedy = False
         self.learning = False  # the goal model follows training (set at fit start)
         self._seed = 0
-
-    SETTINGS = ("track", "mix_weight", "greedy", "goal_steps", "plan", "plan_horizon", "plan_pick")
 
     @property
     def on(self) -> bool:

@@ -190,8 +190,8 @@ def real_hard_goal_pursuit(cli) -> dict[str, float]:
     model.goal_model.hp.strategy = "hard"
     out = {}
     for who, weight in (("actor", None), ("matcher", 1.0)):
-        model.goals.mix_weight = weight
-        trainer.validate(model, datamodule=cli.datamodule)
+        with model.goals.using(mix_weight=weight):
+            trainer.validate(model, datamodule=cli.datamodule)
         model.to(trainer.strategy.root_device)
         for key, value in trainer.callback_metrics.items():
             if key.startswith("val/") and "/goal/" in key:
