@@ -10,6 +10,8 @@ import pytest
 from tests.clirun import ROOT, SMOKE, cli
 
 # an update's worth of activations above glibc's 32 MB mmap limit, repeated: the page faults of 5
+# steps, the fewest of 3 such windows (a one-off event of a host under memory pressure, such as a
+# huge page split, can fault in one tensor's pages again; a heap that maps afresh does it in every window)
 PROBE = """
 import resource, torch
 from dreamer.memory import keep_freed_memory
@@ -20,10 +22,13 @@ def step():
     return float((x * y).sum())
 for _ in range(8):  # the heap settles
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    step()
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+windows = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        step()
+    windows.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, min(windows))
 """
 
 
