@@ -473,12 +473,11 @@ class GoalPursuit(nn.Module):
         rssm = agent.world_model.rssm
         return lambda feat: self.planned(agent, rssm.state_from_features(feat), goal)
 
-    def planned(self, agent, post: State, goal: torch.Tensor) -> torch.Tensor:
-        """Actions (N,) chosen in dreams: from each state (N, ...) imagine ``plan`` rollouts of
-        ``plan_horizon`` steps with the mixture toward the lane's ``goal`` (N, G), score each by how
-        soon it matches the goal (``1 + H - t`` for a first match at step t in 1..H, so at least 1)
-        or else by its best similarity (below the threshold, so below any match), and take the
-        first action of the best rollout of each lane."""
+    def plans(self, agent, post: State, goal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From each state (N, ...) imagine ``plan`` rollouts of ``plan_horizon`` steps with the
+        mixture toward the lane's ``goal`` (N, G). Returns their first actions (N, P) and scores
+        (N, P): ``1 + H - t`` for a first match at step t in 1..H (so at least 1), or else the
+        rollout's best similarity (below the threshold, so below any match)."""
         n, p, h = len(goal), self.plan, self.plan_horizon
         start = {k: v.repeat_interleave(p, 0) for k, v in post.items()}  # (N * P, ...)
         goals = goal.repeat_interleave(p, 0)  # (N * P, G)
@@ -487,13 +486,18 @@ class GoalPursuit(nn.Module):
         first, _ = first_match(sim, agent.goal_model.hp.threshold)
         steps_left = torch.arange(h, 0, -1, device=sim.device, dtype=sim.dtype).unsqueeze(-1)  # (H, 1): H..1
         score = torch.where(first.any(0), (first * steps_left).sum(0), sim.max(0).values).reshape(n, p)
-        first_action = actions[0].reshape(n, p)
-        if self.plan_pick == "action":  # the first action whose rollouts score best on average
+        return actions[0].reshape(n, p), score
+
+    def planned(self, agent, post: State, goal: torch.Tensor) -> torch.Tensor:
+        """Actions (N,) chosen in dreams (``plans``): the first action of each lane's best rollout,
+        or with ``plan_pick == "action"`` the first action whose rollouts score best on average."""
+        first_action, score = self.plans(agent, post, goal)
+        if self.plan_pick == "action":
             one_hot = F.one_hot(first_action, int(first_action.max()) + 1).to(score.dtype)  # (N, P, A)
             total, count = (one_hot * score.unsqueeze(-1)).sum(1), one_hot.sum(1)  # (N, A)
             return (total / count.clamp(min=1)).masked_fill(count == 0, float("-inf")).argmax(-1)
         best = score.argmax(-1)  # (N,)
-        return first_action[torch.arange(n, device=best.device), best]
+        return first_action[torch.arange(len(best), device=best.device), best]
 
     @contextlib.contextmanager
     def measuring(self, split: str):

@@ -80,13 +80,15 @@ def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]
     gm, out = model.goal_model, {}
     generation = DreamGeneration(every_n_updates=1, hard_offsets=tuple(args.offsets),
                                  rl_real_fraction=args.rl_real_fraction, hard_plan=args.dream_plan,
-                                 hard_plan_horizon=args.dream_plan_horizon, hard_plan_weight=args.dream_plan_weight)
+                                 hard_plan_horizon=args.dream_plan_horizon, hard_plan_weight=args.dream_plan_weight,
+                                 plan_distill=args.plan_distill, plan_distill_goals=args.plan_distill_goals)
     for step in range(args.space_steps + args.updates):
         batch, post = replayed_posteriors(model, replay, args.batch_size, args.seq_len)
         learned = gm.observe(post, batch["is_first"], batch["action"], seed=step)
         out.update({k: float(v) for k, v in learned.items()})
         if step >= args.space_steps:
-            generation.generate(model, post, batch["is_first"])
+            phase = generation.generate(model, post, batch["is_first"])
+            out.update({k: v for k, v in phase.items() if k == "goal_matcher/plan_agreement"})
     out.update(mean_over_replay(model, replay, args.batch_size, args.seq_len, args.eval_batches,
                                 lambda post, batch: generation.evaluate_hard(model, post, batch["is_first"],
                                                                              batch["action"])))
@@ -177,12 +179,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="imagined actor rollouts that must all miss a real-game goal (GoalStateModel actor_tries)")
     parser.add_argument("--matcher-reward", default="similarity", choices=MATCHER_REWARDS,
                         help="the goal reward of the matcher's RL (GoalMatcher.reward)")
+    parser.add_argument("--plan-distill", type=int, default=0,
+                        help="DreamGeneration.plan_distill: the matcher also learns the first actions it takes when "
+                             "choosing in this many dreams (0: off)")
+    parser.add_argument("--plan-distill-goals", type=int, default=64,
+                        help="DreamGeneration.plan_distill_goals: goals per matcher update for that")
     parser.add_argument("--offsets", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--rl-real-fraction", type=float, default=0.0,
                         help="DreamGeneration.rl_real_fraction: share of the matcher's RL goals that are real hard pairs")
     args = parser.parse_args(argv)
     for name in ("updates", "eval_batches", "batch_size", "space_dim", "real_actor_tries", "real_plan_horizon",
-                 "dream_plan_horizon"):
+                 "dream_plan_horizon", "plan_distill_goals"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.rl_real_fraction <= 1:
@@ -194,7 +201,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--space-lr must lie in (0, 1], got {args.space_lr}")
     if args.real_goal_steps is not None and args.real_goal_steps < 1:
         parser.error(f"--real-goal-steps must be >= 1, got {args.real_goal_steps}")
-    for name in ("space_steps", "real_episodes", "real_plan", "dream_plan"):
+    for name in ("space_steps", "real_episodes", "real_plan", "dream_plan", "plan_distill"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if min(args.offsets) < 1 or max(args.offsets) >= args.seq_len:
@@ -218,7 +225,10 @@ def run(argv: list[str] | None = None) -> str:
         for seed in args.seeds:
             start = time.perf_counter()
             results.setdefault(kind, []).append(compare_space(model, replay, kind, seed, args))
-            print(f"{kind} seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            agreement = results[kind][-1].get("goal_matcher/plan_agreement")
+            print(f"{kind} seed {seed}: {time.perf_counter() - start:.0f} s"
+                  + ("" if agreement is None else f", last phase's plan agreement {agreement:.3f}"),
+                  file=sys.stderr, flush=True)
     matcher = f"matcher (w = {args.real_weight:g})" + (
         f" choosing in {args.real_plan} dreams of {args.real_plan_horizon} steps" if args.real_plan else " acting")
     return table(results, args.offsets, args.real_strategy, matcher)

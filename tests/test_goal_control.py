@@ -450,3 +450,54 @@ def test_the_hard_sets_can_measure_the_matcher_choosing_in_dreams_and_leave_acti
         DreamGeneration(hard_plan=4, hard_plan_weight=0)
     with pytest.raises(ValueError, match="DreamGeneration hard_plan_horizon must be >= 1, got 0"):
         DreamGeneration(hard_plan=4, hard_plan_horizon=0)
+
+
+def test_the_matcher_learns_the_actions_of_its_best_dreams_and_then_reaches_what_the_actor_cannot():
+    torch.manual_seed(0)
+    matcher = GoalMatcher(feat_dim=P, goal_dim=P, units=64, layers=1, lr=3e-3)
+    agent = SimpleNamespace(world_model=LineWorld(), goal_model=goal_model(), goals=GoalPursuit(goal_steps=32),
+                            goal_matcher=matcher, actor_critic=SimpleNamespace(policy_logits=right_logits))
+    n = 64  # from position 4 to 2 in 2 steps: only (left, left), 1 in 9 for a uniform policy
+    start = LineWorld.state(torch.full((n,), 4))
+    goal = agent.goal_model.goal_of(LineWorld.state(torch.full((n,), 2)))
+    generation = DreamGeneration(plan_distill=32, rl_goal_steps=2)
+
+    def success():
+        return reached(agent, start, goal, matcher.toward(goal, agent.goal_model.space), 2).float().mean().item()
+
+    before = success()
+    optimizer = matcher.configure_optimizers()
+    for _ in range(80):
+        loss, agreement = generation.distill_plans(agent, start, goal)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = success()
+    # the best dreams all step left first: the target is the 5 left actions, nothing else
+    _, agreement = generation.distill_plans(agent, start, goal)
+    left = matcher.policy_logits(start["deter"], goal_model().goal_of(start), goal).exp()[:, 0::3].sum(-1)
+    assert before < 0.3 and after > 0.9 and agreement == 1.0 and (left > 0.95).all(), (before, after, agreement)
+    assert not reached(agent, start, goal, always_right, 2).any()
+    assert agent.goals.mix_weight is None and agent.goals.plan == 0  # acting settings as they were
+    for kwargs, message in (({"plan_distill": -1}, r"plan_distill must be >= 0 \(0: off\), got -1"),
+                            ({"plan_distill_goals": 0}, "plan_distill_goals must be >= 1, got 0"),
+                            ({"plan_distill": 4, "plan_distill_weight": 0}, "plan_distill_weight must be > 0, got 0")):
+        with pytest.raises(ValueError, match=message):
+            DreamGeneration(**kwargs)
+
+
+def test_dream_generation_with_plan_distillation_trains_only_the_matcher_and_reports_agreement():
+    from test_goals import tiny_model_after_a_batch
+
+    model, batch = tiny_model_after_a_batch()
+    model.goal_model.update_statistics(model.last_post)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    generation = DreamGeneration(num_dreams=16, horizon=6, matcher_updates=2, matcher_batch=32, eval_goals=16,
+                                 rl_goals=32, rl_goal_steps=4, plan_distill=4, plan_distill_goals=8)
+    metrics = generation.generate(model, model.last_post, batch["is_first"])
+    changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"goal_matcher"}
+    assert 0.0 <= metrics["goal_matcher/plan_agreement"] <= 1.0
+    assert model.goals.mix_weight is None and model.goals.plan == 0
+    assert "goal_matcher/plan_agreement" not in DreamGeneration(num_dreams=16, matcher_batch=32, rl_goals=8).generate(
+        model, model.last_post, batch["is_first"])

@@ -1,6 +1,7 @@
 """Goal spaces: the fixed ones read the right part of a state, the learned inverse-dynamics one
 keeps what the actions move and drops what moves by itself, and restores with its optimiser."""
 
+import re
 import torch
 import torch.nn.functional as F
 import pytest
@@ -135,7 +136,8 @@ def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run,
     ckpt = str(cwd / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt")
     text = goal_spaces.run([ckpt, "--updates", "2", "--space-steps", "3", "--eval-batches", "2",
                             "--batch-size", "4", "--seq-len", "16", "--offsets", "4", "8",
-                            "--dream-plan", "2", "--dream-plan-horizon", "2"])
+                            "--dream-plan", "2", "--dream-plan-horizon", "2", "--plan-distill", "2",
+                            "--plan-distill-goals", "8"])
     rows = [line.split() for line in text.splitlines()[1:]]
     assert [(r[0], r[1], r[2]) for r in rows] == [(s, c, k) for s in ("deter", "stoch", "inverse", "multistep")
                                                   for c in ("hard", "control") for k in ("4", "8")]
@@ -145,7 +147,8 @@ def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run,
     learned = ("inverse", "multistep")
     assert all(r[-1] == "-" for r in rows if r[0] not in learned)  # only the learned spaces have an accuracy
     assert all(0.0 <= float(r[-1]) <= 1.0 for r in rows if r[0] in learned)
-    capsys.readouterr()
+    agreement = re.findall(r"deter seed 0: \d+ s, last phase's plan agreement (\d\.\d+)", capsys.readouterr().err)
+    assert len(agreement) == 1 and 0.0 <= float(agreement[0]) <= 1.0
     refused = [(["--offsets", "32"], "--offsets must lie in [1, --seq-len - 1] = [1, 31], got [32]"),  # seq-len 32
                (["--rl-real-fraction", "2"], "--rl-real-fraction must lie in [0, 1], got 2.0"),
                (["--real-strategy", "value"], "--real-strategy: invalid choice: 'value' (choose from"),
@@ -155,7 +158,9 @@ def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run,
                (["--real-weight", "0"], "--real-weight must lie in (0, 1], got 0.0"),
                (["--dream-plan", "-1"], "--dream-plan must be >= 0, got -1"),
                (["--dream-plan-horizon", "0"], "--dream-plan-horizon must be >= 1, got 0"),
-               (["--dream-plan-weight", "1.5"], "--dream-plan-weight must lie in (0, 1], got 1.5")]
+               (["--dream-plan-weight", "1.5"], "--dream-plan-weight must lie in (0, 1], got 1.5"),
+               (["--plan-distill", "-1"], "--plan-distill must be >= 0, got -1"),
+               (["--plan-distill-goals", "0"], "--plan-distill-goals must be >= 1, got 0")]
     for argv, message in refused:
         with pytest.raises(SystemExit):
             goal_spaces.run([ckpt, *argv])
