@@ -243,7 +243,7 @@ class DreamGeneration(pl.Callback):
         self.buffer.add(feat.transpose(0, 1)[keep], actions.transpose(0, 1)[keep], quality[keep])
 
         space = pl_module.goal_model.space
-        losses, rl_metrics = [], {}
+        losses, rl_metrics, agreement = [], {}, {}
         optimizer = pl_module.optimizer("goal_matcher")
         real = self.real_rl_goals(pl_module, post, is_first)
         for _ in range(self.matcher_updates):
@@ -257,7 +257,7 @@ class DreamGeneration(pl.Callback):
                 loss = loss + self.matcher_rl * rl_loss
             if self.plan_distill:
                 start, goal = self.control_goals(pl_module, flat, real, self.plan_distill_goals)
-                distill_loss, rl_metrics["goal_matcher/plan_agreement"] = self.distill_plans(pl_module, start, goal)
+                distill_loss, agreement["goal_matcher/plan_agreement"] = self.distill_plans(pl_module, start, goal)
                 loss = loss + self.plan_distill_weight * distill_loss
             step_optimizer(optimizer, loss, matcher.parameters(), matcher.hp.clip)
             matcher.ac.update_slow_critic()
@@ -267,6 +267,7 @@ class DreamGeneration(pl.Callback):
             "dream/quality": float(self.buffer.quality.mean()),
             "dream/count": float(len(self.buffer)),
             **{k: float(v) for k, v in rl_metrics.items()},
+            **agreement,
             **heldout,
         }
         if losses:
@@ -306,10 +307,11 @@ class DreamGeneration(pl.Callback):
 
     @torch.no_grad()
     def real_rl_goals(self, pl_module, post: State, is_first: torch.Tensor) -> tuple[State, torch.Tensor]:
-        """The phase's real hard pairs for the matcher's RL (start (M, ...), goal (M, G)), M at most
-        ``rl_real_fraction`` of ``rl_goals``; none when that is 0 or the batch holds none."""
-        n = int(round(max(self.rl_goals if self.matcher_rl > 0 else 0, self.plan_distill_goals if self.plan_distill else 0)
-                      * self.rl_real_fraction))
+        """The phase's real hard pairs for the matcher's RL and search (start (M, ...), goal (M, G)),
+        M at most ``rl_real_fraction`` of the larger goal count of the two that are on (``rl_goals``,
+        ``plan_distill_goals``); none when that is 0 or the batch holds none."""
+        wanted = max(self.rl_goals if self.matcher_rl > 0 else 0, self.plan_distill_goals if self.plan_distill else 0)
+        n = int(round(wanted * self.rl_real_fraction))
         if n > 0:
             start, goal, _, _ = hard_goals(pl_module, post, is_first, self.rl_goal_steps, n, self.actor_tries)
             if len(goal):

@@ -88,7 +88,8 @@ def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]
         out.update({k: float(v) for k, v in learned.items()})
         if step >= args.space_steps:
             phase = generation.generate(model, post, batch["is_first"])
-            out.update({k: v for k, v in phase.items() if k == "goal_matcher/plan_agreement"})
+            if "goal_matcher/plan_agreement" in phase:
+                out["goal_matcher/plan_agreement"] = phase["goal_matcher/plan_agreement"]
     out.update(mean_over_replay(model, replay, args.batch_size, args.seq_len, args.eval_batches,
                                 lambda post, batch: generation.evaluate_hard(model, post, batch["is_first"],
                                                                              batch["action"])))
