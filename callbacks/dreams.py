@@ -250,7 +250,7 @@ class DreamGeneration(pl.Callback):
             feat, later, action = self.buffer.hindsight(self.matcher_batch)
             with torch.no_grad():
                 here, goal = space.of_features(feat), space.of_features(later)
-            loss = matcher.loss(feat, here, goal, action)
+            loss, _ = matcher.loss(feat, here, goal, action)
             if self.matcher_rl > 0:
                 start, goal = self.control_goals(pl_module, flat, real, self.rl_goals)
                 rl_loss, rl_metrics = matcher.rl_loss(wm, pl_module.goal_model, start, goal)
@@ -301,9 +301,9 @@ class DreamGeneration(pl.Callback):
             target = (F.one_hot(first_action, NUM_ACTIONS).float() * best.unsqueeze(-1)).sum(1)  # (N, A)
             target = target / target.sum(-1, keepdim=True)
             feat, here = pl_module.world_model.rssm.features(start), pl_module.goal_model.goal_of(start)
-        logits = pl_module.goal_matcher.policy_logits(feat, here, goal)  # (N, A) log-probabilities
+        loss, logits = pl_module.goal_matcher.loss(feat, here, goal, target)  # logits (N, A)
         agreement = float((target.gather(-1, logits.detach().argmax(-1, keepdim=True)) > 0).float().mean())
-        return -(target * logits).sum(-1).mean(), agreement
+        return loss, agreement
 
     @torch.no_grad()
     def real_rl_goals(self, pl_module, post: State, is_first: torch.Tensor) -> tuple[State, torch.Tensor]:

@@ -114,10 +114,14 @@ class GoalMatcher(pl.LightningModule):
         """The policy ``feat -> actions`` that pursues ``goal`` (N, G) of ``space``, for ``rssm.imagine``."""
         return lambda feat: sample_index(self.policy_logits(feat, space.of_features(feat), goal).exp())
 
-    def loss(self, feat, here, goal, action) -> torch.Tensor:
-        """Cross-entropy of the actions that reached ``goal`` (goal-conditioned supervised learning)."""
+    def loss(self, feat, here, goal, action) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of the actions that reached ``goal`` (goal-conditioned supervised learning):
+        ``action`` holds action indices (...,) or a target distribution over them (..., A). Also
+        returns the matcher's normalised log-probabilities (..., A)."""
         logits = self.policy_logits(feat, here, goal)
-        return -logits.gather(-1, action.unsqueeze(-1)).squeeze(-1).mean()
+        if action.is_floating_point():
+            return -(action * logits).sum(-1).mean(), logits
+        return -logits.gather(-1, action.unsqueeze(-1)).squeeze(-1).mean(), logits
 
     def rl_loss(self, world_model, goal_model, start: State, goal: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Actor-critic loss of pursuing ``goal`` (N, G) from ``start`` (N, ...) for ``horizon``

@@ -11,7 +11,7 @@ import torch
 from callbacks.dreams import BridgeDistillation, DreamBuffer, DreamGeneration, DreamWeaning
 from datamodules.games import NUM_ACTIONS
 from dreamer.agent import Dreamer
-from dreamer.goals import GoalStateModel, cosine_max, mixture_probs
+from dreamer.goals import GoalMatcher, GoalStateModel, cosine_max, mixture_probs
 from dreamer.metrics import GoalSuccess
 from dreamer.update import update
 
@@ -145,6 +145,22 @@ def test_mixture_probs_hand_computed():
     expected = [[0.3 * math.exp(m) + 0.7 * math.exp(a) for a, m in zip(ra, rm)]
                 for ra, rm in zip(actor.tolist(), matcher.tolist())]
     torch.testing.assert_close(mixture_probs(actor, matcher, 0.3), torch.tensor(expected))
+
+
+def test_matcher_loss_takes_action_indices_or_a_target_distribution():
+    torch.manual_seed(0)
+    matcher = GoalMatcher(feat_dim=5, goal_dim=3, units=8, layers=1)
+    feat, here, goal = torch.randn(4, 5), torch.randn(4, 3), torch.randn(4, 3)
+    action = torch.tensor([0, 3, 3, 14])
+    by_index, logits = matcher.loss(feat, here, goal, action)
+    rows = logits.tolist()  # (4, A) log-probabilities
+    torch.testing.assert_close(by_index, torch.tensor(-sum(rows[i][a] for i, a in enumerate(action.tolist())) / 4))
+    one_hot, _ = matcher.loss(feat, here, goal, torch.nn.functional.one_hot(action, NUM_ACTIONS).float())
+    torch.testing.assert_close(one_hot, by_index)
+    half = torch.zeros(4, NUM_ACTIONS)
+    half[:, 1] = half[:, 2] = 0.5  # half of each lane on action 1, half on action 2
+    soft, _ = matcher.loss(feat, here, goal, half)
+    torch.testing.assert_close(soft, torch.tensor(-sum(0.5 * r[1] + 0.5 * r[2] for r in rows) / 4))
 
 
 def _act_sequence(model, seed, frames, firsts):
