@@ -4,14 +4,14 @@ of means with standard errors over the seeds.
     python scripts/goal_ablation.py --config configs/learn_bigfish.yaml --seeds 0 1 2 --max-env-steps 40000
 
 Each arm and seed trains with ``cli.py fit`` in ``runs/ablation/<arm>-seed<seed>`` (the dreams arm
-adds ``configs/dreams.yaml``), then validates on training and unseen levels, and keeps its
-measurements in ``ablation.json`` there. Running the script again reuses finished arms and resumes
+adds ``configs/dreams.yaml``, the optional search arm ``configs/dreams_search.yaml``), then
+validates on training and unseen levels, and keeps its measurements in ``ablation.json`` there. Running the script again reuses finished arms and resumes
 interrupted ones from their last checkpoint, so seeds can be added over several sittings.
 ``--results DIR`` also keeps each finished arm's measurements in ``DIR/<arm>-seed<seed>.json`` and
 reuses them from there: a small directory that can be committed, so an ablation too long for one
 machine's lifetime accumulates across machines (``benchmarks/results/`` holds ours). Both arms
 measure goal success the same way (``model.goals.track``,
-goals from the same state model). For the dreams arm it also measures the goal matcher:
+goals from the same state model). For the dreams (and search) arm it also measures the goal matcher:
 - in dreams, on held-out real goals and on the hard sets (real goals k steps ahead that the
   goal-blind actor's dreams miss; ``DreamGeneration.evaluate_hard``) against the actor and a
   uniformly random policy;
@@ -38,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 from callbacks.dreams import DreamGeneration, DreamWeaning  # noqa: E402
 from cli import fail, main  # noqa: E402
 from datamodules.replay import replay_batch  # noqa: E402
+
+ARM_CONFIGS = {"plain": [], "dreams": ["configs/dreams.yaml"], "search": ["configs/dreams_search.yaml"]}
 
 ROWS = [
     ("goal step success", "goal/step_success"),
@@ -154,7 +156,7 @@ def run_arm(arm: str, config: list[str], seed: int, steps: int, extra: list[str]
     elif root.exists():
         fail(f"{root} exists but was not started by this script; move it away")
     args = ["fit"]
-    for c in config + (["configs/dreams.yaml"] if arm == "dreams" else []):
+    for c in config + ARM_CONFIGS[arm]:
         args += ["--config", str(ROOT / c) if not Path(c).is_absolute() else c]
     args += ["--seed_everything", str(seed), "--data.seed", str(seed),
              "--model.max_env_steps", str(steps), "--model.goals.track", "true",
@@ -168,7 +170,7 @@ def run_arm(arm: str, config: list[str], seed: int, steps: int, extra: list[str]
     cli.model.to(cli.trainer.strategy.root_device)  # Lightning's teardown left it on the CPU
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     metrics.update(held_out_dream_success(cli))
-    if arm == "dreams":
+    if arm != "plain":
         metrics.update(real_hard_goal_pursuit(cli))
     finished = json.dumps({"setting": setting, "measured": provenance(), "metrics": metrics}, indent=1)
     record.write_text(finished)
@@ -243,7 +245,9 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
                         help="base config(s) shared by both arms (default: configs/learn_bigfish.yaml)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--max-env-steps", type=int, default=40_000)
-    parser.add_argument("--arms", nargs="+", default=["plain", "dreams"], choices=["plain", "dreams"])
+    parser.add_argument("--arms", nargs="+", default=["plain", "dreams"], choices=list(ARM_CONFIGS),
+                        help="plain: DreamerV3; dreams: + configs/dreams.yaml; search: + configs/dreams_search.yaml "
+                             "(the matcher also learns from its own search); default: plain dreams")
     parser.add_argument("--results", type=Path, default=None,
                         help="also keep finished arms' measurements in DIR/<arm>-seed<seed>.json and "
                              "reuse them from there (a directory to commit; default: runs/ablation only)")

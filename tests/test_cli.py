@@ -115,6 +115,21 @@ def test_dreams_config_adds_its_callbacks_to_those_of_the_config_below(tmp_path)
     assert printed["dream_pictures"]["every_n_updates"] == 100 and printed["dream_pictures"]["enabled"]
 
 
+def test_dreams_search_config_is_dreams_yaml_with_the_matcher_learning_from_its_search(tmp_path):
+    import yaml
+
+    def callbacks(name):
+        out = cli(tmp_path, "fit", "--config", SMOKE, "--config", str(ROOT / "configs" / name), "--print_config")
+        return {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in yaml.safe_load(out.stdout)["trainer"]["callbacks"]}
+
+    dreams, search = callbacks("dreams.yaml"), callbacks("dreams_search.yaml")
+    assert list(search) == list(dreams) == ["DreamGeneration", "BridgeDistillation", "DreamWeaning"]
+    assert dreams["DreamGeneration"]["plan_distill"] == 0 and dreams["DreamGeneration"]["rl_real_fraction"] == 0
+    changed = {k: v for k, v in search["DreamGeneration"].items() if dreams["DreamGeneration"][k] != v}
+    assert changed == {"plan_distill": 16, "rl_real_fraction": 0.5}
+    assert search["BridgeDistillation"] == dreams["BridgeDistillation"] and search["DreamWeaning"] == dreams["DreamWeaning"]
+
+
 def test_sigterm_ends_the_mlflow_run_killed_and_the_resume_continues_it(tmp_path):
     quick = quick_checkpoints(tmp_path / "quick.yaml")
     args = ["fit", "--config", SMOKE, "--config", quick, "--model.max_env_steps", "100000"]

@@ -95,6 +95,23 @@ def test_finished_arms_are_reused_and_interrupted_ones_resume(tmp_path, monkeypa
             "was not started by this script")
 
 
+def test_each_arm_trains_with_its_own_dream_configs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    calls, pursued = [], []
+    monkeypatch.setattr(goal_ablation, "main", lambda args: calls.append(args) or FakeCLI(args))
+    monkeypatch.setattr(goal_ablation, "real_hard_goal_pursuit", lambda cli: pursued.append(cli) or {})
+    for arm in ("plain", "dreams", "search"):
+        goal_ablation.run_arm(arm, ["configs/smoke.yaml"], 0, 384, [])
+    configs = [[Path(args[i + 1]).name for i, a in enumerate(args) if a == "--config"] for args in calls]
+    assert configs == [["smoke.yaml"], ["smoke.yaml", "dreams.yaml"], ["smoke.yaml", "dreams_search.yaml"]]
+    assert [Path(cli.args[cli.args.index("--trainer.default_root_dir") + 1]).name for cli in pursued] == \
+        ["dreams-seed0", "search-seed0"]  # hard goals in the real game: the arms with a matcher
+    assert goal_ablation.parse(["--arms", "plain", "search"])[0].arms == ["plain", "search"]
+    with pytest.raises(SystemExit):
+        goal_ablation.parse(["--arms", "planning"])
+    assert "invalid choice: 'planning'" in capsys.readouterr().err
+
+
 def test_results_directory_carries_finished_arms_to_another_machine(tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(goal_ablation, "main", lambda args: calls.append(args) or FakeCLI(args))
