@@ -5,8 +5,9 @@ of means with standard errors over the seeds.
 
 Each arm and seed trains with ``cli.py fit`` in ``runs/ablation/<arm>-seed<seed>`` (the dreams arm
 adds ``configs/dreams.yaml``, the optional search arm ``configs/dreams_search.yaml``), then
-validates on training and unseen levels, and keeps its measurements in ``ablation.json`` there. Running the script again reuses finished arms and resumes
-interrupted ones from their last checkpoint, so seeds can be added over several sittings.
+validates on training and unseen levels, and keeps its measurements in ``ablation.json`` there.
+Running the script again reuses finished arms and resumes interrupted ones from their last
+checkpoint, so seeds can be added over several sittings.
 ``--results DIR`` also keeps each finished arm's measurements in ``DIR/<arm>-seed<seed>.json`` and
 reuses them from there: a small directory that can be committed, so an ablation too long for one
 machine's lifetime accumulates across machines (``benchmarks/results/`` holds ours). Both arms
