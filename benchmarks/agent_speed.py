@@ -14,7 +14,12 @@ over the actor acting alone.
 
 ``--floor`` adds the FLOP floor: the FLOPs of one whole update (``torch.utils.flop_counter``)
 divided by the sustained rate of one large matmul in the same precision on the same threads,
-measured in the same run; "x floor" is seconds per update over that floor.
+measured in the same run; "x floor" is seconds per update over that floor. The FLOP floor
+ignores memory traffic, which bounds the small presets, so it also prints the roofline floor:
+each operator of the update at the roofline, max(its FLOPs / that matmul rate, the bytes of its
+tensor inputs and outputs / the rate of one large tensor copy), summed ("roof s", with the GB
+moved); "x roof" is seconds per update over that. Fusing operators (``--compile``) lowers the
+bytes really moved, so the roofline floor is the eager update's, not the fastest possible.
 """
 
 from __future__ import annotations
@@ -65,6 +70,51 @@ def update_gflop(model: Dreamer, optimizers, data, autocast) -> float:
     with counter, autocast:
         update(model, optimizers, data)
     return counter.get_total_flops() / 1e9
+
+
+def memory_gbps(device, mb: int = 256, seconds: float = 1.0) -> float:
+    """Sustained GB/s of copying one large float32 tensor into another (bytes read plus written)."""
+    a = torch.randn(mb * 2**18, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        b.copy_(a)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        reps += 1
+    return 2 * a.nbytes * reps / (time.perf_counter() - start) / 1e9
+
+
+def roofline(fn, gflops: float, gbps: float) -> dict[str, float]:
+    """``fn()``'s operators (backward ones included) each at the roofline: seconds summed over
+    operators of max(FLOPs / ``gflops``, bytes / ``gbps``), where bytes are the operator's tensor
+    inputs and outputs (an unfused operator reads and writes each once; views move nothing).
+    Also the GB moved and the number of operators."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from torch.utils.flop_counter import flop_registry
+
+    totals = {"seconds": 0.0, "gb": 0.0, "ops": 0}
+
+    class Roofline(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if func.is_view:
+                return out
+            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            nbytes = sum(t.numel() * t.element_size() for t in tensors)
+            count = flop_registry.get(func._overloadpacket)
+            flop = count(*args, **kwargs, out_val=out) if count else 0
+            totals["seconds"] += max(flop / (gflops * 1e9), nbytes / (gbps * 1e9))
+            totals["gb"] += nbytes / 1e9
+            totals["ops"] += 1
+            return out
+
+    with Roofline():
+        fn()
+    return totals
 
 
 def params(module: torch.nn.Module) -> float:
@@ -119,12 +169,22 @@ def bench(size: str, batch: int, seq: int, updates: int, device, precision: str 
 
     act_steps_s = acting_speed(model) if act else float("nan")
     plan_steps_s = {f"env_steps_per_s_plan{p}": acting_speed(model, plan=p) for p in act_plans}
-    gflop = update_gflop(model, optimizers, data, autocast) if floor else float("nan")
-    floor_s = gflop / matmul_gflops(device, precision) if floor else float("nan")
+    gflop, floor_s, rate, gbps = (float("nan"),) * 4
+    roof = {"seconds": float("nan"), "gb": float("nan")}
+    if floor:
+        gflop, rate, gbps = update_gflop(model, optimizers, data, autocast), matmul_gflops(device, precision), memory_gbps(device)
+        floor_s = gflop / rate
+        with autocast:
+            roof = roofline(lambda: update(model, optimizers, data), rate, gbps)
     return {
         "gflop_per_update": gflop,
         "floor_s": floor_s,
         "times_floor": update_s / floor_s,
+        "matmul_gflops": rate,
+        "copy_gbps": gbps,
+        "gb_moved_per_update": roof["gb"],
+        "roofline_s": roof["seconds"],
+        "times_roofline": update_s / roof["seconds"],
         "first_update_s": first_s,
         "updates_per_s": 1 / update_s,
         "seconds_per_update": update_s,
@@ -196,7 +256,7 @@ def main() -> None:
           f"batch {args.batch} x {args.seq}, precision {args.precision}, compile {args.compile}, cuda graph {args.cuda_graph}, "
           f"overrides {overrides or '-'}, model {model_kwargs or '-'}")
     print(f"{'size':>6} {'first s':>8} {'upd/s':>8} {'s/upd':>8} {'act steps/s':>12} {'WM M':>7} {'actor M':>8} "
-          f"{'critic M':>9} {'peak RSS GB':>12} {'GPU GB':>7}" + (f" {'GFLOP':>8} {'floor s':>8} {'x floor':>8}" if args.floor else ""))
+          f"{'critic M':>9} {'peak RSS GB':>12} {'GPU GB':>7}" + (f" {'GFLOP':>8} {'floor s':>8} {'x floor':>8} {'GB moved':>9} {'roof s':>7} {'x roof':>7}" if args.floor else ""))
     for size in args.sizes:
         try:
             r = bench(size, args.batch, args.seq, args.updates, device, args.precision, args.compile,
@@ -206,8 +266,12 @@ def main() -> None:
         print(f"{size:>6} {r['first_update_s']:>8.2f} {r['updates_per_s']:>8.3f} {r['seconds_per_update']:>8.3f} "
               f"{r['env_steps_per_s_acting']:>12.0f} {r['world_model_M']:>7.2f} {r['actor_M']:>8.2f} "
               f"{r['critic_M']:>9.2f} {r['peak_rss_gb']:>12.2f} {r['gpu_peak_gb']:>7.2f}"
-              + (f" {r['gflop_per_update']:>8.1f} {r['floor_s']:>8.3f} {r['times_floor']:>8.1f}" if args.floor else ""),
+              + (f" {r['gflop_per_update']:>8.1f} {r['floor_s']:>8.3f} {r['times_floor']:>8.1f}"
+                 f" {r['gb_moved_per_update']:>9.1f} {r['roofline_s']:>7.3f} {r['times_roofline']:>7.1f}" if args.floor else ""),
               flush=True)
+        if args.floor:
+            print(f"{size:>6} floors from a {r['matmul_gflops']:.0f} GFLOP/s matmul and a {r['copy_gbps']:.1f} GB/s copy",
+                  flush=True)
         for p in args.act_plans:
             speed = r[f"env_steps_per_s_plan{p}"]
             print(f"{size:>6} acting toward goals, matcher {'choosing in ' + str(p) + ' dreams' if p else 'sampling'}: "

@@ -215,3 +215,21 @@ def test_the_speed_benchmark_times_acting_toward_goals_in_dreams_and_refuses_bad
                          (["--act-plans", "4", "--no-act"], "--act-plans measures acting: leave out --no-act")):
         out = subprocess.run([sys.executable, script, "--sizes", "tiny", *bad], capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and out.stderr.splitlines()[-1] == f"agent_speed.py: error: {message}"
+
+
+def test_the_roofline_floor_charges_each_operator_its_flops_or_its_bytes_whichever_takes_longer():
+    from benchmarks.agent_speed import roofline
+
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    # a (64x32) @ b (32x16): 2*64*32*16 = 65,536 FLOPs; (2048 + 512 + 1024) floats = 14,336 bytes
+    mm = roofline(lambda: a @ b, gflops=1.0, gbps=1.0)
+    assert mm["ops"] == 1 and mm["gb"] == pytest.approx(14_336e-9)
+    assert mm["seconds"] == pytest.approx(65_536e-9)  # compute-bound at 1 GFLOP/s and 1 GB/s
+    assert roofline(lambda: a @ b, gflops=1.0, gbps=0.1)["seconds"] == pytest.approx(143_360e-9)  # now bytes
+    # a transpose is a view (nothing moved); an addition moves its two inputs and its output
+    add = roofline(lambda: a.t() + a.t(), gflops=1.0, gbps=1.0)
+    assert add["ops"] == 1 and add["seconds"] == pytest.approx(3 * 2048 * 4e-9)
+    # backward operators count too: mm's gradient for a (one more matmul of the same size)
+    w = b.clone().requires_grad_()
+    both = roofline(lambda: (a @ w).sum().backward(), gflops=1.0, gbps=1e9)
+    assert both["seconds"] == pytest.approx(2 * 65_536e-9, rel=0.05)
