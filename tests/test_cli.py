@@ -238,25 +238,33 @@ def test_world_model_probe_reads_a_checkpoint_and_its_replay(smoke_run, tmp_path
 def test_precision_auto_picks_bf16_only_where_it_was_measured_faster(tmp_path, monkeypatch):
     import torch
 
-    from cli import auto_precision, cpu_has_amx
+    from cli import auto_precision, cpu_bf16
 
-    amx, avx2 = tmp_path / "amx", tmp_path / "avx2"
-    amx.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 amx_bf16 amx_tile amx_int8\n")
-    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512_bf16\n")
-    assert cpu_has_amx(str(amx)) and not cpu_has_amx(str(avx2)) and not cpu_has_amx(str(tmp_path / "none"))
+    amx, avx512, avx2 = tmp_path / "amx", tmp_path / "avx512", tmp_path / "avx2"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512_bf16 amx_bf16 amx_tile amx_int8\n")
+    avx512.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\nbugs\t\t: amx_bf16\n")
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse avx2\n")
+    assert [cpu_bf16(str(f)) for f in (amx, avx512, avx2, tmp_path / "none")] == ["amx_bf16", "avx512_bf16", None, None]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("cli.cpu_has_amx", lambda: True)
-    assert auto_precision("auto")[0] == auto_precision("cpu")[0] == "bf16-mixed"
-    assert auto_precision("mps")[0] == "32-true"
-    assert auto_precision(type("CPUAccelerator", (), {})())[0] == "bf16-mixed"  # an Accelerator instance
-    monkeypatch.setattr("cli.cpu_has_amx", lambda: False)
-    assert auto_precision("auto")[0] == "32-true"
+    monkeypatch.setattr("cli.cpu_bf16", lambda: "amx_bf16")
+    assert auto_precision("auto", "tiny")[0] == auto_precision("cpu", "200M")[0] == "bf16-mixed"
+    assert auto_precision("mps", "12M")[0] == "32-true"
+    assert auto_precision(type("CPUAccelerator", (), {})(), "small")[0] == "bf16-mixed"  # an Accelerator instance
+    # AVX512-BF16 without AMX: bf16 was faster from the 12M preset up, slower below
+    monkeypatch.setattr("cli.cpu_bf16", lambda: "avx512_bf16")
+    assert [auto_precision("cpu", size)[0] for size in ("tiny", "1M", "small", "12M", "25M", "200M")] == \
+        ["32-true"] * 3 + ["bf16-mixed"] * 3
+    assert "from 12M up" in auto_precision("cpu", "small")[1]
+    monkeypatch.setattr("cli.cpu_bf16", lambda: None)
+    assert auto_precision("auto", "12M")[0] == auto_precision("auto", "tiny")[0] == "32-true"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100")
-    assert auto_precision("auto")[0] == auto_precision("gpu")[0] == "32-true"  # measured faster on GPUs
-    assert "slower than fp32" in auto_precision("gpu")[1]
-    assert auto_precision("cpu")[0] == "32-true"  # a GPU machine told to train on its CPU
+    monkeypatch.setattr("cli.cpu_bf16", lambda: "amx_bf16")
+    assert auto_precision("auto", "200M")[0] == auto_precision("gpu", "12M")[0] == "32-true"  # measured faster on GPUs
+    assert "slower than fp32" in auto_precision("gpu", "12M")[1]
+    monkeypatch.setattr("cli.cpu_bf16", lambda: None)
+    assert auto_precision("cpu", "12M")[0] == "32-true"  # a GPU machine told to train on its CPU
 
 
 def test_precision_auto_from_the_command_line_or_a_config_file_and_the_last_setting_wins(tmp_path):
@@ -264,10 +272,13 @@ def test_precision_auto_from_the_command_line_or_a_config_file_and_the_last_sett
 
     from cli import auto_precision
 
-    here = auto_precision("auto")[0]
+    here = auto_precision("auto", "tiny")[0]  # the smoke config's size
     out = cli(tmp_path, "fit", "--config", SMOKE, "--trainer.precision", "auto", "--print_config")
     assert yaml.safe_load(out.stdout)["trainer"]["precision"] == here
     assert f"trainer.precision auto: {here} (" in out.stderr
+    # the choice is the model size's (on an AVX512-BF16 CPU tiny gets 32-true, 12M bf16-mixed)
+    out = cli(tmp_path, "fit", "--config", SMOKE, "--model.size", "12M", "--trainer.precision", "auto", "--print_config")
+    assert yaml.safe_load(out.stdout)["trainer"]["precision"] == auto_precision("auto", "12M")[0]
     (tmp_path / "auto.yaml").write_text("trainer:\n  precision: auto\n")
     out = cli(tmp_path, "fit", "--config", SMOKE, "--config", "auto.yaml", "--print_config")
     assert yaml.safe_load(out.stdout)["trainer"]["precision"] == here
