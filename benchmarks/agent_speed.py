@@ -48,54 +48,43 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def sustained_rate(step, work: float, device, seconds: float = 1.0) -> float:
+    """``work`` per second of repeating ``step()`` for ``seconds`` (after one warm-up call)."""
+    step()
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        reps += 1
+    return work * reps / (time.perf_counter() - start)
+
+
 def matmul_gflops(device, precision: str = "32", n: int = 2048, seconds: float = 1.0) -> float:
     """Sustained GFLOP/s of an n x n matmul (the device's best case for dense work)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    a @ b
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
-
-
-def update_gflop(model: Dreamer, optimizers, data, autocast) -> float:
-    """FLOPs of one update, forward and backward, in GFLOP."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, autocast:
-        update(model, optimizers, data)
-    return counter.get_total_flops() / 1e9
+    return sustained_rate(lambda: a @ b, 2 * n**3 / 1e9, device, seconds)
 
 
 def memory_gbps(device, mb: int = 256, seconds: float = 1.0) -> float:
     """Sustained GB/s of copying one large float32 tensor into another (bytes read plus written)."""
     a = torch.randn(mb * 2**18, device=device)
     b = torch.empty_like(a)
-    b.copy_(a)
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        b.copy_(a)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        reps += 1
-    return 2 * a.nbytes * reps / (time.perf_counter() - start) / 1e9
+    return sustained_rate(lambda: b.copy_(a), 2 * a.nbytes / 1e9, device, seconds)
 
 
 def roofline(fn, gflops: float, gbps: float) -> dict[str, float]:
     """``fn()``'s operators (backward ones included) each at the roofline: seconds summed over
     operators of max(FLOPs / ``gflops``, bytes / ``gbps``), where bytes are the operator's tensor
     inputs and outputs (an unfused operator reads and writes each once; views move nothing).
-    Also the GB moved and the number of operators."""
+    Also the GFLOP (as ``torch.utils.flop_counter`` counts them), the GB moved and the number of
+    operators."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
     from torch.utils.flop_counter import flop_registry
 
-    totals = {"seconds": 0.0, "gb": 0.0, "ops": 0}
+    totals = {"seconds": 0.0, "gflop": 0.0, "gb": 0.0, "ops": 0}
 
     class Roofline(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -108,6 +97,7 @@ def roofline(fn, gflops: float, gbps: float) -> dict[str, float]:
             count = flop_registry.get(func._overloadpacket)
             flop = count(*args, **kwargs, out_val=out) if count else 0
             totals["seconds"] += max(flop / (gflops * 1e9), nbytes / (gbps * 1e9))
+            totals["gflop"] += flop / 1e9
             totals["gb"] += nbytes / 1e9
             totals["ops"] += 1
             return out
@@ -169,15 +159,14 @@ def bench(size: str, batch: int, seq: int, updates: int, device, precision: str 
 
     act_steps_s = acting_speed(model) if act else float("nan")
     plan_steps_s = {f"env_steps_per_s_plan{p}": acting_speed(model, plan=p) for p in act_plans}
-    gflop, floor_s, rate, gbps = (float("nan"),) * 4
-    roof = {"seconds": float("nan"), "gb": float("nan")}
+    rate, gbps = (matmul_gflops(device, precision), memory_gbps(device)) if floor else (float("nan"),) * 2
+    roof = dict.fromkeys(("seconds", "gflop", "gb"), float("nan"))
     if floor:
-        gflop, rate, gbps = update_gflop(model, optimizers, data, autocast), matmul_gflops(device, precision), memory_gbps(device)
-        floor_s = gflop / rate
         with autocast:
             roof = roofline(lambda: update(model, optimizers, data), rate, gbps)
+    floor_s = roof["gflop"] / rate
     return {
-        "gflop_per_update": gflop,
+        "gflop_per_update": roof["gflop"],
         "floor_s": floor_s,
         "times_floor": update_s / floor_s,
         "matmul_gflops": rate,

@@ -223,7 +223,7 @@ def test_the_roofline_floor_charges_each_operator_its_flops_or_its_bytes_whichev
     a, b = torch.randn(64, 32), torch.randn(32, 16)
     # a (64x32) @ b (32x16): 2*64*32*16 = 65,536 FLOPs; (2048 + 512 + 1024) floats = 14,336 bytes
     mm = roofline(lambda: a @ b, gflops=1.0, gbps=1.0)
-    assert mm["ops"] == 1 and mm["gb"] == pytest.approx(14_336e-9)
+    assert mm["ops"] == 1 and mm["gb"] == pytest.approx(14_336e-9) and mm["gflop"] == pytest.approx(65_536e-9)
     assert mm["seconds"] == pytest.approx(65_536e-9)  # compute-bound at 1 GFLOP/s and 1 GB/s
     assert roofline(lambda: a @ b, gflops=1.0, gbps=0.1)["seconds"] == pytest.approx(143_360e-9)  # now bytes
     # a transpose is a view (nothing moved); an addition moves its two inputs and its output
