@@ -167,8 +167,12 @@ class DreamerCLI(LightningCLI):
             checkpoint = read_checkpoint(ckpt_path)
         except CheckpointError as e:
             fail(str(e))
+        optimizer = None
+        if subcommand == "fit":  # a resume restores the optimiser's state: its kind must match
+            given = cfg.model.get("optimizer")
+            optimizer = (given.get("kind") if hasattr(given, "get") else getattr(given, "kind", None)) or "adam"
         differences = checkpoint_mismatch(
-            checkpoint, cfg.model.size, cfg.model.overrides, cfg.data.game
+            checkpoint, cfg.model.size, cfg.model.overrides, cfg.data.game, optimizer
         )
         if differences:
             fail(f"checkpoint {ckpt_path} does not match this run; " + "; ".join(differences))

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from datamodules.collector import Rollout
-from datamodules.procgen import GAMES, ProcgenConfig, ProcgenVectorEnv, unseen_levels, unseen_mode
+from datamodules.games import SANITY_GAMES
+from datamodules.procgen import GAMES, ProcgenConfig, unseen_levels, unseen_mode, vector_env
 from dreamer import visuals
 from dreamer.agent import Dreamer
 from dreamer.checkpoints import CheckpointError, read_checkpoint, restore_agent
@@ -99,8 +100,8 @@ class DemoSession:
 
     def start(self, game: str, split: str, index: int, show_goals: bool) -> None:
         """Start a fresh episode on level ``index`` of the training or unseen levels of ``game``."""
-        if game not in GAMES:
-            raise DemoError(f"unknown game {game!r}; allowed: {', '.join(GAMES)}")
+        if game not in GAMES + SANITY_GAMES:
+            raise DemoError(f"unknown game {game!r}; allowed: {', '.join(GAMES + SANITY_GAMES)}")
         index = int(index)
         self.seed = level_seed(self.loaded.levels, split, index)
         mode = self.loaded.levels.distribution_mode
@@ -108,7 +109,7 @@ class DemoSession:
         if self.env is not None:
             self.env.close()
         num_levels, start_level = (0, 0) if mode == "exploration" else (1, self.seed)  # its one level
-        self.rollout = Rollout(ProcgenVectorEnv(game, 1, mode, num_levels, start_level, seed=self.seed))
+        self.rollout = Rollout(vector_env(game, 1, mode, num_levels, start_level, seed=self.seed))
         self.game, self.split, self.index, self.show_goals = game, split, index, show_goals
         self.rollout.reset()
         self.done, self.episode_return = False, 0.0
@@ -249,7 +250,7 @@ def build_app(default_ckpt: str | None = None):
             load_button = gr.Button("Load", elem_id="load", scale=1)
         status = gr.Markdown("No checkpoint loaded.", elem_id="status")
         with gr.Row():
-            game = gr.Dropdown(list(GAMES), value="coinrun", label="game", elem_id="game")
+            game = gr.Dropdown(list(GAMES + SANITY_GAMES), value="coinrun", label="game", elem_id="game")
             split = gr.Radio(list(SPLITS), value="training", label="levels", elem_id="split")
             index = gr.Number(0, precision=0, minimum=0, label="level index", elem_id="level")
             show_goals = gr.Checkbox(False, label="show goals", elem_id="goals")

@@ -16,10 +16,17 @@ training time, and at ``--evals`` points along the way prints, on the unseen-lev
   all pixels and (skillc_h) over the pixels that change between consecutive real frames;
   above 0 is better than copying the last real frame;
 - rAUC / r+ / r-: reward prediction on rewarded vs unrewarded steps (ROC AUC, means);
+  rAUCtr: the same ROC AUC on the first 512 steps of each training-level lane (data it trains on);
   cAUC: continue probability on non-terminal vs terminal steps (ROC AUC);
 - KL (dynamics KL per step) and >free (share of steps above free bits); upd/s (training only);
-- act_eff: variance across the 15 actions of the frame imagined 5 steps ahead when repeating
-  each action from the same states (0 = the dreams ignore the actions, and so would the actor).
+- gain5: skill_h5 with the real actions minus with the actions shuffled across windows (what
+  knowing the actions adds to the dream; 0 = the dreams ignore them);
+- aspr / acor, the dreams against the real game from the same states: from 64 unseen-level
+  states (restored with the env's ``get_state``/``set_state``), each of the 15 first actions
+  followed by the same 15 random actions in dream and game; aspr = the spread (SD across first
+  actions) of the dreams' 16-step returns over the game's (1: the dream thinks actions matter as
+  much as they do), acor = their correlation across first actions (1: it ranks them as the game).
+  Needs procgen for Procgen games (with ``--data`` and no procgen they are skipped, in one line).
 
 ``--save-data`` writes the dataset to a compressed file, ``--data`` trains from one (no procgen
 needed, e.g. on a GPU machine). ``--size``, ``--overrides`` and ``--model`` take any preset, size
@@ -41,12 +48,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datamodules.games import GAMES, MODES, RandomPolicy, unseen_mode  # noqa: E402
+from datamodules.games import GAMES, MODES, SANITY_GAMES, RandomPolicy, unseen_mode  # noqa: E402
 from datamodules.replay import FIELDS, FIRST, TERMINAL, SequenceReplay, replay_batch, store_posteriors  # noqa: E402
 from dreamer.agent import Dreamer  # noqa: E402
 from dreamer.config import SIZES  # noqa: E402
 from dreamer.checkpoints import read_checkpoint, restore_agent  # noqa: E402
-from dreamer.quality import HORIZONS, dream_quality, posterior_quality  # noqa: E402
+from dreamer.quality import HORIZONS, dream_quality, dream_returns, posterior_quality, spread_ratio  # noqa: E402
 
 FORMAT_VERSION = 1
 
@@ -90,6 +97,71 @@ def collect(game: str, mode: str, start_level: int, num_levels: int, lanes: int,
     out["count"] = replay.count.copy()
     dm.collector.env.close(), dm.eval_env("unseen_levels").close()
     return out
+
+
+PROBE_STATES, PROBE_STEPS, PROBE_LATER = 64, 24, 15
+
+
+def playable(game: str) -> bool:
+    """Whether ``game`` can be played here (the benchmark with ``--data`` runs without procgen and
+    gymnasium, e.g. on a GPU machine)."""
+    try:
+        import gymnasium  # noqa: F401
+        if game not in SANITY_GAMES:
+            import procgen  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def real_probe(game: str, mode: str, num_levels: int, seed: int) -> dict | None:
+    """States to set the dreams beside the real game from (``spread_ratio``): ``PROBE_STATES``
+    unseen-level envs played ``PROBE_STEPS`` steps with seeded random actions. Returns the frames,
+    actions and episode starts that lead there (the model observes them to reach each state), the
+    ``PROBE_LATER`` random actions that follow each first action, and the game's (K, 15) returns
+    of each first action from each state (rewards until the episode ends). None, said in one line,
+    where procgen is missing."""
+    if not playable(game):
+        print(f"[{game}] the game cannot be played here (no procgen or gymnasium): the dream-against-game "
+              "columns (aspr, acor) are skipped")
+        return None
+    from datamodules.procgen import vector_env
+    k, a, rng = PROBE_STATES, 15, np.random.default_rng(seed + 17)
+    args = (unseen_mode(mode), 1_000_000, num_levels)
+    env = vector_env(game, k, *args, seed=seed + 2_000_017)
+    obs, _ = env.reset()
+    frames, actions, firsts, is_first = [], [], [], np.ones(k, bool)
+    for t in range(PROBE_STEPS):
+        frames.append(obs)
+        firsts.append(is_first)
+        actions.append(rng.integers(0, a, k))
+        if t < PROBE_STEPS - 1:
+            obs, _, terminated, truncated, _ = env.step(actions[-1])
+            is_first = terminated | truncated
+    states, later = env.get_state(), rng.integers(0, a, (k, PROBE_LATER))
+    branches = vector_env(game, a, *args, seed=seed)
+    game_returns = np.zeros((k, a))
+    for i, state in enumerate(states):
+        branches.set_state([state] * a)
+        alive = np.ones(a, bool)
+        for step_actions in [np.arange(a), *np.repeat(later[i][:, None], a, 1)]:
+            _, reward, terminated, truncated, _ = branches.step(step_actions)
+            game_returns[i] += alive * reward
+            alive &= ~(terminated | truncated)
+    env.close(), branches.close()
+    return {"frames": np.stack(frames, 1), "action": np.stack(actions, 1), "is_first": np.stack(firsts, 1),
+            "later": later, "game_returns": game_returns}
+
+
+@torch.no_grad()
+def dreams_against_game(wm, probe: dict) -> dict[str, float]:
+    """``spread_ratio`` of the world model's imagined returns and the game's from the probe's states."""
+    device = next(wm.parameters()).device
+    to = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device)  # noqa: E731
+    post, _ = wm.rssm.observe(wm.encoder(to(probe["frames"])), to(probe["action"]), to(probe["is_first"]))
+    start = {k: v[:, -1] for k, v in post.items()}
+    dream = dream_returns(wm, start, torch.arange(15, device=device), to(probe["later"]))
+    return spread_ratio(dream.cpu().numpy(), probe["game_returns"])
 
 
 def data_file(args: argparse.Namespace, game: str) -> Path:
@@ -149,9 +221,12 @@ def train_replay(arrays: dict[str, np.ndarray], seed: int, latents: dict[str, in
     return replay
 
 
-def eval_lanes(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The unseen-level lanes cut to a common length, flags unpacked."""
-    length = int(arrays["count"].min())
+TRAIN_AUC_STEPS = 512  # steps per training-level lane scored for rAUCtr
+
+
+def eval_lanes(arrays: dict[str, np.ndarray], most: int | None = None) -> dict[str, np.ndarray]:
+    """Recorded lanes cut to a common length (at most ``most`` steps), flags unpacked."""
+    length = min(int(arrays["count"].min()), most or 2**62)
     flags = arrays["flags"][:, :length]
     return {
         "frames": arrays["frames"][:, :length],
@@ -190,26 +265,30 @@ def parse_pairs(pairs: list[str], what: str) -> dict:
 HEADER = (f"{'upd':>6} {'min':>5} {'recon':>7} "
           + " ".join(f"{'skill_h' + str(h):>9}" for h in HORIZONS) + " "
           + " ".join(f"{'skillc_h' + str(h):>10}" for h in HORIZONS)
-          + f" {'rAUC':>5} {'r+':>6} {'r-':>6} {'cAUC':>5} {'KL':>5} {'>free':>5} {'act_eff':>8} {'upd/s':>6}")
+          + f" {'rAUC':>5} {'rAUCtr':>6} {'r+':>6} {'r-':>6} {'cAUC':>5} {'KL':>5} {'>free':>5} {'gain5':>6}"
+          + f" {'aspr':>5} {'acor':>5} {'upd/s':>6}")
 
 
 def row(r: dict) -> str:
     return (f"{r['updates']:>6} {r['minutes']:>5.1f} {r['recon_mse']:>7.4f} "
             + " ".join(f"{r[f'skill_h{h}']:>9.3f}" for h in HORIZONS) + " "
             + " ".join(f"{r[f'skill_changed_h{h}']:>10.3f}" for h in HORIZONS)
-            + f" {r['reward_auc']:>5.2f} {r['reward_pos']:>6.2f} {r['reward_neg']:>6.2f}"
-            + f" {r['cont_auc']:>5.2f} {r['kl']:>5.2f} {r['kl_above_free']:>5.2f} {r['action_effect']:>8.5f}"
+            + f" {r['reward_auc']:>5.2f} {r['reward_auc_train']:>6.2f} {r['reward_pos']:>6.2f} {r['reward_neg']:>6.2f}"
+            + f" {r['cont_auc']:>5.2f} {r['kl']:>5.2f} {r['kl_above_free']:>5.2f} {r['action_gain_h5']:>6.3f}"
+            + f" {r.get('spread_ratio', float('nan')):>5.2f} {r.get('action_corr', float('nan')):>5.2f}"
             + f" {r['updates_per_s']:>6.2f}")
 
 
 def evaluate(wm, lanes: dict, args: argparse.Namespace, game: str, updates: int, train_time: float,
-             updates_per_s: float) -> dict:
+             updates_per_s: float, train_lanes: dict, probe: dict | None) -> dict:
     wm.eval()
     t_eval = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # the same latent samples at every evaluation
         torch.manual_seed(args.seed)
         result = {"game": game, "updates": updates, "minutes": train_time / 60, "updates_per_s": updates_per_s,
-                  **posterior_quality(wm, lanes), **dream_quality(wm, lanes, context=args.context)}
+                  **posterior_quality(wm, lanes), **dream_quality(wm, lanes, context=args.context),
+                  "reward_auc_train": posterior_quality(wm, train_lanes)["reward_auc"],
+                  **(dreams_against_game(wm, probe) if probe is not None else {})}
     result["eval_s"] = time.perf_counter() - t_eval
     wm.train()
     print(row(result), flush=True)
@@ -235,11 +314,13 @@ def evaluate_checkpoint(args: argparse.Namespace, game: str) -> list[dict]:
     ckpt = read_checkpoint(args.checkpoint)
     agent, updates = restore_agent(ckpt, args.checkpoint), ckpt.get("dreamer", {}).get("updates", 0)
     wm = agent.world_model.to(args.device)
-    lanes = eval_lanes(dataset(args, game)["eval"])
+    data = dataset(args, game)
+    lanes, train_lanes = eval_lanes(data["eval"]), eval_lanes(data["train"], TRAIN_AUC_STEPS)
+    probe = real_probe(game, data["meta"]["mode"], data["meta"]["num_levels"], args.seed)
     print(f"\n[{game}] world model of {args.checkpoint} ({agent.hparams.size}, {updates} updates); "
           f"{lanes['action'].size} unseen-level steps")
     print(HEADER)
-    result = evaluate(wm, lanes, args, game, updates, 0.0, float("nan"))
+    result = evaluate(wm, lanes, args, game, updates, 0.0, float("nan"), train_lanes, probe)
     summary(game, result)
     return [result]
 
@@ -250,7 +331,8 @@ def run_game(args: argparse.Namespace, game: str, model_kwargs: dict) -> list[di
     data = dataset(args, game)
     if args.updates == 0 and args.minutes is None:
         return []
-    lanes = eval_lanes(data["eval"])
+    lanes, train_lanes = eval_lanes(data["eval"]), eval_lanes(data["train"], TRAIN_AUC_STEPS)
+    probe = real_probe(game, data["meta"]["mode"], data["meta"]["num_levels"], args.seed)
     torch.manual_seed(args.seed)
     agent = Dreamer(**model_kwargs)
     context = args.replay_context == "on"
@@ -288,7 +370,7 @@ def run_game(args: argparse.Namespace, game: str, model_kwargs: dict) -> list[di
             updates += 1
         train_time = elapsed0 + time.perf_counter() - t0
         speed = (updates - u0) / max(train_time - elapsed0, 1e-9)
-        results.append(evaluate(wm, lanes, args, game, updates, train_time, speed))
+        results.append(evaluate(wm, lanes, args, game, updates, train_time, speed, train_lanes, probe))
     summary(game, results[-1])
     return results
 
@@ -328,9 +410,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
 
     for game in args.games:
-        if game not in GAMES:
-            parser.error(f"unknown game {game!r}; allowed: {', '.join(GAMES)}")
-    if args.mode not in MODES[args.games[0]] or any(args.mode not in MODES[g] for g in args.games):
+        if game not in GAMES and game not in SANITY_GAMES:
+            parser.error(f"unknown game {game!r}; allowed: {', '.join(GAMES)}, or a sanity task: {', '.join(SANITY_GAMES)}")
+    if any(args.mode not in MODES.get(g, ("easy",)) for g in args.games):
         parser.error(f"distribution mode {args.mode!r} is not available for every game in {args.games}")
     if args.size not in SIZES:
         parser.error(f"unknown size {args.size!r}; allowed: {', '.join(SIZES)}")

@@ -140,13 +140,17 @@ class Collector:
 
     Episode statistics: ``episodes`` finished, the latest 100 (``recent_episodes``), those not yet
     taken by ``pop_episodes``, and with ``episodes_file`` one CSV row per finished episode.
+
+    With ``acting_latents`` and a replay that keeps latents, each step also gets the posterior the
+    policy acted from (its state's ``post``: ``deter`` (N, D), ``stoch`` (N, S, C)), as the newest
+    DreamerV3 reference does; training overwrites it with its own posterior once it samples the step.
     """
 
     COLUMNS = ("env_steps", "return", "length", "level_complete", "level_seed")
 
     def __init__(self, env: ProcgenVectorEnv | None = None, replay: SequenceReplay | None = None,
-                 episodes_file: Path | None = None) -> None:
-        self.replay, self.episodes_file = replay, episodes_file
+                 episodes_file: Path | None = None, acting_latents: bool = False) -> None:
+        self.replay, self.episodes_file, self.acting_latents = replay, episodes_file, acting_latents
         self.rollout: Rollout | None = None
         self.env = env
         self.env_steps = 0  # this collector's (this rank's)
@@ -181,8 +185,9 @@ class Collector:
         zeros = np.zeros(rollout.env.num_envs, bool)
         for _ in range(vector_steps):
             rollout.act(policy())
+            latent = self._latent(rollout.state)
             t = rollout.step()
-            replay.add(t.obs, t.action, t.reward_in, t.is_first, zeros, zeros)
+            replay.add(t.obs, t.action, t.reward_in, t.is_first, zeros, zeros, **latent)
             self.env_steps += len(t.action)
             done = t.terminated | t.truncated
             if done.any():
@@ -193,6 +198,14 @@ class Collector:
                     lanes=lanes,
                 )
                 self._record_episodes(t.info[EPISODE_KEY], lanes)
+
+    def _latent(self, state: Any) -> dict[str, np.ndarray]:
+        """The posterior the policy acted from, as ``replay.add`` takes it ({} when not kept)."""
+        post = getattr(state, "post", None)
+        if not self.acting_latents or post is None or self.replay.latents is None:
+            return {}
+        return {"deter": post["deter"].to(torch.float16).cpu().numpy(),
+                "stoch": post["stoch"].argmax(-1).to(torch.uint8).cpu().numpy()}
 
     def _record_episodes(self, episode: dict[str, np.ndarray], lanes: np.ndarray) -> None:
         rows = [{"return": float(episode["r"][i]), "length": int(episode["l"][i]),

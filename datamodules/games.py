@@ -1,6 +1,6 @@
 """Facts about the 16 Procgen games that need neither procgen nor gymnasium (the agent, the
 benchmarks and the GPU check import them): names, distribution modes, action count, frame shape,
-episode timeouts, and a uniformly random policy."""
+episode timeouts, and a uniformly random policy; and the names of the sanity tasks."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ GAMES = (
     "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
     "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot",
 )
+# small tasks with the same interface that any correct agent learns fast (datamodules/sanity.py)
+SANITY_GAMES = ("sanity-colour", "sanity-sprite", "sanity-grid", "sanity-delay")
 NUM_ACTIONS = 15
 OBS_SHAPE = (64, 64, 3)
+MAX_LEVEL_SEED = 2**31 - 1  # the largest level seed procgen accepts (its seeds are signed 32-bit)
+EPISODE_KEY = "procgen_episode"  # where an env's step() reports finished episodes in info
 
 _EXTRA_MODES = {
     "extreme": {"chaser", "dodgeball", "leaper", "starpilot"},

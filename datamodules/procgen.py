@@ -15,7 +15,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
 
-from datamodules.games import GAMES, MODES, NUM_ACTIONS, OBS_SHAPE, TIMEOUTS, unseen_mode
+from datamodules.games import EPISODE_KEY, GAMES, MAX_LEVEL_SEED, MODES, NUM_ACTIONS, OBS_SHAPE, TIMEOUTS, unseen_mode
+from datamodules.sanity import SANITY_TASKS
 from dreamer.compat import gym3_buffers, resolve_gym3_close
 
 # Procgen options this wrapper passes through, with their types.
@@ -29,9 +30,6 @@ OPTION_TYPES = {
     "use_sequential_levels": bool,
     "num_threads": int,
 }
-
-# Largest level seed procgen accepts (its seeds are signed 32-bit).
-MAX_LEVEL_SEED = 2**31 - 1
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int = MAX_LEVEL_SEED) -> int:
@@ -51,10 +49,16 @@ def validate_procgen_args(
     seed: int | None,
     options: dict[str, Any],
 ) -> None:
-    """Raise ``ValueError`` naming what is allowed for any argument procgen would abort on."""
-    if not isinstance(game, str) or game not in GAMES:
-        raise ValueError(f"unknown procgen game {game!r}; allowed: {', '.join(GAMES)}")
-    if distribution_mode not in MODES[game]:
+    """Raise ``ValueError`` naming what is allowed for any argument procgen would abort on (the
+    sanity tasks of ``datamodules/sanity.py`` take the same arguments, in easy mode, no options)."""
+    if not isinstance(game, str) or (game not in GAMES and game not in SANITY_TASKS):
+        raise ValueError(f"unknown game {game!r}; allowed: {', '.join(GAMES)}, or a sanity task: "
+                         f"{', '.join(SANITY_TASKS)}")
+    if game in SANITY_TASKS and distribution_mode != "easy":
+        raise ValueError(f"distribution_mode {distribution_mode!r} is not available for {game}; allowed: easy")
+    if game in SANITY_TASKS and options:
+        raise ValueError(f"{game} takes no procgen options, got {', '.join(sorted(options))}")
+    if game in GAMES and distribution_mode not in MODES[game]:
         raise ValueError(
             f"distribution_mode {distribution_mode!r} is not available for {game}; "
             f"allowed for {game}: {', '.join(MODES[game])}"
@@ -104,8 +108,6 @@ def raw_procgen_env(**kwargs: Any):
     return env
 
 
-EPISODE_KEY = "procgen_episode"  # where step() reports finished episodes in info
-
 
 class ProcgenVectorEnv(VectorEnv):
     """A batch of ``num_envs`` Procgen games stepped by one call into procgen's C++ (gym3 API).
@@ -149,6 +151,8 @@ class ProcgenVectorEnv(VectorEnv):
         seed: int | None = None,
         **procgen_options: Any,
     ) -> None:
+        if game in SANITY_TASKS:  # procgen would abort the process on the name
+            raise ValueError(f"{game} is a sanity task, not a procgen game: build it with vector_env")
         validate_procgen_args(
             game, num_envs, distribution_mode, num_levels, start_level, seed, procgen_options
         )
@@ -265,6 +269,25 @@ class ProcgenVectorEnv(VectorEnv):
         self._c_lib.libenv_observe(self._c_env)
         return self._obs_buf.copy()
 
+    def get_state(self) -> list[bytes]:
+        """Each env's whole game state (procgen's serialised bytes, RNG included), for ``set_state``."""
+        self._check_open()
+        return self._env.get_state()
+
+    def set_state(self, states: list[bytes]) -> np.ndarray:
+        """Put env i into ``states[i]`` (from ``get_state`` of an env of the same game); returns
+        the frames (N, 64, 64, 3). Episode returns and lengths count from here."""
+        self._check_open()
+        if len(states) != self.num_envs:
+            raise ValueError(f"set_state needs {self.num_envs} states, one per env, got {len(states)}")
+        self._env.set_state(list(states))
+        self._c_lib.libenv_observe(self._c_env)
+        self._seeds = self._seed_buf.astype(np.int64)
+        self._returns[:] = 0.0
+        self._lengths[:] = 0
+        self._fresh = False
+        return self._obs_buf.copy()
+
     def _check_open(self) -> None:
         # procgen's C++ env is freed on close: using it afterwards would crash the process
         if self._env is None:
@@ -332,22 +355,30 @@ def unseen_levels(cfg: ProcgenConfig) -> tuple[int, int]:
     return start, MAX_LEVEL_SEED + 1 - start
 
 
-def unseen_env(cfg: ProcgenConfig, num_envs: int, seed: int, **procgen_options: Any) -> ProcgenVectorEnv:
+def vector_env(game: str, num_envs: int, distribution_mode: str = "easy", num_levels: int = 0,
+               start_level: int = 0, seed: int | None = None, **procgen_options: Any) -> VectorEnv:
+    """The env a game name plays: a ``ProcgenVectorEnv``, or for ``sanity-*`` names the sanity
+    task (``datamodules/sanity.py``), which needs no procgen. Arguments are checked first."""
+    validate_procgen_args(game, num_envs, distribution_mode, num_levels, start_level, seed, procgen_options)
+    if game in SANITY_TASKS:
+        return SANITY_TASKS[game](game, num_envs, distribution_mode, num_levels, start_level, seed)
+    return ProcgenVectorEnv(game, num_envs, distribution_mode, num_levels, start_level, seed, **procgen_options)
+
+
+def unseen_env(cfg: ProcgenConfig, num_envs: int, seed: int, **procgen_options: Any) -> VectorEnv:
     """``num_envs`` envs on the unseen levels of a run trained with ``cfg`` (see ``unseen_levels``)."""
     start, count = unseen_levels(cfg)
-    return ProcgenVectorEnv(cfg.game, num_envs, unseen_mode(cfg.distribution_mode), count, start,
-                            seed=seed, **procgen_options)
+    return vector_env(cfg.game, num_envs, unseen_mode(cfg.distribution_mode), count, start,
+                      seed=seed, **procgen_options)
 
 
-def training_levels_env(cfg: ProcgenConfig, num_envs: int, seed: int, **procgen_options: Any) -> ProcgenVectorEnv:
+def training_levels_env(cfg: ProcgenConfig, num_envs: int, seed: int, **procgen_options: Any) -> VectorEnv:
     """``num_envs`` envs on the training levels ``[start_level, start_level + num_levels)``."""
-    return ProcgenVectorEnv(cfg.game, num_envs, cfg.distribution_mode, cfg.num_levels, cfg.start_level,
-                            seed=seed, **procgen_options)
+    return vector_env(cfg.game, num_envs, cfg.distribution_mode, cfg.num_levels, cfg.start_level,
+                      seed=seed, **procgen_options)
 
 
-def make_env_pair(
-    cfg: ProcgenConfig, **procgen_options: Any
-) -> tuple[ProcgenVectorEnv, ProcgenVectorEnv]:
+def make_env_pair(cfg: ProcgenConfig, **procgen_options: Any) -> tuple[VectorEnv, VectorEnv]:
     """Train env on levels ``[start_level, start_level + num_levels)``; test env on levels outside it.
 
     The test env plays the same game (exploration mode: its ``hard`` levels) from a disjoint seed
@@ -376,6 +407,10 @@ SCORE_RANGES = {
 
 
 def normalized_score(game: str, distribution_mode: str, episode_return: float) -> float:
-    """(R - R_min) / (R_max - R_min); modes other than easy use the hard-mode constants."""
-    lo, hi = SCORE_RANGES["easy" if distribution_mode == "easy" else "hard"][game]
+    """(R - R_min) / (R_max - R_min); modes other than easy use the hard-mode constants. A sanity
+    task's range runs from its random to its optimal return."""
+    if game in SANITY_TASKS:
+        lo, hi = SANITY_TASKS[game].RANDOM_RETURN, SANITY_TASKS[game].OPTIMAL_RETURN
+    else:
+        lo, hi = SCORE_RANGES["easy" if distribution_mode == "easy" else "hard"][game]
     return (episode_return - lo) / (hi - lo)

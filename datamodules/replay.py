@@ -182,8 +182,12 @@ class SequenceReplay:
         is_last: np.ndarray,
         is_terminal: np.ndarray,
         lanes: np.ndarray | None = None,
+        deter: np.ndarray | None = None,
+        stoch: np.ndarray | None = None,
     ) -> None:
-        """Append one step to each of ``lanes`` (all lanes when None); arrays are per lane."""
+        """Append one step to each of ``lanes`` (all lanes when None); arrays are per lane. With
+        ``deter`` (n, D) and ``stoch`` class indices (n, S), a replay that keeps latents stores
+        them as the step's latent state (the acting policy's posterior there)."""
         if lanes is None:
             lanes = self._all_lanes
         else:
@@ -201,6 +205,10 @@ class SequenceReplay:
         flags = np.asarray(is_first, np.uint8) * FIRST
         flags |= np.asarray(is_last, np.uint8) * LAST
         flags |= np.asarray(is_terminal, np.uint8) * TERMINAL
+        if deter is not None and self.latents is not None:
+            d["deter"][lanes, heads] = deter
+            d["stoch"][lanes, heads] = stoch
+            flags |= LATENT
         d["flags"][lanes, heads] = flags
         self.count[lanes] = count + 1
         self.size[lanes] = np.minimum(self.size[lanes] + 1, self.lane_capacity)

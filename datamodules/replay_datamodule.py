@@ -38,6 +38,8 @@ class ReplayDataModule(pl.LightningDataModule):
 
     Until ``learning_starts`` env steps, and whenever no LightningModule with an ``act`` method is
     attached, it acts uniformly at random. Checkpoints hold its state (``datamodules/resume.py``).
+    With ``replay_context`` the replay keeps a latent state per step to start sequences from,
+    written by training and, with ``acting_latents``, also while acting (the newest reference).
     """
 
     argument_problem = staticmethod(checks.argument_problem)
@@ -62,6 +64,7 @@ class ReplayDataModule(pl.LightningDataModule):
         replay_dir: str | None = None,
         val_episodes: int = 16,
         replay_context: bool = True,
+        acting_latents: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the CLI logs the whole config
@@ -70,7 +73,7 @@ class ReplayDataModule(pl.LightningDataModule):
             raise ValueError(problem)
         self.env_config = ProcgenConfig(game, num_envs, distribution_mode, num_levels, start_level, seed, test_num_envs)
         self.eval_envs: dict[str, ProcgenVectorEnv] = {}  # per split, once set up
-        self.collector = Collector()  # its envs, replay and episode file are set up in setup
+        self.collector = Collector(acting_latents=acting_latents)  # its envs, replay and episode file: in setup
         self.train_ratio = TrainRatio(train_ratio, batch_size, seq_len, learning_starts)
 
     # ---------------------------------------------------------------- setup

@@ -12,11 +12,12 @@ from datamodules.games import NUM_ACTIONS, OBS_SHAPE
 from dreamer.actor_critic import ActorCritic
 from dreamer.checkpoints import load_agent_state, save_agent_state, trainer_of
 from dreamer.compat import ignore_in_ddp
-from dreamer.config import (CNN_MULTS, KNOBS, SIZES, ActorCriticKnobs, GoalKnobs, WorldModelKnobs, argument_problem,
-                            cuda_graph_problem, module_args, precision_problem, without_optimiser)
+from dreamer.config import (CNN_MULTS, KNOBS, SIZES, ActorCriticKnobs, GoalKnobs, OptimizerKnobs, WorldModelKnobs,
+                            argument_problem, cuda_graph_problem, module_args, precision_problem, without_optimiser)
 from dreamer.goal_space import make_goal_space
 from dreamer.goals import GoalMatcher, GoalPursuit, GoalStateModel, GoalTrack
 from dreamer.memory import keep_freed_memory
+from dreamer.optim import LaProp
 from dreamer.rssm import State
 from dreamer.update import GraphedUpdate, compile_update, set_capturable, update
 from dreamer.world_model import WorldModel
@@ -54,6 +55,7 @@ class Dreamer(pl.LightningModule):
         world_model: WorldModelKnobs = WorldModelKnobs(),
         actor_critic: ActorCriticKnobs = ActorCriticKnobs(),
         goals: GoalKnobs = GoalKnobs(),
+        optimizer: OptimizerKnobs = OptimizerKnobs(),
         norm: str = "layer",
         max_env_steps: int = 100_000,
         compile: bool = False,
@@ -103,7 +105,8 @@ class Dreamer(pl.LightningModule):
         if problem:
             raise ValueError(problem)
         if self.hparams.cuda_graph and stage == "fit" and trainer is not None:
-            problem = cuda_graph_problem(trainer.strategy.root_device.type, trainer.world_size, self.hparams.compile)
+            problem = cuda_graph_problem(trainer.strategy.root_device.type, trainer.world_size, self.hparams.compile,
+                                         self.hparams.optimizer["kind"])
             if problem:
                 raise ValueError(problem)
         if self.hparams.compile and stage == "fit":
@@ -122,11 +125,15 @@ class Dreamer(pl.LightningModule):
         return self.optimizers()[self.OPTIMIZERS.index(name)]
 
     def configure_optimizers(self):
-        wm, ac = self.hparams.world_model, self.hparams.actor_critic
+        wm, ac, opt = self.hparams.world_model, self.hparams.actor_critic, self.hparams.optimizer
+        if opt["kind"] == "laprop":
+            make = lambda params, lr, eps: LaProp(params, lr, eps=eps, agc=opt["agc"], warmup=opt["warmup"])  # noqa: E731
+        else:
+            make = lambda params, lr, eps: torch.optim.Adam(params, lr, eps=eps)  # noqa: E731
         return [
-            torch.optim.Adam(self.world_model.parameters(), wm["lr"], eps=wm["eps"]),
-            torch.optim.Adam(self.actor_critic.actor.parameters(), ac["actor_lr"], eps=ac["eps"]),
-            torch.optim.Adam(self.actor_critic.critic.parameters(), ac["critic_lr"], eps=ac["eps"]),
+            make(self.world_model.parameters(), wm["lr"], wm["eps"]),
+            make(self.actor_critic.actor.parameters(), ac["actor_lr"], ac["eps"]),
+            make(self.actor_critic.critic.parameters(), ac["critic_lr"], ac["eps"]),
             self.goal_matcher.configure_optimizers(),
         ]
 

@@ -63,14 +63,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def checkpoint_mismatch(
-    checkpoint: dict[str, Any], size: str, overrides: dict | None, game: str | None
+    checkpoint: dict[str, Any], size: str, overrides: dict | None, game: str | None, optimizer: str | None = None
 ) -> list[str]:
-    """What differs between a checkpoint and a run (model size, size overrides, game)."""
+    """What differs between a checkpoint and a run (model size, size overrides, game, and with
+    ``optimizer`` the kind of optimiser, whose state would not carry over)."""
     saved = checkpoint.get("hyper_parameters", {})
     differences = []
     for key, value in (("size", size), ("overrides", overrides)):
         if saved.get(key) != value:
             differences.append(f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}")
+    saved_kind = (saved.get("optimizer") or {}).get("kind", "adam")  # written before the knob: Adam
+    if optimizer is not None and saved_kind != optimizer:
+        differences.append(f"model.optimizer.kind: checkpoint {saved_kind!r}, this run {optimizer!r}")
     ckpt_game = checkpoint.get("dreamer", {}).get("game")
     if game is not None and ckpt_game is not None and ckpt_game != game:
         differences.append(f"game: checkpoint {ckpt_game!r}, this run {game!r}")
@@ -120,7 +124,9 @@ def load_agent_state(agent, checkpoint: dict[str, Any]) -> None:
     trainer = trainer_of(agent)
     dm = trainer.datamodule if trainer is not None else None
     hp = agent.hparams
-    differences = checkpoint_mismatch(checkpoint, hp.size, hp.overrides, dm.hparams.game if dm is not None else None)
+    resuming = trainer is not None and trainer.state.fn == "fit"  # the optimiser state is restored
+    differences = checkpoint_mismatch(checkpoint, hp.size, hp.overrides, dm.hparams.game if dm is not None else None,
+                                      hp.optimizer["kind"] if resuming else None)
     if differences:
         raise ValueError("checkpoint does not match this run; " + "; ".join(differences))
     upgrade_checkpoint(agent, checkpoint)

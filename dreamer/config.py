@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from dreamer.goal_space import SPACES
 from dreamer.goals import MATCHER_REWARDS, STRATEGIES
-from dreamer.nets import NORMS
+from dreamer.nets import BLOCK_INITS, DOWNSAMPLES, NORMS, UPSAMPLES
 
 # deter / hidden / stoch (categoricals) / classes / cnn depth / mlp units / actor, critic and goal
 # matcher layers / gru blocks. 1M and up are DreamerV3's presets (32 latents throughout); tiny is for
@@ -42,8 +42,11 @@ def precision_problem(precision: str | int | None) -> str | None:
             "half-precision weights (bf16-true, 16-true) merge the two-hot bins, which reach 4.9e8")
 
 
-def cuda_graph_problem(device_type: str, world_size: int, compile: bool) -> str | None:
+def cuda_graph_problem(device_type: str, world_size: int, compile: bool, optimizer: str = "adam") -> str | None:
     """Why ``model.cuda_graph`` cannot run this fit, or None if it can."""
+    if optimizer != "adam":
+        return (f"model.cuda_graph captures Adam's steps; model.optimizer.kind {optimizer} has not been "
+                "run in a CUDA graph yet: leave model.cuda_graph false, or use model.optimizer.kind adam")
     if device_type != "cuda":
         return f"model.cuda_graph replays updates on a CUDA GPU; this run is on {device_type}: use trainer.accelerator gpu, or leave model.cuda_graph false"
     if world_size != 1:
@@ -73,7 +76,10 @@ def knob(default: Any, *limits: Any, **named: Any) -> Any:
 # across config files and flags.
 @dataclass(frozen=True)
 class WorldModelKnobs:
-    """``model.world_model``: the world model's loss, latents and optimiser."""
+    """``model.world_model``: the world model's loss, latents and optimiser; how the encoder
+    downsamples (``stride``, or the newest reference's ``pool``), how the decoder upsamples
+    (``transposed``, or the reference's ``nearest``), and the block GRU's initial scale (fan-in of
+    a ``block``, or as the reference of the ``whole`` input)."""
 
     lr: float = knob(1e-4, 0, 1, False)
     eps: float = knob(1e-8, 0, 1, False)
@@ -85,6 +91,9 @@ class WorldModelKnobs:
     scale_reward: float = knob(1.0, 0, 100)
     scale_continue: float = knob(1.0, 0, 100)
     unimix: float = knob(0.01, 0, 1)
+    downsample: str = knob("stride", choices=DOWNSAMPLES)
+    upsample: str = knob("transposed", choices=UPSAMPLES)
+    block_init: str = knob("block", choices=BLOCK_INITS)
 
 
 @dataclass(frozen=True)
@@ -130,7 +139,25 @@ class GoalKnobs:
     plan_horizon: int = knob(8, 1, 256, integer=True)
 
 
-KNOBS = {"world_model": WorldModelKnobs, "actor_critic": ActorCriticKnobs, "goals": GoalKnobs}
+OPTIMIZERS = ("adam", "laprop")
+
+
+@dataclass(frozen=True)
+class OptimizerKnobs:
+    """``model.optimizer``: what the world model, actor and critic are trained with. ``adam``, the
+    first DreamerV3's: Adam with each module's ``lr`` and ``eps``, gradients clipped to each
+    module's norm ``clip``. ``laprop``, the newest reference's (``dreamer/optim.py``): LaProp with
+    each module's ``lr`` and ``eps``, adaptive gradient clipping ``agc`` per tensor instead of the
+    norm clip, the learning rates ramped up linearly over the first ``warmup`` updates; the
+    reference sets lr 4e-5 and eps 1e-20 for all three modules."""
+
+    kind: str = knob("adam", choices=OPTIMIZERS)
+    agc: float = knob(0.3, 0, 100)
+    warmup: int = knob(1000, 0, 10**9, integer=True)
+
+
+KNOBS = {"world_model": WorldModelKnobs, "actor_critic": ActorCriticKnobs, "goals": GoalKnobs,
+         "optimizer": OptimizerKnobs}
 OPTIMISER_KNOBS = ("lr", "eps", "clip", "actor_lr", "critic_lr", "matcher_lr")
 
 

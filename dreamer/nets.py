@@ -32,15 +32,21 @@ def make_norm(kind: str, dim: int) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}; allowed: {', '.join(NORMS)}")
 
 
+BLOCK_INITS = ("block", "whole")  # a block-linear weight's fan-in: its block's inputs, or all its inputs
+
+
 @torch.no_grad()
-def trunc_normal_fan_in_(module: nn.Module, scale: float = 1.0) -> None:
+def trunc_normal_fan_in_(module: nn.Module, scale: float = 1.0, block_fan_in: str = "block") -> None:
     """DreamerV3's initialisation of every Linear, BlockLinear and conv weight below ``module``:
     a normal truncated at 2 standard deviations with standard deviation ``scale / sqrt(fan_in)``
-    (1.1368 undoes the truncation's shrinkage); biases zero; ``scale`` 0 zeroes the weights."""
+    (1.1368 undoes the truncation's shrinkage); biases zero; ``scale`` 0 zeroes the weights. A
+    BlockLinear's fan-in is the inputs of one block (``block``), or as in the newest reference all
+    its inputs (``whole``: ``sqrt(blocks)`` times smaller weights)."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, BlockLinear)):
             weight = m.weight
-            fan_in = weight.shape[-2] if isinstance(m, BlockLinear) else weight.shape[1]
+            fan_in = weight.shape[1] if isinstance(m, nn.Linear) else \
+                weight.shape[-2] * (m.blocks if block_fan_in == "whole" else 1)
         elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             weight = m.weight
             cin = weight.shape[1] if isinstance(m, nn.Conv2d) else weight.shape[0]
@@ -128,17 +134,29 @@ class ChannelNorm(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+DOWNSAMPLES, UPSAMPLES = ("stride", "pool"), ("transposed", "nearest")
+
+
 class Encoder(nn.Module):
-    """uint8 (..., H, W, C) frames -> (..., embed_dim) features; one stride-2 conv stage per entry
-    of ``mults`` (64x64 -> 4x4 with four)."""
+    """uint8 (..., H, W, C) frames -> (..., embed_dim) features; one conv stage per entry of
+    ``mults``, each halving the resolution (64x64 -> 4x4 with four): ``downsample`` ``stride``, a
+    kernel-4 stride-2 conv; ``pool``, the newest reference's kernel-5 stride-1 conv then 2x2 max-pool
+    (the pool keeps a 1-3 pixel sprite's strongest response, where a stride mixes it into a
+    weighted sum with its surroundings). Norm and SiLU after each."""
 
     def __init__(self, depth: int, mults: tuple[int, ...] = (2, 3, 4, 4),
-                 obs_shape: tuple[int, int, int] = (64, 64, 3)) -> None:
+                 obs_shape: tuple[int, int, int] = (64, 64, 3), downsample: str = "stride") -> None:
         super().__init__()
+        if downsample not in DOWNSAMPLES:
+            raise ValueError(f"unknown downsample {downsample!r}; allowed: {', '.join(DOWNSAMPLES)}")
         layers: list[nn.Module] = []
         ch = obs_shape[2]
         for m in mults:
-            layers += [nn.Conv2d(ch, depth * m, 4, 2, 1, bias=False), ChannelNorm(depth * m), nn.SiLU()]
+            if downsample == "pool":
+                layers += [nn.Conv2d(ch, depth * m, 5, 1, 2, bias=False), nn.MaxPool2d(2)]
+            else:
+                layers += [nn.Conv2d(ch, depth * m, 4, 2, 1, bias=False)]
+            layers += [ChannelNorm(depth * m), nn.SiLU()]
             ch = depth * m
         self.net = nn.Sequential(*layers)
         self.embed_dim = ch * (obs_shape[0] // 2 ** len(mults)) * (obs_shape[1] // 2 ** len(mults))
@@ -152,20 +170,30 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """(..., feat_dim) latent features -> (..., H, W, C) images in [0, 1]: a Linear to the smallest
-    grid (4x4 for 64x64 and four stages; norm, SiLU), then stride-2 transposed convs (norm, SiLU)."""
+    grid (4x4 for 64x64 and four stages; norm, SiLU), then stages that double the resolution
+    (norm, SiLU): ``upsample`` ``transposed``, kernel-4 stride-2 transposed convs; ``nearest``, the
+    newest reference's nearest-neighbour upsampling then a kernel-5 conv."""
 
     def __init__(self, feat_dim: int, depth: int, mults: tuple[int, ...] = (2, 3, 4, 4),
-                 obs_shape: tuple[int, int, int] = (64, 64, 3)) -> None:
+                 obs_shape: tuple[int, int, int] = (64, 64, 3), upsample: str = "transposed") -> None:
         super().__init__()
+        if upsample not in UPSAMPLES:
+            raise ValueError(f"unknown upsample {upsample!r}; allowed: {', '.join(UPSAMPLES)}")
         chans = [depth * m for m in reversed(mults)]
         self.obs_shape = tuple(obs_shape)
         self.start = (obs_shape[0] // 2 ** len(mults), obs_shape[1] // 2 ** len(mults))
         self.chans0 = chans[0]
         self.project = nn.Linear(feat_dim, chans[0] * self.start[0] * self.start[1])
+
+        def up(cin: int, cout: int, bias: bool) -> list[nn.Module]:
+            if upsample == "nearest":
+                return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 5, 1, 2, bias=bias)]
+            return [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=bias)]
+
         layers: list[nn.Module] = [ChannelNorm(chans[0]), nn.SiLU()]
         for cin, cout in zip(chans, chans[1:]):
-            layers += [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), ChannelNorm(cout), nn.SiLU()]
-        layers.append(nn.ConvTranspose2d(chans[-1], obs_shape[2], 4, 2, 1))
+            layers += [*up(cin, cout, False), ChannelNorm(cout), nn.SiLU()]
+        layers += up(chans[-1], obs_shape[2], True)
         self.net = nn.Sequential(*layers)
         trunc_normal_fan_in_(self)
 
@@ -188,7 +216,7 @@ class BlockGRU(nn.Module):
     """
 
     def __init__(self, deter: int, stoch: int, num_actions: int, hidden: int, blocks: int = 8,
-                 dynlayers: int = 1, norm: str = "layer") -> None:
+                 dynlayers: int = 1, norm: str = "layer", block_fan_in: str = "block") -> None:
         super().__init__()
         if deter % blocks:
             raise ValueError(f"deter size {deter} is not divisible by its {blocks} blocks")
@@ -205,7 +233,7 @@ class BlockGRU(nn.Module):
             inp = deter
         self.hidden_layers = nn.Sequential(*layers)
         self.gates = BlockLinear(inp, 3 * deter, blocks)
-        trunc_normal_fan_in_(self)
+        trunc_normal_fan_in_(self, block_fan_in=block_fan_in)
 
     def forward(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """``deter`` (N, D), ``stoch`` (N, S * C), ``action`` (N, A) one-hot -> next deter (N, D).

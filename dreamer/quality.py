@@ -6,7 +6,11 @@
 - ``dream_quality``: from fixed windows, observe ``context`` real frames, imagine ``horizon``
   steps with the real actions, and compare each imagined frame with the real one next to
   copying the last real frame; as a skill score ``1 - err_model / err_copy`` over all pixels
-  and over the pixels that change between consecutive real frames (where the game happens).
+  and over the pixels that change between consecutive real frames (where the game happens);
+  and the same skill with the actions shuffled across windows: what knowing the actions adds.
+- ``dream_returns``: imagined returns of each first action from given states, to set beside the
+  real game's from the same states (``benchmarks/world_model_quality.py`` restores them with the
+  env's ``get_state``/``set_state``): do the dreams know what an action changes, and how much?
 
 Both take recorded lanes as NumPy arrays (N lanes, L steps) in the replay's layout: ``frames``
 uint8 (N, L, 64, 64, 3), ``action`` (N, L) taken at each step, ``reward`` (N, L) received on
@@ -155,52 +159,85 @@ def dream_quality(
 
     For each window (``dream_windows``): observe ``context`` real frames (from a zero state, the
     window's first step taken as an episode start), then imagine ``horizon`` steps with the real
-    actions. Steps from the first new episode on are left out (a reset cannot be predicted).
-    Returns ``SkillByHorizon.result`` for ``horizons``, the number of ``windows`` and
-    ``action_effect`` (see ``action_effect``; from the first batch of windows).
+    actions, and again with the actions of another window of the batch (shuffled: the batch's
+    windows rolled by one). Steps from the first new episode on are left out (a reset cannot be
+    predicted). Returns ``SkillByHorizon.result`` for ``horizons``, the same with ``_shuffled``
+    appended to each key (e.g. ``skill_shuffled_h5``), ``action_gain_h`` = skill - shuffled skill
+    (0 = the dream ignores the actions; it cannot beat the shuffle by chance on average), and the
+    number of ``windows``.
     """
     wm = world_model
     device = next(wm.parameters()).device
     rssm = wm.rssm
     windows = dream_windows(lanes["is_first"], context, horizon, stride)
-    skill = SkillByHorizon(horizon)
+    skill, shuffled = SkillByHorizon(horizon), SkillByHorizon(horizon)
     steps = np.arange(context + horizon)
-    effect = float("nan")
     for i in range(0, len(windows), batch):
         idx = (windows[i : i + batch, 0:1], windows[i : i + batch, 1:2] + steps)  # (K, C + H)
         frames = lanes["frames"][idx]
         action = _to(lanes["action"][idx], device).long()
         is_first = _to(lanes["is_first"][idx][:, :context], device).bool()
         post, _ = rssm.observe(wm.encoder(_to(frames[:, :context], device)), action[:, :context], is_first)
-        state = {k: v[:, -1] for k, v in post.items()}
-        if i == 0:
-            effect = action_effect(wm, state)
-        feats = []
-        for h in range(horizon):
-            state = rssm.img_step(state, F.one_hot(action[:, context - 1 + h], rssm.num_actions).float())
-            feats.append(rssm.features(state))
-        pred = wm.decoder(torch.stack(feats, 1)).clamp(0, 1).float().cpu().numpy()  # (K, H, 64, 64, 3)
+        start = {k: v[:, -1] for k, v in post.items()}
         real = frames[:, context:].astype(np.float32) / 255.0
         last = frames[:, context - 1].astype(np.float32) / 255.0
         valid = np.cumsum(lanes["is_first"][idx][:, context:], 1) == 0  # (K, H)
-        skill.add(real, pred, last, valid)
-    return {"windows": float(len(windows)), "action_effect": effect, **skill.result(horizons)}
+        dreamt = action[:, context - 1 : context - 1 + horizon]  # (K, H) the actions the dream takes
+        for score, acts in ((skill, dreamt), (shuffled, dreamt.roll(1, 0))):
+            state, feats = start, []
+            for h in range(horizon):
+                state = rssm.img_step(state, F.one_hot(acts[:, h], rssm.num_actions).float())
+                feats.append(rssm.features(state))
+            pred = wm.decoder(torch.stack(feats, 1)).clamp(0, 1).float().cpu().numpy()  # (K, H, 64, 64, 3)
+            score.add(real, pred, last, valid)
+    out = skill.result(horizons)
+    other = {k.replace("_h", "_shuffled_h", 1): v for k, v in shuffled.result(horizons).items()}
+    gain = {f"action_gain_h{h}": out[f"skill_h{h}"] - other[f"skill_shuffled_h{h}"] for h in horizons}
+    return {"windows": float(len(windows)), **out, **other, **gain}
 
 
 @torch.no_grad()
-def action_effect(world_model, start: dict[str, torch.Tensor], steps: int = 5) -> float:
-    """How much the imagined future depends on the actions: from each start state (K, ...),
-    imagine ``steps`` steps repeating each action, taking the most likely stoch at each step (no
-    sampling noise); the variance across actions of the decoded frame (intensities in [0, 1]), per
-    pixel and channel, averaged. 0 = the dreams ignore the actions."""
-    rssm, n = world_model.rssm, start["deter"].shape[0]
-    state = {k: v.repeat(rssm.num_actions, *[1] * (v.dim() - 1)) for k, v in start.items()}  # (A * K, ...)
-    action = F.one_hot(torch.arange(rssm.num_actions, device=start["deter"].device).repeat_interleave(n),
-                       rssm.num_actions).float()
-    for _ in range(steps):
-        deter = rssm.step_deter(state, action)
-        logits = rssm.prior_logits(deter)
-        state = {"deter": deter, "stoch": F.one_hot(logits.argmax(-1), rssm.classes).to(deter.dtype)}
-    frames = world_model.decoder(rssm.features(state)).clamp(0, 1).float()
-    frames = frames.reshape(rssm.num_actions, n, -1)  # (A, K, pixels)
-    return float(frames.var(0, unbiased=False).mean())
+def dream_returns(world_model, start: dict[str, torch.Tensor], first: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
+    """Imagined returns from each start state (K, ...) of each first action, followed by the same
+    actions for all of them: ``first`` (A,) the first actions to try, ``later`` (K, H) the actions
+    after it. Each step takes the prior's most likely class of every latent (no sampling noise, so
+    the first action is all that differs); a reward counts weighted by the predicted probability
+    that the episode has not ended before it. Returns (K, A) sums over the 1 + H steps."""
+    wm, rssm = world_model, world_model.rssm
+    k, a = start["deter"].shape[0], len(first)
+    state = {key: start[key].repeat_interleave(a, 0) for key in ("deter", "stoch")}  # (K * A, ...)
+    total = torch.zeros(k * a, device=first.device)
+    alive = torch.ones(k * a, device=first.device)
+    for actions in [first.repeat(k), *later.T.repeat_interleave(a, 1)]:  # each (K * A,)
+        deter = rssm.step_deter(state, F.one_hot(actions, rssm.num_actions).float())
+        stoch = F.one_hot(rssm.prior_logits(deter).argmax(-1), rssm.classes).to(deter.dtype)
+        state = {"deter": deter, "stoch": stoch}
+        feat = rssm.features(state)
+        total += alive * wm.reward(feat).float()
+        alive = alive * wm.continue_prob(feat)
+    return total.reshape(k, a)
+
+
+def spread_ratio(dream: np.ndarray, game: np.ndarray) -> dict[str, float]:
+    """How the dreams' returns (K, A) across first actions compare with the game's from the same
+    states: ``spread_dream`` / ``spread_game`` the mean over states of the standard deviation
+    across first actions, ``spread_ratio`` their quotient (1: the dreams think the actions matter
+    as much as they do), and ``action_corr`` the mean over states where the actions matter in the
+    game of the correlation between dream and game returns across actions (1: the dreams rank the
+    actions as the game does; 0: no better than guessing)."""
+    dream, game = np.asarray(dream, np.float64), np.asarray(game, np.float64)
+    sd, sg = dream.std(1), game.std(1)
+    matters = sg > 1e-9
+    d, g = dream[matters], game[matters]
+    varied = sd[matters] > 1e-12  # a dream blind to the actions correlates 0
+    dc = d[varied] - d[varied].mean(1, keepdims=True)
+    gc = g[varied] - g[varied].mean(1, keepdims=True)
+    corr = np.zeros(len(d))
+    corr[varied] = (dc * gc).mean(1) / (sd[matters][varied] * sg[matters][varied])
+    nan = float("nan")
+    return {
+        "spread_dream": float(sd.mean()), "spread_game": float(sg.mean()),
+        "spread_ratio": float(sd.mean() / sg.mean()) if sg.mean() > 0 else nan,
+        "action_corr": float(corr.mean()) if len(corr) else nan,
+        "states_where_actions_matter": float(matters.mean()),
+    }

@@ -39,11 +39,13 @@ class RSSM(nn.Module):
         unimix: float = 0.01,
         imglayers: int = 2,
         norm: str = "layer",
+        block_fan_in: str = "block",
     ) -> None:
         super().__init__()
         self.num_actions, self.deter, self.stoch, self.classes = num_actions, deter, stoch, classes
         self.unimix = unimix
-        self.dynamics = BlockGRU(deter, stoch * classes, num_actions, hidden, gru_blocks, norm=norm)
+        self.dynamics = BlockGRU(deter, stoch * classes, num_actions, hidden, gru_blocks, norm=norm,
+                                 block_fan_in=block_fan_in)
         self.prior_net = MLP(deter, hidden, imglayers, stoch * classes, norm=norm)
         self.post_net = MLP(deter + embed_dim, hidden, 1, stoch * classes, norm=norm)
 

@@ -48,6 +48,8 @@ def clipped_gradients(model, optimizers, loss: torch.Tensor,
     backward(loss)
     hp = model.hparams
     clips = (hp.world_model["clip"], hp.actor_critic["clip"], hp.actor_critic["clip"])
+    if hp.get("optimizer", {}).get("kind", "adam") != "adam":  # LaProp clips each tensor itself (agc)
+        clips = (float("inf"),) * 3
     return torch.stack([torch.nn.utils.clip_grad_norm_(params_of(opt), clip)
                         for opt, clip in zip(optimizers, clips)])
 
@@ -146,6 +148,8 @@ def set_capturable(optimizers, on: bool = True) -> None:
     captured in a CUDA graph, on the CPU otherwise (a checkpoint written by a graphed run resumes
     eagerly on a CPU, and the other way round)."""
     for opt in optimizers:
+        if not isinstance(opt, torch.optim.Adam):
+            continue
         for group in opt.param_groups:
             group["capturable"] = on
             for p in group["params"]:

@@ -19,6 +19,8 @@ class WorldModel(pl.LightningModule):
     ``dyn = KL(sg(post) || prior)`` and ``rep = KL(post || sg(prior))``, each summed over the
     latents and clipped below at ``free_bits``. The reward and continue heads have one hidden
     layer of ``units`` (DreamerV3); ``norm`` is ``layer`` (LayerNorm) or ``rms`` (RMSNorm).
+    ``downsample`` / ``upsample`` pick the encoder's and decoder's resolution steps (``Encoder``,
+    ``Decoder``), ``block_init`` the block GRU's initial scale (``trunc_normal_fan_in_``).
     """
 
     def __init__(
@@ -41,14 +43,17 @@ class WorldModel(pl.LightningModule):
         scale_rep: float = 0.1,
         norm: str = "layer",
         obs_shape: tuple[int, int, int] = (64, 64, 3),
+        downsample: str = "stride",
+        upsample: str = "transposed",
+        block_init: str = "block",
     ) -> None:
         super().__init__()
         self.hp = init_args(locals())
-        self.encoder = Encoder(depth, tuple(cnn_mults), obs_shape)
+        self.encoder = Encoder(depth, tuple(cnn_mults), obs_shape, downsample)
         self.rssm = RSSM(self.encoder.embed_dim, num_actions, deter, hidden, stoch, classes,
-                         gru_blocks, unimix, norm=norm)
+                         gru_blocks, unimix, norm=norm, block_fan_in=block_init)
         feat = self.rssm.feat_dim
-        self.decoder = Decoder(feat, depth, tuple(cnn_mults), obs_shape)
+        self.decoder = Decoder(feat, depth, tuple(cnn_mults), obs_shape, upsample)
         self.reward_head = MLP(feat, units, 1, 255, outscale=0.0, norm=norm)
         self.continue_head = MLP(feat, units, 1, 1, norm=norm)
         self.twohot = TwoHot()

@@ -233,3 +233,21 @@ def test_the_roofline_floor_charges_each_operator_its_flops_or_its_bytes_whichev
     w = b.clone().requires_grad_()
     both = roofline(lambda: (a @ w).sum().backward(), gflops=1.0, gbps=1e9)
     assert both["seconds"] == pytest.approx(2 * 65_536e-9, rel=0.05)
+
+
+def test_the_dream_against_game_probe_branches_every_first_action_from_restored_states():
+    """On sanity-colour the game's truth is known: from every state exactly one first action pays
+    1 more than the others (SD across the 15 returns sqrt(14) / 15), so a model that predicts no
+    reward has spread ratio 0; the probe's frames lead the model to the states it branches from."""
+    from dreamer.agent import Dreamer
+
+    probe = wmq.real_probe("sanity-colour", "easy", 200, seed=0)
+    game = probe["game_returns"]  # (64, 15)
+    assert game.shape == (wmq.PROBE_STATES, 15) and probe["frames"].shape[:2] == (wmq.PROBE_STATES, wmq.PROBE_STEPS)
+    np.testing.assert_allclose(np.sort(game, 1)[:, -1] - np.sort(game, 1)[:, -2], 1.0)
+    np.testing.assert_allclose(game.std(1), np.sqrt(14) / 15)
+    torch.manual_seed(0)
+    wm = Dreamer(size="tiny").world_model.eval()  # its reward head starts at exactly 0
+    result = wmq.dreams_against_game(wm, probe)
+    assert result["spread_ratio"] == 0.0 and result["action_corr"] == 0.0
+    assert result["spread_game"] == pytest.approx(np.sqrt(14) / 15)

@@ -64,3 +64,34 @@ def test_train_ratio_serves_batch_k_after_its_env_steps_and_checkpoints_the_trai
     resumed = TrainRatio(4.0, 2, 8, 64)
     resumed.load_state_dict(ratio.state_dict())
     assert resumed.served == 4 and resumed.env_steps_needed() == 80
+
+
+def test_acting_latents_store_the_posterior_each_step_was_acted_from():
+    """With acting_latents, every written step holds the acting policy's posterior for its frame
+    (the extra end-of-episode step holds none); without, no step holds one."""
+    from datamodules.collector import Collector
+    from datamodules.procgen import vector_env
+    from datamodules.replay import SequenceReplay
+    from dreamer.agent import Dreamer
+
+    torch.manual_seed(0)
+    agent = Dreamer(size="tiny").eval()
+    for acting in (True, False):
+        env = vector_env("sanity-grid", 2, num_levels=5, seed=0)
+        replay = SequenceReplay(512, 2, latents=agent.latent_sizes)
+        collector = Collector(env, replay, acting_latents=acting)
+        acted_from = {}  # (lane, step index in the lane) -> the posterior the policy acted from there
+        for _ in range(40):
+            before = replay.count.copy()
+            collector.collect(lambda: agent, 1)
+            for lane in range(2):  # the acted step comes first, an episode's end step after it
+                acted_from[(lane, int(before[lane]))] = collector.rollout.state.post["deter"][lane].numpy()
+        sample = replay.sample(4, 8)
+        written = sample["has_latent"]
+        if not acting:
+            assert not written.any()
+            continue
+        assert written.any() and (written | sample["is_last"]).all() and not (written & sample["is_last"]).any()
+        for b, t in zip(*np.nonzero(written)):
+            np.testing.assert_allclose(sample["deter"][b, t], acted_from[(int(sample["lane"][b]), int(sample["step"][b, t]))],
+                                       rtol=1e-2, atol=1e-3)  # stored in float16

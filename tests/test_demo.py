@@ -14,7 +14,7 @@ import torch
 
 import demo
 from clirun import ROOT, SMOKE_CKPT
-from datamodules.procgen import ProcgenConfig, ProcgenVectorEnv
+from datamodules.procgen import ProcgenConfig, ProcgenVectorEnv, vector_env
 from dreamer.agent import Dreamer
 
 ARTIFACTS = ROOT / "test-artifacts"
@@ -96,6 +96,9 @@ def test_session_shows_procgens_frames_and_the_agents_dreams(checkpoint):
     assert "unseen level 2 (level seed 12), step 5" in session.summary()
     session.start("bigfish", "training", 0, show_goals=False)
     assert session.goal()[0] is None and "trained on coinrun" in session.summary()
+    session.start("sanity-colour", "unseen", 3, show_goals=False)  # a sanity task's level 13
+    twin = vector_env("sanity-colour", 1, "easy", num_levels=1, start_level=13, seed=13)
+    assert np.array_equal(session.obs, twin.reset()[0])
     with pytest.raises(demo.DemoError, match="unknown game"):
         session.start("pong", "training", 0, False)
 

@@ -114,8 +114,8 @@ def test_every_valid_game_and_mode_constructs_and_steps():
 
 
 BAD_ARGS = [
-    (dict(game="pong", num_envs=1), "unknown procgen game"),
-    (dict(game="CoinRun", num_envs=1), "unknown procgen game"),
+    (dict(game="pong", num_envs=1), "unknown game"),
+    (dict(game="CoinRun", num_envs=1), "unknown game"),
     (dict(game="coinrun", num_envs=1, distribution_mode="memory"), "allowed for coinrun: easy, hard, exploration"),
     (dict(game="bigfish", num_envs=1, distribution_mode="extreme"), "not available for bigfish"),
     (dict(game="coinrun", num_envs=1, distribution_mode="medium"), "not available"),
@@ -210,3 +210,31 @@ def test_gymnasium_episode_statistics_and_an_observation_transform_wrap_the_env(
             ended += int(info["_episode"].sum())
     assert ended >= 4
     env.close()
+
+
+@pytest.mark.parametrize("game", ["starpilot", "sanity-grid"])
+def test_a_state_from_get_state_replays_the_same_frames_and_rewards_in_another_env(game):
+    """What the dream-against-game diagnostic relies on: a copied state plays on exactly as the
+    original, episode ends and the next level included, whatever the other env's own seed."""
+    from datamodules.procgen import vector_env
+
+    env = vector_env(game, 3, num_levels=20, seed=0)
+    env.reset()
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        env.step(rng.integers(0, 15, 3))
+    state, actions = env.get_state(), rng.integers(0, 15, (120, 3))
+    other = vector_env(game, 3, num_levels=20, seed=7)
+    other.reset()
+    np.testing.assert_array_equal(other.set_state(state), env.render())
+    ended = 0
+    for a in actions:
+        obs, reward, term, trunc, _ = env.step(a)
+        obs2, reward2, term2, trunc2, _ = other.step(a)
+        np.testing.assert_array_equal(obs, obs2)
+        np.testing.assert_array_equal(reward, reward2)
+        np.testing.assert_array_equal(term | trunc, term2 | trunc2)
+        ended += int((term | trunc).sum())
+    assert ended > 0
+    with pytest.raises(ValueError, match="one per"):
+        other.set_state(state[:2])

@@ -160,7 +160,7 @@ def test_memmap_storage_lives_in_the_replay_dir_per_rank(tmp_path):
     (dict(num_envs=0), "data.num_envs must be an integer >= 1, got 0"),
     (dict(val_episodes=0), "data.val_episodes must be an integer >= 1"),
     (dict(test_num_envs=0), "data.test_num_envs must be an integer >= 1"),
-    (dict(game="pong"), "unknown procgen game 'pong'"),
+    (dict(game="pong"), "unknown game 'pong'"),
     (dict(replay_storage="memmap", replay_dir="/proc/replay"), "lies in /proc"),
 ])
 def test_bad_configuration_is_refused(kwargs, message):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dreamer.agent import Dreamer
 from dreamer.distributions import TwoHot
 from dreamer.nets import MLP, BlockGRU
-from dreamer.quality import SkillByHorizon, action_effect, dream_windows, roc_auc
+from dreamer.quality import SkillByHorizon, dream_returns, dream_windows, roc_auc, spread_ratio
 
 
 def _observe(wm, obs, action, is_first, seed=0):
@@ -228,17 +228,40 @@ def test_replay_context_starts_from_the_stored_state():
     assert not torch.allclose(carried["deter"][0, 0], fresh["deter"][0, 0])
 
 
-def test_action_effect_is_zero_exactly_when_the_dynamics_ignore_actions():
+def test_dream_returns_branch_each_start_on_each_first_action_and_ignore_actions_only_when_the_dynamics_do():
     torch.manual_seed(0)
     wm = Dreamer(size="tiny").world_model.eval()
     rssm = wm.rssm
-    start = {"deter": torch.randn(6, rssm.deter),
-             "stoch": F.one_hot(torch.randint(0, rssm.classes, (6, rssm.stoch)), rssm.classes).float()}
-    assert action_effect(wm, start) > 1e-8  # a fresh model's action projection moves deter
+    with torch.no_grad():  # a reward head that is not zero (it starts zero-initialised)
+        wm.reward_head[-1].weight.normal_(0, 0.02)
+    start = {"deter": torch.randn(3, rssm.deter),
+             "stoch": F.one_hot(torch.randint(0, rssm.classes, (3, rssm.stoch)), rssm.classes).float()}
+    first, later = torch.tensor([0, 4, 7, 14]), torch.randint(0, 15, (3, 5))
+    returns = dream_returns(wm, start, first, later)  # (3, 4)
+    for k in range(3):  # each branch alone gives the same return: the batch layout is right
+        for a in range(4):
+            alone = dream_returns(wm, {key: v[k:k + 1] for key, v in start.items()}, first[a:a + 1], later[k:k + 1])
+            torch.testing.assert_close(returns[k, a], alone[0, 0], rtol=1e-4, atol=1e-5)
+    assert returns.std(1).min() > 1e-6  # a fresh model's action projection moves deter
     with torch.no_grad():
         for p in rssm.dynamics.action_in.parameters():
             p.zero_()  # the action's projection is constant: every action gives the same future
-    assert action_effect(wm, start) == pytest.approx(0.0, abs=1e-12)
+    returns = dream_returns(wm, start, first, later)
+    assert returns.std(1).max() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_spread_ratio_and_action_correlation_by_hand():
+    game = np.array([[0.0, 1.0, 0.0], [2.0, 0.0, 1.0], [5.0, 5.0, 5.0]])  # the last state: actions do not matter
+    twice = spread_ratio(2 * game, game)
+    assert twice["spread_ratio"] == pytest.approx(2.0) and twice["action_corr"] == pytest.approx(1.0)
+    assert twice["states_where_actions_matter"] == pytest.approx(2 / 3)
+    assert spread_ratio(-game, game)["action_corr"] == pytest.approx(-1.0)
+    blind = spread_ratio(np.ones_like(game), game)
+    assert blind["spread_ratio"] == 0.0 and blind["action_corr"] == 0.0
+    # spreads 0.4714 and 0.8165 (population SD) over 3 states: mean 0.4293
+    half = spread_ratio(np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0]]), game)
+    assert half["spread_game"] == pytest.approx((np.sqrt(2) / 3 + np.sqrt(2 / 3)) / 3)
+    assert half["action_corr"] == pytest.approx(0.5)  # 1 on the first state, 0 where the dream is blind
 
 
 def test_observe_with_the_embedding_projected_once_equals_stepping_one_frame_at_a_time():
@@ -286,3 +309,63 @@ def test_encoder_and_decoder_follow_the_frame_shape():
     assert dec(torch.randn(2, 5, 100)).shape == (2, 5, 32, 48, 1)
     default = Encoder(4)
     assert default.embed_dim == 16 * 4 * 4 and Decoder(100, 4)(torch.randn(3, 100)).shape == (3, 64, 64, 3)
+
+
+@pytest.mark.parametrize("downsample, upsample", [("pool", "nearest"), ("pool", "transposed"), ("stride", "nearest")])
+def test_the_references_resolution_steps_keep_the_shapes_and_change_the_layers(downsample, upsample):
+    from dreamer.nets import Decoder, Encoder
+
+    enc, dec = Encoder(4, (2, 3, 4), obs_shape=(32, 48, 1), downsample=downsample), \
+        Decoder(100, 4, (2, 3, 4), obs_shape=(32, 48, 1), upsample=upsample)
+    frames = torch.randint(0, 256, (2, 5, 32, 48, 1), dtype=torch.uint8)
+    assert enc(frames).shape == (2, 5, 16 * 4 * 6) and dec(torch.randn(2, 5, 100)).shape == (2, 5, 32, 48, 1)
+    kernels = {m.kernel_size for m in enc.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert kernels == ({(5, 5)} if downsample == "pool" else {(4, 4)})
+    assert any(isinstance(m, torch.nn.MaxPool2d) for m in enc.modules()) == (downsample == "pool")
+    assert any(isinstance(m, torch.nn.Upsample) for m in dec.modules()) == (upsample == "nearest")
+    with pytest.raises(ValueError, match="allowed: stride, pool"):
+        Encoder(4, downsample="avg")
+
+
+@pytest.mark.parametrize("downsample", ["stride", "pool"])
+def test_both_encoders_see_a_single_pixel_dot_at_every_phase_of_their_grid(downsample):
+    """What sanity-sprite asks of the encoder: a 1-pixel dot moves the embedding wherever it sits
+    relative to the stride-2 / pooling grid (at initialisation, within 4x of each other)."""
+    from dreamer.nets import Encoder
+
+    torch.manual_seed(0)
+    enc = Encoder(4, downsample=downsample)
+    blank = torch.full((1, 64, 64, 3), 96, dtype=torch.uint8)
+    dots = blank.repeat(4, 1, 1, 1)
+    for i, (r, c) in enumerate([(30, 30), (30, 31), (31, 30), (31, 31)]):
+        dots[i, r, c] = 255
+    with torch.no_grad():
+        seen = (enc(dots) - enc(blank)).abs().sum(-1)  # (4,) how much each dot moves the embedding
+    assert seen.min() > 0.25 * seen.max() > 0
+
+
+def test_block_gru_weights_scale_with_the_whole_input_as_the_reference():
+    from dreamer.nets import BlockGRU
+
+    torch.manual_seed(0)
+    block = BlockGRU(deter=512, stoch=128, num_actions=15, hidden=64, blocks=8)
+    torch.manual_seed(0)
+    whole = BlockGRU(deter=512, stoch=128, num_actions=15, hidden=64, blocks=8, block_fan_in="whole")
+    ratio = float(block.gates.weight.detach().std() / whole.gates.weight.detach().std())
+    assert ratio == pytest.approx(8 ** 0.5, rel=0.02)  # fan-in of all inputs: 8 blocks' worth
+    torch.testing.assert_close(block.action_in[0].weight, whole.action_in[0].weight)  # plain Linears alike
+
+
+def test_a_dreamer_with_the_references_image_layers_and_init_trains_and_records_them():
+    torch.manual_seed(0)
+    knobs = {"downsample": "pool", "upsample": "nearest", "block_init": "whole"}
+    agent = Dreamer(size="tiny", world_model=knobs)
+    assert {k: agent.hparams.world_model[k] for k in knobs} == knobs
+    batch = {"obs": torch.randint(0, 256, (2, 6, 64, 64, 3), dtype=torch.uint8),
+             "action": torch.randint(0, 15, (2, 6)), "reward": torch.zeros(2, 6),
+             "is_first": torch.zeros(2, 6, dtype=torch.bool), "is_terminal": torch.zeros(2, 6, dtype=torch.bool)}
+    loss, _ = agent.loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and agent.world_model.encoder.net[0].weight.grad is not None
+    plain = Dreamer(size="tiny")
+    assert plain.world_model.encoder.net[0].weight.shape[-1] == 4 and agent.world_model.encoder.net[0].weight.shape[-1] == 5
