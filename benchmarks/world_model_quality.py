@@ -339,7 +339,7 @@ def run_game(args: argparse.Namespace, game: str, model_kwargs: dict) -> list[di
     replay = train_replay(data["train"], args.seed, agent.latent_sizes if context else None)
     wm = agent.world_model.to(args.device)
     opt = agent.configure_optimizers()[0]
-    clip = agent.hparams.world_model["clip"]
+    clip = agent.hparams.world_model["clip"] if agent.hparams.optimizer["kind"] == "adam" else float("inf")  # LaProp: agc
     if args.minutes is not None:
         marks = [args.minutes * 60 * (k + 1) / args.evals for k in range(args.evals)]
     else:
