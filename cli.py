@@ -15,19 +15,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from argparse import ArgumentError
+
 from jsonargparse import Namespace
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from callbacks.training import EnvStepCheckpoint, EnvStepProgressBar
 from callbacks.visualize import DreamVisualizer
-from datamodules.checks import directory_problem
+from datamodules.checks import directory_problem, replay_space_problem
 from datamodules.replay_datamodule import ReplayDataModule
 from dreamer.agent import Dreamer
 from dreamer.checkpoints import CheckpointError, checkpoint_mismatch, read_checkpoint
-from dreamer.config import argument_problem, precision_problem
+from dreamer.config import argument_problem, cuda_graph_problem, precision_problem
 from dreamer.memory import keep_freed_memory
+from dreamer.run_lock import lock_run
 from dreamer.tracking import RunLogger, params_to_log, run_exists
 
 ROOT = Path(__file__).resolve().parent
@@ -169,8 +173,7 @@ class DreamerCLI(LightningCLI):
             fail(str(e))
         optimizer = None
         if subcommand == "fit":  # a resume restores the optimiser's state: its kind must match
-            given = cfg.model.get("optimizer")
-            optimizer = (given.get("kind") if hasattr(given, "get") else getattr(given, "kind", None)) or "adam"
+            optimizer = _optimizer_kind(cfg)
         differences = checkpoint_mismatch(
             checkpoint, cfg.model.size, cfg.model.overrides, cfg.data.game, optimizer
         )
@@ -186,35 +189,51 @@ class DreamerCLI(LightningCLI):
             or ReplayDataModule.argument_problem(cfg.data)
         if problem:  # before anything is built: a refused command leaves no files behind
             fail(problem)
+        if cfg.model.get("cuda_graph") and self.subcommand == "fit":
+            problem = cuda_graph_problem(_device_type(cfg.trainer.accelerator), 1, cfg.model.get("compile"),
+                                         _optimizer_kind(cfg))
+            if problem:  # (the number of processes is checked at setup, once Lightning knows it)
+                fail(problem)
         name = f"{cfg.data.game}-{cfg.model.size}-seed{cfg.data.seed}"
+        validate_dir_given = cfg.trainer.default_root_dir is not None
         if self.subcommand == "validate":
-            if cfg.trainer.default_root_dir is None:
+            if not validate_dir_given:
                 cfg.trainer.default_root_dir = str(_free_dir(Path("runs") / f"{name}-validate"))
             cfg.data.replay_storage = "ram"  # validation plays fresh episodes and writes no replay
         elif self.subcommand == "fit" and cfg.trainer.default_root_dir is None:
             cfg.trainer.default_root_dir = os.path.join("runs", name)
         self._place_files(cfg, name)
+        for args in _mlflow_args(cfg):
+            if problem := _tracking_store_problem(args.get("tracking_uri")):
+                fail(problem)
         if self.print_config is not None:
             print(self.config_text(cfg, self.print_config), end="")
             sys.exit(0)
         run_id = None
+        # Lightning's DDP launcher starts ranks > 0 as copies of this command, after rank 0 has
+        # locked and claimed (or moved aside) the directory: they must not take it again
+        rank0 = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
         if self.subcommand == "validate":
             if not cfg.get("ckpt_path"):
                 fail("validate needs --ckpt_path: the checkpoint to evaluate "
                      "(e.g. runs/<name>/checkpoints/last.ckpt); without one it would score random weights")
-            if held := run_files(Path(cfg.trainer.default_root_dir)):
-                fail(f"{cfg.trainer.default_root_dir} holds a run ({', '.join(held)}); "
-                     "validate writes into a directory of its own: leave --trainer.default_root_dir unset "
-                     "or name a new directory")
+            if cfg.get("start_over"):
+                fail("--start_over applies to fit only; validate writes into a new directory of its own")
+            if rank0:
+                self._claim_validate_dir(cfg, name, validate_dir_given)
         elif self.subcommand == "fit":
-            problem = directory_problem(Path(cfg.trainer.default_root_dir), "trainer.default_root_dir")
+            root = Path(cfg.trainer.default_root_dir)
+            problem = directory_problem(root, "trainer.default_root_dir")
             if problem:
                 fail(problem)
-            # Lightning's DDP launcher starts ranks > 0 as copies of this command, after rank 0
-            # has claimed (or moved aside) the directory: they must not claim it again
-            if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+            if cfg.get("start_over") and cfg.get("ckpt_path"):
+                fail("--start_over true starts a new run and --ckpt_path resumes one; give one of them")
+            if rank0:
+                _lock_or_fail(root)
                 run_id = self._claim_run_dir(cfg)
         for args in _mlflow_args(cfg):
+            if self.branched_from:
+                args.tags = {**(args.get("tags") or {}), **self.branched_from}
             if run_id is not None and args.get("run_id") is None:
                 if run_exists(args.get("tracking_uri") or "", run_id):
                     args.run_id = run_id
@@ -235,6 +254,9 @@ class DreamerCLI(LightningCLI):
                          "subcommand": str(self.subcommand)}
         if cfg.checkpoint.get("dirpath") is None:
             cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
+
+    # MLflow tags of a resume from an older checkpoint than the run's newest (``_claim_run_dir``)
+    branched_from: dict[str, str] | None = None
 
     # ``--print_config`` is answered after the run's name and paths are filled in (jsonargparse's
     # own action prints before them, showing null)
@@ -257,6 +279,8 @@ class DreamerCLI(LightningCLI):
                 arg += "=" + argv.pop(0)
             key, _, value = arg.partition("=")
             if key == "--trainer.precision":
+                if problem := _precision_value_problem(value):
+                    fail(problem)
                 self.precision_auto = value == "auto"
                 arg = "--trainer.precision=32-true" if self.precision_auto else arg
             elif key == "--config":
@@ -273,6 +297,8 @@ class DreamerCLI(LightningCLI):
         trainer = tree.get("trainer")
         if not isinstance(trainer, dict) or trainer.get("precision") is None:
             return path  # no precision here (a malformed section is the parser's to refuse)
+        if problem := _precision_value_problem(trainer["precision"]):
+            fail(f"config file {path}: {problem}")
         self.precision_auto = trainer["precision"] == "auto"
         if not self.precision_auto:
             return path
@@ -289,11 +315,44 @@ class DreamerCLI(LightningCLI):
         tree.pop("config", None)
         return yaml.safe_dump(tree, sort_keys=False)
 
+    def _claim_validate_dir(self, cfg, name: str, given: bool) -> None:
+        """Lock and create validate's own directory: the one given (which must hold no run), or
+        the first free ``runs/<name>-validate[-<n>]``, created exclusively so that two validates
+        never share one."""
+        while True:
+            root = Path(cfg.trainer.default_root_dir) if given else _free_dir(Path("runs") / f"{name}-validate")
+            problem = directory_problem(root, "trainer.default_root_dir")
+            if problem:
+                fail(problem)
+            _lock_or_fail(root)
+            if given:
+                if held := run_files(root):
+                    fail(f"{root} holds a run ({', '.join(held)}); validate writes into a directory of "
+                         "its own: leave --trainer.default_root_dir unset or name a new directory")
+                break
+            try:
+                root.mkdir(parents=True)
+                break
+            except FileExistsError:  # another validate took this name first: try the next
+                continue
+        if str(root) != cfg.trainer.default_root_dir:  # the name first chosen was taken meanwhile
+            cfg.trainer.default_root_dir = str(root)
+            cfg.data.replay_dir = os.path.join(root, "replay")
+            cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
+
     def _claim_run_dir(self, cfg) -> str | None:
         """Refuse to start a new run over an earlier one; returns the MLflow run id to continue on
         a resume of this directory's run."""
         root = Path(cfg.trainer.default_root_dir)
         held = run_files(root)
+        if held and not cfg.get("ckpt_path") and not _checkpoints(root):
+            # a start that failed before its first checkpoint left these: not a run to keep
+            aside = _free_dir(root.with_name(root.name + ".old"))
+            os.replace(root, aside)
+            failed = _fail_mlflow_run(aside)
+            print(f"note: {root} held no checkpoint, only the leftovers of a start that never saved one "
+                  f"({', '.join(held)}); moved them to {aside}{failed}", file=sys.stderr)
+            held = []
         replay_dir = Path(cfg.data.replay_dir) if cfg.data.replay_dir else None
         outside_replay = replay_dir is not None and root not in replay_dir.parents and replay_dir.is_dir() \
             and any(replay_dir.iterdir())
@@ -304,17 +363,41 @@ class DreamerCLI(LightningCLI):
                 fail(f"--ckpt_path last: no checkpoint to resume at {last}; leave --ckpt_path out "
                      "to start a new run, or give the path of a .ckpt")
             ckpt = str(last)
+        done = None
         if ckpt is not None:  # a resume that cannot work is refused before any file is opened
             try:
                 saved = read_checkpoint(ckpt)
             except CheckpointError as e:
                 fail(str(e))
-            problem = ReplayDataModule.resume_problem(saved.get("ReplayDataModule") or {}, cfg.data)
+            # the model first: a replay laid out for another model is a consequence, not the cause
+            differences = checkpoint_mismatch(saved, cfg.model.size, cfg.model.overrides, cfg.data.game,
+                                              _optimizer_kind(cfg))
+            if differences:
+                fail(f"checkpoint {ckpt} does not match this run; " + "; ".join(differences))
+            problem = ReplayDataModule.resume_problem(saved.get("ReplayDataModule") or {}, cfg.data) \
+                or _missing_replay(saved, cfg)
             if problem:
                 fail(problem)
+            done = _env_steps_of(saved)
+            if done is not None and done >= cfg.model.max_env_steps:
+                print(f"{ckpt} is finished: {done} env steps, and this command's model.max_env_steps is "
+                      f"{cfg.model.max_env_steps}; nothing changed (a larger --model.max_env_steps trains on)")
+                sys.exit(0)
         resuming_here = ckpt is not None and root.resolve() in Path(ckpt).resolve().parents
-        if resuming_here or (ckpt is None and not held and not outside_replay):
-            return _saved_run_id(root) if resuming_here else None
+        if resuming_here:
+            run_id, newest = _saved_run_id(root), _newest_env_steps(root, ckpt)
+            if run_id is not None and newest is not None and newest > (done or 0):
+                # a rollback: the MLflow run keeps the steps it had; the branch gets a run of its own
+                self.branched_from = {"branched_from_run": run_id, "branched_at_env_steps": str(done or 0)}
+                print(f"note: {ckpt} ({done} env steps) is older than the run's newest checkpoint "
+                      f"({newest} env steps); this resume logs to a new MLflow run tagged "
+                      f"branched_from_run={run_id}", file=sys.stderr)
+                return None
+            return run_id
+        if ckpt is None and not held and not outside_replay:
+            if cfg.data.replay_storage == "memmap" and (problem := replay_space_problem(replay_dir, cfg.data.replay_capacity)):
+                fail(problem)
+            return None
         if cfg.get("start_over"):
             for old in ([root] if held else []) + ([replay_dir] if outside_replay else []):
                 aside = _free_dir(old.with_name(old.name + ".old"))
@@ -455,6 +538,102 @@ def _free_dir(path: Path) -> Path:
     return free
 
 
+def _optimizer_kind(cfg) -> str:
+    given = cfg.model.get("optimizer")
+    return (given.get("kind") if hasattr(given, "get") else getattr(given, "kind", None)) or "adam"
+
+
+def _device_type(accelerator: Any) -> str:
+    """``cuda`` or ``cpu``: where ``trainer.accelerator`` puts the model."""
+    import torch
+
+    name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
+    if name in ("gpu", "cuda") or "cuda" in name:
+        return "cuda"
+    return "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name in ("auto", "cpu") or name.startswith("cpu") else name)
+
+
+def _tracking_store_problem(uri: str | None) -> str | None:
+    """Why an MLflow ``sqlite:///`` store cannot be opened (a file that is not SQLite), or None."""
+    if not uri or not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri[len("sqlite:///"):])
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None  # not there yet: MLflow creates it
+    if head and head != b"SQLite format 3\x00":
+        return (f"the MLflow store {path} is not an SQLite database (damaged, or another kind of file); "
+                "move it aside, or give another --trainer.logger.init_args.tracking_uri")
+    return None
+
+
+def _missing_replay(checkpoint: dict, cfg) -> str | None:
+    """Why the memmap replay a checkpoint resumes with is not where this run looks, or None."""
+    state = checkpoint.get("ReplayDataModule") or {}
+    replay = state.get("replay") or {}
+    if cfg.data.replay_storage != "memmap" or (replay.get("storage") != "memmap" and "world_size" not in state):
+        return None
+    directory = Path(cfg.data.replay_dir) / "rank0"
+    missing = [name for name in ("meta.json", "frames.bin") if not (directory / name).is_file()]
+    if not missing:
+        return None
+    return (f"the checkpoint's replay is not in {directory} ({', '.join(missing)} missing), and a resume "
+            "continues from it; point --data.replay_dir at the run's replay, or start a new run")
+
+
+def _env_steps_of(checkpoint: dict) -> int | None:
+    """All ranks' env steps together at ``checkpoint`` (None if it does not say)."""
+    state = checkpoint.get("ReplayDataModule") or {}
+    if "env_steps" not in state:
+        return None
+    return int(state["env_steps"]) * int(state.get("world_size", 1))
+
+
+def _newest_env_steps(root: Path, resumed: str) -> int | None:
+    """Env steps of the newest checkpoint in ``root`` other than ``resumed`` (None if none)."""
+    newest = None
+    for path in _checkpoints(root):
+        if path.resolve() == Path(resumed).resolve():
+            continue
+        try:
+            steps = _env_steps_of(read_checkpoint(path))
+        except CheckpointError:
+            continue
+        if steps is not None and (newest is None or steps > newest):
+            newest = steps
+    return newest
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    return sorted((root / "checkpoints").glob("*.ckpt")) if (root / "checkpoints").is_dir() else []
+
+
+def _fail_mlflow_run(root: Path) -> str:
+    """Mark the MLflow run recorded in ``root/mlflow_run.json`` FAILED if it never ended; what
+    was done, for the note."""
+    try:
+        record = json.loads((root / "mlflow_run.json").read_text())
+        import mlflow
+
+        client = mlflow.MlflowClient(record["tracking_uri"])
+        if client.get_run(record["run_id"]).info.status in ("RUNNING", "SCHEDULED"):
+            client.set_terminated(record["run_id"], "FAILED")
+            return f"; its MLflow run {record['run_id']} is marked FAILED"
+    except Exception:  # noqa: BLE001 - no record, store or run: nothing to mark
+        pass
+    return ""
+
+
+def _lock_or_fail(root: Path) -> None:
+    """Take ``root``'s run lock (``dreamer/run_lock.py``) or end the command naming its holder."""
+    holder = lock_run(root)
+    if holder:
+        fail(f"{root} is in use by {holder}; wait for it to end or stop it, "
+             "or name another directory with --trainer.default_root_dir")
+
+
 def _saved_run_id(root: Path) -> str | None:
     try:
         return json.loads((root / "mlflow_run.json").read_text())["run_id"]
@@ -463,7 +642,8 @@ def _saved_run_id(root: Path) -> str | None:
 
 
 # errors a user's input causes: their message is the answer, a traceback only on request
-USER_ERRORS = (ValueError, CheckpointError, OSError, FloatingPointError)
+# (Lightning's MisconfigurationException: e.g. trainer.devices 0, or a GPU accelerator without a GPU)
+USER_ERRORS = (ValueError, CheckpointError, OSError, FloatingPointError, MisconfigurationException)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> DreamerCLI:
@@ -480,10 +660,40 @@ def main(args: list[str] | None = None, run: bool = True) -> DreamerCLI:
     except SIGTERMException:  # Lightning stops at the next batch and would exit with status 0
         print("stopped by SIGTERM; resume from the last checkpoint with --ckpt_path last", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:  # Ctrl-C outside Lightning's loop
+        _stopped_by_ctrl_c()
+    except SystemExit as e:
+        if isinstance(e.__context__, KeyboardInterrupt):  # Lightning's handler of Ctrl-C exits 1
+            _stopped_by_ctrl_c()
+        raise
+    except ArgumentError as e:  # the parser's: the option's name and what it accepts
+        if os.environ.get("DREAMER_TRACEBACK") == "1":
+            raise
+        fail(f"{parser_message(e)}; `python cli.py fit --help` lists every option")
     except USER_ERRORS as e:
         if os.environ.get("DREAMER_TRACEBACK") == "1":
             raise
         fail(one_line(e) + " (DREAMER_TRACEBACK=1 shows the traceback)")
+
+
+def _precision_value_problem(value) -> str | None:
+    """Why ``trainer.precision value`` is refused, before Lightning's parser lists the precisions
+    it knows (most of which a Dreamer cannot train with), or None."""
+    if str(value) == "auto":
+        return None
+    problem = precision_problem(value)
+    return problem.replace("; allowed: ", "; allowed: auto, ", 1) if problem else None
+
+
+def _stopped_by_ctrl_c() -> None:
+    print("stopped by Ctrl-C; resume from the last checkpoint with --ckpt_path last", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
+
+
+def parser_message(e: BaseException) -> str:
+    """jsonargparse's (often multi-line) message as one line."""
+    lines = [line.strip().rstrip(".:") for line in str(e).splitlines() if line.strip()]
+    return ": ".join(lines)[:600] if lines else type(e).__name__
 
 
 def one_line(e: BaseException) -> str:
@@ -521,7 +731,10 @@ def config_file_problem(path: str) -> str | None:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         return f"config file {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}"
-    if tree is not None and not isinstance(tree, dict):
+    if tree is None:
+        return (f"config file {path} is empty; give a YAML mapping of sections (trainer, model, data), "
+                "e.g. configs/quickstart.yaml")
+    if not isinstance(tree, dict):
         return f"config file {path} must hold a mapping of sections (trainer, model, data), got {type(tree).__name__}"
     for section in SECTIONS:
         value = (tree or {}).get(section)
@@ -532,11 +745,12 @@ def config_file_problem(path: str) -> str | None:
 
 def _cli(args: list[str] | None, run: bool) -> DreamerCLI:
     defaults = {"default_config_files": [str(ROOT / "configs" / "default.yaml")]}
+    # a parser error raises (main turns it into one line) instead of printing the usage first
     if run:
-        parser_kwargs = {"parser_mode": "omegaconf", **{
-            command: defaults for command in ("fit", "validate")}}
+        parser_kwargs = {"parser_mode": "omegaconf", "exit_on_error": False, **{
+            command: {**defaults, "exit_on_error": False} for command in ("fit", "validate")}}
     else:
-        parser_kwargs = {"parser_mode": "omegaconf", **defaults}
+        parser_kwargs = {"parser_mode": "omegaconf", "exit_on_error": False, **defaults}
     return DreamerCLI(
         Dreamer,
         ReplayDataModule,

@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             load_agent(args.checkpoint)
         except DemoError as e:
-            sys.exit(f"error: {e}")
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     import gradio as gr
 
     app = build_app(args.checkpoint)

@@ -35,6 +35,9 @@ class EnvStepCheckpoint(ModelCheckpoint):
         kwargs.setdefault("save_last", True)
         kwargs.setdefault("filename", "env_steps={env_steps}")
         kwargs.setdefault("auto_insert_metric_name", False)
+        # a run owns its directory: last.ckpt is always replaced, never shadowed by last-v1.ckpt
+        # (Lightning versions it when the run directory was moved since the checkpoint)
+        kwargs["enable_version_counter"] = False
         for fixed in ("save_top_k", "every_n_epochs", "every_n_train_steps", "train_time_interval"):
             kwargs.pop(fixed, None)
         super().__init__(save_top_k=-1 if keep_every else 0, every_n_epochs=0, **kwargs)
@@ -42,6 +45,13 @@ class EnvStepCheckpoint(ModelCheckpoint):
         self._saved_at = 0
 
     def _save_now(self, trainer: pl.Trainer) -> None:
+        bad = non_finite_state(trainer.lightning_module, trainer.optimizers)
+        if bad:
+            raise FloatingPointError(
+                f"{bad} holds non-finite values after update {getattr(trainer.lightning_module, 'updates', '?')}; "
+                f"nothing was saved, and {self.last_good()} holds the last finite state; lower the learning "
+                "rates or raise the optimisers' eps (model.world_model.eps, model.actor_critic.eps), then "
+                "resume or start over")
         candidates = self._monitor_candidates(trainer)
         candidates["env_steps"] = env_steps_of(trainer)
         # set first: the checkpoint records it, so a resume from it does not save it again
@@ -64,6 +74,17 @@ class EnvStepCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         pass  # checkpoints follow env steps, not validation
+
+    def last_good(self) -> str:
+        """Which checkpoint a stopped run resumes from, for its error line."""
+        if not self._saved_at:
+            return "no checkpoint (none was written yet)"
+        return f"{os.path.join(self.dirpath or '', 'last.ckpt')} ({self._saved_at} env steps)"
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # a diverged update names the checkpoint to go back to (every saved one is finite)
+        if isinstance(exception, FloatingPointError) and exception.args and "last finite state" not in str(exception):
+            exception.args = (f"{exception.args[0]} (the last checkpoint: {self.last_good()})", *exception.args[1:])
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         tmp = filepath + ".tmp"
@@ -92,6 +113,19 @@ class EnvStepCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._saved_at = state_dict.get("saved_at_env_steps", 0)
+
+
+def non_finite_state(module: torch.nn.Module, optimizers) -> str | None:
+    """The first weight or optimiser-state tensor of ``module`` holding NaN or inf, by name, or None."""
+    for name, tensor in module.state_dict().items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return f"weight {name}"
+    for i, opt in enumerate(optimizers):
+        for state in opt.state.values():
+            for key, tensor in state.items():
+                if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    return f"optimiser {i}'s {key}"
+    return None
 
 
 class EnvStepProgressBar(TQDMProgressBar):
@@ -148,8 +182,15 @@ class TrainingLog(Callback):
     ``updates`` does): this logs, and takes the finished episodes, only then, so none is dropped.
     """
 
+    # Losses that move with every live update. The same value at this many logs in a row, for the
+    # image loss or for three of them together, is a collapse. One or two alone may legitimately
+    # settle at exactly 0 in float32: a game without rewards saturates the reward and critic heads.
+    WATCHED = ("loss/image", "loss/reward", "loss/continue", "loss/critic")
+    FROZEN_LOGS = 5
+
     def __init__(self) -> None:
         self._perf = (time.perf_counter(), 0, 0)  # (time, updates, env steps) where the rates start
+        self._frozen: dict[str, tuple[float, int, int]] = {}  # loss -> (value, logs in a row, since update)
 
     def on_train_start(self, trainer, pl_module) -> None:
         # a resumed run's counters do not start at 0
@@ -162,6 +203,7 @@ class TrainingLog(Callback):
         names = sorted(outputs["metrics"])  # the mean over ranks, in one all-reduce
         averaged = mean_over_ranks(torch.stack([outputs["metrics"][k].float() for k in names]))
         metrics = dict(zip(names, averaged.unbind()))
+        self._check_collapse(metrics, pl_module)
         metrics["counters/updates"] = torch.tensor(float(pl_module.updates))
         metrics["counters/env_steps"] = torch.tensor(float(env_steps))
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
@@ -188,6 +230,29 @@ class TrainingLog(Callback):
             if goals:
                 points.append((env_steps, goals))
         log_points(trainer.loggers, points)
+
+
+    def _check_collapse(self, metrics: dict[str, torch.Tensor], pl_module) -> None:
+        """Stop a run whose watched losses stopped moving (a dead model: e.g. learning rate 1 leaves
+        the reward, continue and critic losses at exactly 0 from the first log)."""
+        frozen = []
+        for name in self.WATCHED:
+            if name not in metrics:
+                continue
+            value = float(metrics[name])
+            last, count, since = self._frozen.get(name, (None, 0, pl_module.updates))
+            self._frozen[name] = (value, count + 1, since) if value == last else (value, 1, pl_module.updates)
+            if self._frozen[name][1] >= self.FROZEN_LOGS:
+                frozen.append(f"{name} = {value:g}")
+        if len(frozen) >= 3 or any(n.startswith("loss/image ") for n in frozen):
+            since = min(self._frozen[n.split(' = ')[0]][2] for n in frozen)
+            hp = pl_module.hparams
+            raise FloatingPointError(
+                f"training collapsed: {', '.join(frozen)} did not change in {self.FROZEN_LOGS} logs "
+                f"(updates {since} to {pl_module.updates}), which no live model does; the learning rates "
+                f"(model.world_model.lr {hp.world_model['lr']:g}, model.actor_critic.actor_lr "
+                f"{hp.actor_critic['actor_lr']:g}, critic_lr {hp.actor_critic['critic_lr']:g}) are likely too "
+                "high: lower them and start over (--start_over true)")
 
 
 class ValidationTable(Callback):

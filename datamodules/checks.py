@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from datamodules.procgen import validate_procgen_args
+from datamodules.procgen import ProcgenConfig, unseen_levels, validate_procgen_args
 
 
 def directory_problem(path: Path, name: str) -> str | None:
@@ -53,9 +53,33 @@ def argument_problem(hp: Any) -> str | None:
     try:  # game, levels, mode, seed and options: what procgen would abort on
         validate_procgen_args(hp.game, hp.num_envs, hp.distribution_mode, hp.num_levels,
                               hp.start_level, hp.seed, hp.procgen_options or {})
+        unseen_levels(ProcgenConfig(hp.game, distribution_mode=hp.distribution_mode,
+                                    num_levels=hp.num_levels, start_level=hp.start_level))
     except ValueError as e:
         return str(e)
     return None
+
+# bytes a replay keeps per step besides the frame: action, reward, flags and the latents' room
+STEP_EXTRA_BYTES = 4096
+
+
+def replay_space_problem(replay_dir: Path, capacity: int, frame_bytes: int = 64 * 64 * 3) -> str | None:
+    """Why a new memmap replay of ``capacity`` steps cannot be reserved under ``replay_dir`` (its
+    disk lacks the room), or None; asked before any file is written."""
+    import shutil
+
+    existing = next((p for p in [replay_dir.expanduser().absolute(), *replay_dir.expanduser().absolute().parents]
+                     if p.exists()), None)
+    if existing is None:
+        return None
+    free = shutil.disk_usage(existing).free
+    if capacity * frame_bytes > free:
+        return (f"data.replay_capacity {capacity} needs {capacity * frame_bytes / 2**30:.1f} GiB of frames "
+                f"in {replay_dir}, and its disk has {free / 2**30:.1f} GiB free; lower "
+                f"data.replay_capacity (at most about {free // (frame_bytes + STEP_EXTRA_BYTES)} here), "
+                "or choose another data.replay_dir")
+    return None
+
 
 def resume_problem(saved: dict[str, Any], hp: Any) -> str | None:
     """Why a checkpoint's DataModule state (``saved``) cannot be resumed with arguments ``hp``

@@ -301,7 +301,8 @@ class ProcgenVectorEnv(VectorEnv):
 
 class TransformObservations(VectorWrapper):
     """Applies ``func`` to the batch of frames ``(num_envs, 64, 64, 3)`` a ``ProcgenVectorEnv``
-    returns from ``reset`` and ``step``; ``observation_space`` is the space of the result.
+    returns from ``reset`` and ``step``; ``observation_space`` is the space of the result (a batched
+    ``Box``, whose first axis is the envs: ``single_observation_space`` is one env's slice of it).
 
     The same-step counterpart of gymnasium's ``TransformObservation``: Procgen shows no terminal
     frame, so every frame the env returns is one to transform, and nothing else needs it.
@@ -312,6 +313,9 @@ class TransformObservations(VectorWrapper):
         self.func = func
         if observation_space is not None:
             self.observation_space = observation_space
+            if isinstance(observation_space, gym.spaces.Box):
+                self.single_observation_space = gym.spaces.Box(
+                    observation_space.low[0], observation_space.high[0], dtype=observation_space.dtype)
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(**kwargs)

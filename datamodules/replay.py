@@ -111,7 +111,8 @@ class SequenceReplay:
             if found != self._meta():
                 raise ValueError(
                     f"replay directory {self.directory} holds a replay of shape {found}, "
-                    f"not {self._meta()}; point replay_dir elsewhere or delete it"
+                    f"not {self._meta()}: another run's replay; point data.replay_dir elsewhere or move that "
+                    "directory aside (its files belong to that run)"
                 )
         if not exists:
             self._allocate_files(shapes)

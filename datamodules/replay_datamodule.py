@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -115,6 +116,12 @@ class ReplayDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         cfg, hp = self._rank_config(), self.hparams
+        # learning_starts counts every rank's steps together, as max_env_steps does
+        self.train_ratio.learning_starts = -(-hp.learning_starts // self.world_size)
+        if self.trainer is not None and self.rank == 0 and self.world_size > (os.cpu_count() or 1) \
+                and self.trainer.strategy.root_device.type == "cpu":
+            print(f"warning: {self.world_size} ranks share {os.cpu_count()} CPU cores; each rank runs "
+                  "slower than one process on all of them would", file=sys.stderr)
         if self.collector.env is None:
             self.collector.env, self.eval_envs["unseen_levels"] = make_env_pair(cfg, **(hp.procgen_options or {}))
             self.random_policy = RandomPolicy(cfg.seed)
@@ -157,7 +164,7 @@ class ReplayDataModule(pl.LightningDataModule):
     def policy(self) -> Policy:
         """What collection acts with now: the attached module, or a random policy before learning starts."""
         module = self.trainer.lightning_module if self.trainer is not None else None
-        if self.env_steps < self.hparams.learning_starts or not hasattr(module, "act"):
+        if self.env_steps < self.train_ratio.learning_starts or not hasattr(module, "act"):
             return self.random_policy
         return module
 

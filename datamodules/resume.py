@@ -31,7 +31,7 @@ def load_datamodule_state(dm, state: dict[str, Any]) -> None:
     on any number of ranks; training resumes on as many ranks as wrote the checkpoint."""
     saved_world = int(state.get("world_size", 1))
     validating = dm.trainer is not None and dm.trainer.state.fn == "validate"
-    if saved_world != dm.world_size and validating:
+    if validating:  # the agent is what is scored: the replay (RAM, memmap, any layout) stays unread
         dm.collector.env_steps = int(state["env_steps"]) * saved_world // dm.world_size
         return
     if saved_world != dm.world_size:

@@ -41,6 +41,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     without the ``state_dict`` and ``hyper_parameters`` that every Dreamer checkpoint holds.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint: give the path of a .ckpt file written by "
+                              "`cli.py fit` (runs/<name>/checkpoints/last.ckpt)")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: give the path of a .ckpt file written by "
                               "`cli.py fit` (runs/<name>/checkpoints/last.ckpt)")
@@ -129,9 +132,16 @@ def load_agent_state(agent, checkpoint: dict[str, Any]) -> None:
                                       hp.optimizer["kind"] if resuming else None)
     if differences:
         raise ValueError("checkpoint does not match this run; " + "; ".join(differences))
+    from dreamer.config import grouped
+
+    space = (grouped(checkpoint.get("hyper_parameters") or {}).get("goals") or {}).get("space", "deter")
+    if space != hp.goals["space"]:
+        raise ValueError(f"the checkpoint's goal space is {space!r}, this run's {hp.goals['space']!r}; "
+                         f"resume with --model.goals.space {space}")
     upgrade_checkpoint(agent, checkpoint)
-    saved = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
-    own = {k: tuple(v.shape) for k, v in agent.state_dict().items()}
+    # (module extra state, e.g. a learned goal space's optimiser, is a dict: no shape)
+    saved = {k: tuple(getattr(v, "shape", ())) for k, v in checkpoint.get("state_dict", {}).items()}
+    own = {k: tuple(getattr(v, "shape", ())) for k, v in agent.state_dict().items()}
     if saved and saved != own:
         changed = sorted(set(saved) ^ set(own)) or sorted(k for k in own if saved[k] != own[k])
         raise ValueError(f"checkpoint holds a model of another architecture (e.g. {changed[0]}), written "

@@ -218,6 +218,16 @@ def test_fit_with_dreams_logs_dream_goal_and_weaning_metrics(tmp_path):
     weights = [m.value for m in client.get_metric_history(run.info.run_id, "weaning/weight")]
     assert weights[0] > weights[-1] and all(0.0 <= w <= 1.0 for w in weights)
 
+    # the learned space's state (its optimiser, a dict in the state dict) resumes; another space is refused
+    args = ["fit", "--config", SMOKE, "--config", str(ROOT / "configs" / "dreams.yaml"), "--model.goals.rollouts", "2"]
+    other = cli(tmp_path, *args, "--model.max_env_steps", "448", "--model.goals.space", "deter",
+                "--ckpt_path", "last", check=False)
+    assert other.returncode == 2 and other.stderr.strip().splitlines()[-1].startswith(
+        "error: the checkpoint's goal space is 'inverse', this run's 'deter'; resume with --model.goals.space inverse")
+    cli(tmp_path, *args, "--model.max_env_steps", "448", "--model.goals.space", "inverse", "--ckpt_path", "last")
+    resumed = load(tmp_path / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt")
+    assert resumed["ReplayDataModule"]["env_steps"] >= 448
+
 
 def test_world_model_probe_reads_a_checkpoint_and_its_replay(smoke_run, tmp_path):
     cwd, _ = smoke_run

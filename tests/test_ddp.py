@@ -55,6 +55,8 @@ def test_env_step_counters_add_up_over_ranks(ddp_run):
                            weights_only=True)
         assert saved["env_steps"] == 320
         assert torch.equal(saved["replay"]["count"], [r0, r1][r]["replay_count"])
+    # rank 0 held the run's lock (the other rank never took it, or it would have been refused)
+    assert (cwd / "runs" / ".coinrun-tiny-seed0.lock").read_text().startswith("process ")
     rng = ckpt["dreamer"]["rng_per_rank"]  # each rank its own stream
     assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
 

@@ -59,7 +59,7 @@ def test_load_agent_refuses_bad_files_with_what_is_wrong(tmp_path, checkpoint):
     # the command line says the same, without a traceback
     out = subprocess.run([sys.executable, str(ROOT / "demo.py"), str(corrupt)], capture_output=True,
                          text=True, timeout=120, cwd=ROOT)
-    assert out.returncode != 0 and "error:" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr
 
 
 def test_levels_map_to_the_runs_training_and_unseen_level_seeds(checkpoint):

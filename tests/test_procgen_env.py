@@ -198,6 +198,7 @@ def test_gymnasium_episode_statistics_and_an_observation_transform_wrap_the_env(
     ))
     obs, _ = env.reset()
     assert obs.shape == (4, 64, 64, 1) and env.observation_space == gray
+    assert env.single_observation_space == gym.spaces.Box(0, 255, (64, 64, 1), np.uint8)
     rng, ended = np.random.default_rng(0), 0
     for _ in range(3000):
         obs, reward, terminated, truncated, info = env.step(rng.integers(0, 15, 4))

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import mlflow
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from clirun import ROOT, SMOKE, cli, quick_checkpoints
+from clirun import ROOT, SMOKE, cli, quick_checkpoints, start_cli
 from cli import run_files
 from datamodules.procgen import ProcgenVectorEnv
 from dreamer.agent import Dreamer
@@ -27,10 +28,13 @@ RUN = os.path.join("runs", "coinrun-tiny-seed0")
 
 
 def _hashes(root):
-    """sha1 of every file under ``root`` (relative path -> digest)."""
+    """sha1 of every file under ``root`` (relative path -> digest), run locks (``.<run>.lock``,
+    beside the run directories) aside."""
     out = {}
     for dirpath, _, files in os.walk(root):
         for name in files:
+            if name.startswith(".") and name.endswith(".lock"):
+                continue
             path = os.path.join(dirpath, name)
             with open(path, "rb") as f:
                 out[os.path.relpath(path, root)] = hashlib.sha1(f.read()).hexdigest()
@@ -318,3 +322,133 @@ def test_a_checkpoint_of_the_flat_arguments_restores_into_the_groups():
     agent = restore_agent({"hyper_parameters": old, "state_dict": state})
     assert agent.actor_critic.hp.horizon == 9 and agent.goals.track and agent.world_model.hp.unimix == 0.05
     assert grouped(agent.hparams) == dict(agent.hparams)  # today's arguments pass unchanged
+
+
+# ---------------------------------------------------------------- one process owns a run (issue 37)
+HOLD = "import sys, time; sys.path.insert(0, sys.argv[1]); from dreamer.run_lock import lock_run; " \
+       "assert lock_run(sys.argv[2]) is None; print('held', flush=True); time.sleep(600)"
+
+
+def test_the_run_lock_names_its_holder_and_dies_with_it(tmp_path):
+    from dreamer.run_lock import lock_path, lock_run, release_run
+
+    run = tmp_path / "runs" / "a"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(ROOT), str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = lock_run(run)
+        assert refused.startswith(f"process {holder.pid} (") and "since 20" in refused
+        assert lock_path(run) == tmp_path / "runs" / ".a.lock" and not run.exists()  # nothing in the run dir
+    finally:
+        holder.send_signal(signal.SIGKILL)  # the kernel drops the lock with its process
+        holder.wait()
+    assert lock_run(run) is None and lock_run(run) is None  # taken, and held again by the same process
+    release_run(run)
+
+
+def test_a_second_process_on_a_live_run_is_refused_and_changes_nothing(tmp_path):
+    # a live memmap run, stopped (SIGSTOP) while the others try: every file compared by hash
+    quick = quick_checkpoints(tmp_path / "quick.yaml")
+    base = ["fit", "--config", SMOKE, "--config", quick, "--data.replay_storage", "memmap"]
+    proc = start_cli(tmp_path, *base, "--model.max_env_steps", "100000", stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / RUN
+    last = run_dir / "checkpoints" / "last.ckpt"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not last.exists():
+            time.sleep(0.5)
+        assert last.exists(), "no checkpoint within 240 s"
+        time.sleep(1.0)  # past the checkpoint's rename
+        proc.send_signal(signal.SIGSTOP)
+        before = _hashes(run_dir)
+        for args, expected in [
+            (base + ["--ckpt_path", "last"], f"error: {RUN} is in use by process {proc.pid} ("),
+            (base + ["--start_over", "true"], f"error: {RUN} is in use by process {proc.pid} ("),
+            (base, f"error: {RUN} is in use by process {proc.pid} ("),
+            (base + ["--start_over", "true", "--ckpt_path", "last"], "error: --start_over true starts a new run"),
+        ]:
+            out = cli(tmp_path, *args, check=False)
+            assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(expected), out.stderr[-2000:]
+        # a reader is never blocked: validate scores the live memmap run's checkpoint from its own directory
+        out = cli(tmp_path, "validate", "--config", SMOKE, "--ckpt_path", str(last.relative_to(tmp_path)))
+        assert "unseen_levels" in out.stdout and (tmp_path / "runs" / "coinrun-tiny-seed0-validate").is_dir()
+        assert _hashes(run_dir) == before
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(2.0)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "stopped by Ctrl-C; resume from the last checkpoint with --ckpt_path last"
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = {r.info.run_name: r for r in client.search_runs(client.get_experiment_by_name("procgen-dreamer").experiment_id)}
+    assert runs["coinrun-tiny-seed0"].info.status == "KILLED"
+    assert runs["coinrun-tiny-seed0-validate"].info.status == "FINISHED"
+
+
+def test_a_finished_run_stays_finished_and_a_moved_one_keeps_writing_last_ckpt(smoke_run, tmp_path):
+    src, _ = smoke_run
+    shutil.copytree(src / "runs" / "coinrun-tiny-seed0", tmp_path / "runs" / "moved")
+    shutil.copy(src / "mlflow.db", tmp_path / "mlflow.db")
+    moved = ["fit", "--config", SMOKE, "--trainer.default_root_dir", "runs/moved", "--ckpt_path", "last"]
+    before = _hashes(tmp_path / "runs")
+    out = cli(tmp_path, *moved)  # the smoke config's own max_env_steps: nothing to do
+    assert "is finished: 768 env steps, and this command's model.max_env_steps is 768; nothing changed" in out.stdout
+    assert _hashes(tmp_path / "runs") == before
+    cli(tmp_path, *moved, "--model.max_env_steps", "832", "--trainer.limit_val_batches", "0",
+        "--dream_pictures.enabled", "false")
+    checkpoints = tmp_path / "runs" / "moved" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]  # no last-v1.ckpt shadow
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["ReplayDataModule"]["env_steps"] >= 832
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_is_not_a_run(tmp_path):
+    # what a start killed (or failed) before its first checkpoint leaves: a record, a replay, an MLflow run RUNNING
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("procgen-dreamer")).info.run_id
+    run_dir = tmp_path / RUN
+    (run_dir / "replay" / "rank0").mkdir(parents=True)
+    (run_dir / "replay" / "rank0" / "frames.bin").write_bytes(b"x" * 100)
+    (run_dir / "mlflow_run.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": "sqlite:///mlflow.db"}))
+    # a Lightning misconfiguration fails after the claim: one line, and the leftovers were moved aside
+    out = cli(tmp_path, "fit", "--config", SMOKE, "--trainer.devices", "0", check=False)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and last.startswith("error: `Trainer(devices='0')` value is not a valid input"), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "held no checkpoint" in out.stderr
+    aside = tmp_path / "runs" / "coinrun-tiny-seed0.old"
+    assert (aside / "replay" / "rank0" / "frames.bin").read_bytes() == b"x" * 100  # nothing deleted
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert not run_dir.exists() or not run_files(run_dir)
+
+
+def test_no_checkpoint_holds_non_finite_weights_and_a_divergence_names_the_last_finite_one(tmp_path):
+    from types import SimpleNamespace
+
+    from callbacks.training import EnvStepCheckpoint
+
+    model = Dreamer(size="tiny")
+    optimizers = model.configure_optimizers()[:1]
+    callback = EnvStepCheckpoint(dirpath=str(tmp_path))
+    callback._saved_at = 512
+    with torch.no_grad():
+        next(model.world_model.reward_head.parameters()).view(-1)[0] = float("nan")
+    trainer = SimpleNamespace(lightning_module=model, optimizers=optimizers)
+    with pytest.raises(FloatingPointError, match=r"weight world_model\.reward_head\.\S+ holds non-finite values "
+                                                 r"after update 0; nothing was saved, and \S+last\.ckpt \(512 env "
+                                                 r"steps\) holds the last finite state"):
+        callback._save_now(trainer)
+    assert list(tmp_path.iterdir()) == []
+    diverged = FloatingPointError("the loss diverged at update 9 (loss/reward = nan); the run stopped")
+    callback.on_exception(trainer, model, diverged)
+    assert str(diverged).endswith(f"(the last checkpoint: {tmp_path / 'last.ckpt'} (512 env steps))")
+
+
+def test_a_collapsed_model_stops_the_run_in_one_line(tmp_path):
+    # learning rate 1, the top of the allowed range: reward, continue and critic losses freeze at 0
+    out = cli(tmp_path, "fit", "--config", SMOKE, "--model.world_model.lr", "1", "--model.actor_critic.actor_lr", "1",
+              "--model.actor_critic.critic_lr", "1", "--trainer.log_every_n_steps", "2", check=False)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert last.startswith("error: training collapsed: ") and "did not change in 5 logs" in last, last
+    assert "model.world_model.lr 1, model.actor_critic.actor_lr 1, critic_lr 1" in last
