@@ -12,10 +12,9 @@ import json
 import os
 import signal
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
-
-from argparse import ArgumentError
 
 from jsonargparse import Namespace
 from lightning_fabric.utilities.exceptions import MisconfigurationException
@@ -31,7 +30,16 @@ from dreamer.agent import Dreamer
 from dreamer.checkpoints import CheckpointError, checkpoint_mismatch, read_checkpoint
 from dreamer.config import argument_problem, cuda_graph_problem, precision_problem
 from dreamer.memory import keep_freed_memory
-from dreamer.run_lock import lock_run
+from dreamer.run_dir import (
+    checkpoints_in,
+    env_steps_of,
+    fail_mlflow_run,
+    free_dir,
+    lock_run,
+    newest_env_steps,
+    run_files,
+    saved_run_id,
+)
 from dreamer.tracking import RunLogger, params_to_log, run_exists
 
 ROOT = Path(__file__).resolve().parent
@@ -113,18 +121,6 @@ class LogConfigToLoggers(SaveConfigCallback):
                 logger.log_hyperparams(params)
 
 
-RUN_FILES = ("checkpoints", "replay", "config.yaml", "dreams", "mlflow_run.json")
-
-
-def run_files(root: Path) -> list[str]:
-    """What in ``root`` shows that a run lives there (empty for a new or empty directory)."""
-    if not root.is_dir():
-        return []
-    found = [name for name in RUN_FILES if (root / name).exists()
-             and not ((root / name).is_dir() and not any((root / name).iterdir()))]
-    return found + sorted(p.name for p in root.glob("episodes_rank*.csv"))
-
-
 def fail(message: str) -> None:
     """End the command with ``error: <message>`` and exit status 2."""
     print(f"error: {message}", file=sys.stderr)
@@ -198,7 +194,7 @@ class DreamerCLI(LightningCLI):
         validate_dir_given = cfg.trainer.default_root_dir is not None
         if self.subcommand == "validate":
             if not validate_dir_given:
-                cfg.trainer.default_root_dir = str(_free_dir(Path("runs") / f"{name}-validate"))
+                cfg.trainer.default_root_dir = str(free_dir(Path("runs") / f"{name}-validate"))
             cfg.data.replay_storage = "ram"  # validation plays fresh episodes and writes no replay
         elif self.subcommand == "fit" and cfg.trainer.default_root_dir is None:
             cfg.trainer.default_root_dir = os.path.join("runs", name)
@@ -320,7 +316,7 @@ class DreamerCLI(LightningCLI):
         the first free ``runs/<name>-validate[-<n>]``, created exclusively so that two validates
         never share one."""
         while True:
-            root = Path(cfg.trainer.default_root_dir) if given else _free_dir(Path("runs") / f"{name}-validate")
+            root = Path(cfg.trainer.default_root_dir) if given else free_dir(Path("runs") / f"{name}-validate")
             problem = directory_problem(root, "trainer.default_root_dir")
             if problem:
                 fail(problem)
@@ -345,11 +341,11 @@ class DreamerCLI(LightningCLI):
         a resume of this directory's run."""
         root = Path(cfg.trainer.default_root_dir)
         held = run_files(root)
-        if held and not cfg.get("ckpt_path") and not _checkpoints(root):
+        if held and not cfg.get("ckpt_path") and not checkpoints_in(root):
             # a start that failed before its first checkpoint left these: not a run to keep
-            aside = _free_dir(root.with_name(root.name + ".old"))
+            aside = free_dir(root.with_name(root.name + ".old"))
             os.replace(root, aside)
-            failed = _fail_mlflow_run(aside)
+            failed = fail_mlflow_run(aside)
             print(f"note: {root} held no checkpoint, only the leftovers of a start that never saved one "
                   f"({', '.join(held)}); moved them to {aside}{failed}", file=sys.stderr)
             held = []
@@ -378,14 +374,14 @@ class DreamerCLI(LightningCLI):
                 or _missing_replay(saved, cfg)
             if problem:
                 fail(problem)
-            done = _env_steps_of(saved)
+            done = env_steps_of(saved)
             if done is not None and done >= cfg.model.max_env_steps:
                 print(f"{ckpt} is finished: {done} env steps, and this command's model.max_env_steps is "
                       f"{cfg.model.max_env_steps}; nothing changed (a larger --model.max_env_steps trains on)")
                 sys.exit(0)
         resuming_here = ckpt is not None and root.resolve() in Path(ckpt).resolve().parents
         if resuming_here:
-            run_id, newest = _saved_run_id(root), _newest_env_steps(root, ckpt)
+            run_id, newest = saved_run_id(root), newest_env_steps(root, ckpt)
             if run_id is not None and newest is not None and newest > (done or 0):
                 # a rollback: the MLflow run keeps the steps it had; the branch gets a run of its own
                 self.branched_from = {"branched_from_run": run_id, "branched_at_env_steps": str(done or 0)}
@@ -400,7 +396,7 @@ class DreamerCLI(LightningCLI):
             return None
         if cfg.get("start_over"):
             for old in ([root] if held else []) + ([replay_dir] if outside_replay else []):
-                aside = _free_dir(old.with_name(old.name + ".old"))
+                aside = free_dir(old.with_name(old.name + ".old"))
                 os.replace(old, aside)
                 print(f"start over: moved the earlier run's {old} to {aside}")
             return None
@@ -529,15 +525,6 @@ def _is_mlflow(class_path: str) -> bool:
     return isinstance(cls, type) and issubclass(cls, MLFlowLogger)
 
 
-def _free_dir(path: Path) -> Path:
-    """``path``, or ``path-2``, ``path-3``... : the first that does not exist."""
-    n, free = 1, path
-    while free.exists():
-        n += 1
-        free = path.with_name(f"{path.name}-{n}")
-    return free
-
-
 def _optimizer_kind(cfg) -> str:
     given = cfg.model.get("optimizer")
     return (given.get("kind") if hasattr(given, "get") else getattr(given, "kind", None)) or "adam"
@@ -583,62 +570,12 @@ def _missing_replay(checkpoint: dict, cfg) -> str | None:
             "continues from it; point --data.replay_dir at the run's replay, or start a new run")
 
 
-def _env_steps_of(checkpoint: dict) -> int | None:
-    """All ranks' env steps together at ``checkpoint`` (None if it does not say)."""
-    state = checkpoint.get("ReplayDataModule") or {}
-    if "env_steps" not in state:
-        return None
-    return int(state["env_steps"]) * int(state.get("world_size", 1))
-
-
-def _newest_env_steps(root: Path, resumed: str) -> int | None:
-    """Env steps of the newest checkpoint in ``root`` other than ``resumed`` (None if none)."""
-    newest = None
-    for path in _checkpoints(root):
-        if path.resolve() == Path(resumed).resolve():
-            continue
-        try:
-            steps = _env_steps_of(read_checkpoint(path))
-        except CheckpointError:
-            continue
-        if steps is not None and (newest is None or steps > newest):
-            newest = steps
-    return newest
-
-
-def _checkpoints(root: Path) -> list[Path]:
-    return sorted((root / "checkpoints").glob("*.ckpt")) if (root / "checkpoints").is_dir() else []
-
-
-def _fail_mlflow_run(root: Path) -> str:
-    """Mark the MLflow run recorded in ``root/mlflow_run.json`` FAILED if it never ended; what
-    was done, for the note."""
-    try:
-        record = json.loads((root / "mlflow_run.json").read_text())
-        import mlflow
-
-        client = mlflow.MlflowClient(record["tracking_uri"])
-        if client.get_run(record["run_id"]).info.status in ("RUNNING", "SCHEDULED"):
-            client.set_terminated(record["run_id"], "FAILED")
-            return f"; its MLflow run {record['run_id']} is marked FAILED"
-    except Exception:  # noqa: BLE001 - no record, store or run: nothing to mark
-        pass
-    return ""
-
-
 def _lock_or_fail(root: Path) -> None:
     """Take ``root``'s run lock (``dreamer/run_lock.py``) or end the command naming its holder."""
     holder = lock_run(root)
     if holder:
         fail(f"{root} is in use by {holder}; wait for it to end or stop it, "
              "or name another directory with --trainer.default_root_dir")
-
-
-def _saved_run_id(root: Path) -> str | None:
-    try:
-        return json.loads((root / "mlflow_run.json").read_text())["run_id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 # errors a user's input causes: their message is the answer, a traceback only on request

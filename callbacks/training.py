@@ -34,7 +34,7 @@ class EnvStepCheckpoint(ModelCheckpoint):
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         kwargs.setdefault("save_last", True)
         kwargs.setdefault("filename", "env_steps={env_steps}")
-        kwargs.setdefault("auto_insert_metric_name", False)
+        kwargs["auto_insert_metric_name"] = False  # the file name spells it: env_steps=N.ckpt
         # a run owns its directory: last.ckpt is always replaced, never shadowed by last-v1.ckpt
         # (Lightning versions it when the run directory was moved since the checkpoint)
         kwargs["enable_version_counter"] = False

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from clirun import ROOT, SMOKE, cli, quick_checkpoints, start_cli
-from cli import run_files
+
 from datamodules.procgen import ProcgenVectorEnv
 from dreamer.agent import Dreamer
 from dreamer.checkpoints import restore_agent
 from dreamer.config import ActorCriticKnobs, argument_problem, grouped
+from dreamer.run_dir import run_files
 
 RUN = os.path.join("runs", "coinrun-tiny-seed0")
 
@@ -325,12 +325,12 @@ def test_a_checkpoint_of_the_flat_arguments_restores_into_the_groups():
 
 
 # ---------------------------------------------------------------- one process owns a run (issue 37)
-HOLD = "import sys, time; sys.path.insert(0, sys.argv[1]); from dreamer.run_lock import lock_run; " \
+HOLD = "import sys, time; sys.path.insert(0, sys.argv[1]); from dreamer.run_dir import lock_run; " \
        "assert lock_run(sys.argv[2]) is None; print('held', flush=True); time.sleep(600)"
 
 
 def test_the_run_lock_names_its_holder_and_dies_with_it(tmp_path):
-    from dreamer.run_lock import lock_path, lock_run, release_run
+    from dreamer.run_dir import lock_path, lock_run, release_run
 
     run = tmp_path / "runs" / "a"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(ROOT), str(run)], stdout=subprocess.PIPE, text=True)
@@ -452,3 +452,23 @@ def test_a_collapsed_model_stops_the_run_in_one_line(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert last.startswith("error: training collapsed: ") and "did not change in 5 logs" in last, last
     assert "model.world_model.lr 1, model.actor_critic.actor_lr 1, critic_lr 1" in last
+
+
+def test_a_resume_from_an_older_checkpoint_logs_to_a_new_mlflow_run_tagged_with_its_origin(tmp_path):
+    quick = quick_checkpoints(tmp_path / "quick.yaml")
+    args = ["fit", "--config", SMOKE, "--config", quick, "--checkpoint.keep_every", "true"]
+    cli(tmp_path, *args, "--model.max_env_steps", "256")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (first,) = client.search_runs(client.get_experiment_by_name("procgen-dreamer").experiment_id)
+    older = tmp_path / RUN / "checkpoints" / "env_steps=128.ckpt"
+    assert older.is_file()
+    out = cli(tmp_path, *args, "--model.max_env_steps", "320", "--ckpt_path", str(older))
+    assert "is older than the run's newest checkpoint (256 env steps)" in out.stderr
+    runs = client.search_runs(first.info.experiment_id)
+    (branch,) = [r for r in runs if r.info.run_id != first.info.run_id]
+    assert branch.data.tags["branched_from_run"] == first.info.run_id
+    assert branch.data.tags["branched_at_env_steps"] == "128"
+    steps = [m.step for m in client.get_metric_history(first.info.run_id, "loss/world_model")]
+    assert max(steps) <= 256  # the first run keeps only what it trained
+    record = json.loads((tmp_path / RUN / "mlflow_run.json").read_text())
+    assert record["run_id"] == branch.info.run_id  # later resumes continue the branch
