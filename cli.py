@@ -395,10 +395,13 @@ class DreamerCLI(LightningCLI):
                 fail(problem)
             return None
         if cfg.get("start_over"):
-            for old in ([root] if held else []) + ([replay_dir] if outside_replay else []):
-                aside = free_dir(old.with_name(old.name + ".old"))
-                os.replace(old, aside)
-                print(f"start over: moved the earlier run's {old} to {aside}")
+            if outside_replay:  # it may be another run's (whose resume would then fail): not ours to move
+                fail(f"the replay directory {replay_dir} (outside {root}) holds a replay, and --start_over "
+                     f"moves only {root}; move that replay aside yourself if it is this run's, or give "
+                     "an empty --data.replay_dir")
+            aside = free_dir(root.with_name(root.name + ".old"))
+            os.replace(root, aside)
+            print(f"start over: moved the earlier run's {root} to {aside}")
             return None
         what = f"{root} holds a run ({', '.join(held)})" if held else \
             f"the replay directory {replay_dir} holds another run's replay"

@@ -472,3 +472,21 @@ def test_a_resume_from_an_older_checkpoint_logs_to_a_new_mlflow_run_tagged_with_
     assert max(steps) <= 256  # the first run keeps only what it trained
     record = json.loads((tmp_path / RUN / "mlflow_run.json").read_text())
     assert record["run_id"] == branch.info.run_id  # later resumes continue the branch
+
+
+def test_start_over_moves_only_the_run_directory_aside(smoke_run, tmp_path):
+    src, _ = smoke_run
+    shutil.copytree(src / "runs", tmp_path / "runs")
+    (tmp_path / "other" / "replay" / "rank0").mkdir(parents=True)
+    (tmp_path / "other" / "replay" / "rank0" / "frames.bin").write_bytes(b"another run's")
+    before = _hashes(tmp_path)
+    out = cli(tmp_path, "fit", "--config", SMOKE, "--start_over", "true", "--data.replay_storage", "memmap",
+              "--data.replay_dir", "other/replay", check=False)
+    assert out.returncode == 2 and "holds a replay, and --start_over moves only runs/coinrun-tiny-seed0" in out.stderr
+    assert _hashes(tmp_path) == before
+    # (devices 0 fails once the directory is claimed: the move is what is looked at)
+    out = cli(tmp_path, "fit", "--config", SMOKE, "--start_over", "true", "--trainer.devices", "0", check=False)
+    assert f"start over: moved the earlier run's {RUN} to {RUN}.old" in out.stdout
+    moved = _hashes(tmp_path / "runs" / "coinrun-tiny-seed0.old")
+    prefix = "runs/coinrun-tiny-seed0/"
+    assert moved == {k[len(prefix):]: v for k, v in before.items() if k.startswith(prefix)}
