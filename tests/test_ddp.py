@@ -46,6 +46,9 @@ def test_env_step_counters_add_up_over_ranks(ddp_run):
     cwd, out = ddp_run
     r0, r1 = ranks(cwd / "dump")
     assert r0["env_steps"] + r1["env_steps"] == r0["total_env_steps"] == 640
+    # learning_starts (256) counts both ranks' steps: each acts at random for 128, then one update
+    # per 2 of its steps (batch 4 x 16, train ratio 32) up to 320: about 96 updates (32 if each waited for 256)
+    assert 90 <= r0["updates"] <= 97, r0["updates"]
     assert "done: 640 env steps" in out.stdout
     ckpt = load(cwd / SMOKE_CKPT)
     state = ckpt["ReplayDataModule"]

@@ -83,6 +83,8 @@ def test_bad_inputs_get_one_line_and_leave_the_run_as_it_was(smoke_run, tmp_path
     (tmp_path / "flat.yaml").write_text("trainer: 5\n")
     (tmp_path / "noise.ckpt").write_bytes(np.random.default_rng(0).bytes(4096))
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "bad.db").write_bytes(np.random.default_rng(1).bytes(4096))
     before = _hashes(tmp_path)
     fit = ["fit", "--config", SMOKE]
     cases = [
@@ -107,6 +109,20 @@ def test_bad_inputs_get_one_line_and_leave_the_run_as_it_was(smoke_run, tmp_path
         (fit + ["--trainer.default_root_dir", "a_file/run"], "a_file is a file, not a directory"),
         (fit + ["--trainer.default_root_dir", "runs/b", "--data.replay_storage", "memmap",
                 "--data.replay_dir", "/proc/replay"], "lies in /proc"),
+        # checked before anything is written (each used to fail after setup, leaving files behind)
+        (fit + ["--data.num_levels", "0"], "num_levels = 0 trains on every level"),
+        (fit + ["--model.cuda_graph", "true"], "model.cuda_graph replays updates on a CUDA GPU; this run is on cpu"),
+        (fit + ["--trainer.default_root_dir", "runs/c", "--data.replay_storage", "memmap",
+                "--data.replay_capacity", "1000000000000"], "data.replay_capacity 1000000000000 needs 11444091.8 GiB"),
+        (fit + ["--trainer.logger.init_args.tracking_uri", "sqlite:///bad.db"],
+         "the MLflow store bad.db is not an SQLite database"),
+        # one line, never a usage dump or Lightning's list of precisions
+        (fit + ["--data.num_envs", "abc"], 'Parser key "data.num_envs": Expected a <class \'int\'>. Got value: abc'),
+        (fit + ["--model.bogus", "3"], "unrecognized arguments: --model.bogus 3"),
+        (fit + ["--trainer.precision", "banana"], "trainer.precision 'banana' is not supported; allowed: auto, 32-true"),
+        (["fit", "--config", "empty.yaml"], "config file empty.yaml is empty"),
+        (fit + ["--start_over", "true", "--ckpt_path", "last"], "--start_over true starts a new run and --ckpt_path"),
+        (fit + ["--model.overrides", "{deter: 32}", "--ckpt_path", "last"], "overrides: checkpoint None, this run {'deter': 32}"),
     ]
     out = subprocess.run(
         [sys.executable, "-c", DRIVER, str(ROOT), json.dumps([args for args, _ in cases])],
@@ -119,7 +135,7 @@ def test_bad_inputs_get_one_line_and_leave_the_run_as_it_was(smoke_run, tmp_path
         last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
         assert code == 2, (args, code, stderr[-2000:])
         assert last.startswith("error: ") and expected in last, (args, last)
-        assert "Traceback" not in stderr, (args, stderr[-2000:])
+        assert "Traceback" not in stderr and "usage:" not in stderr, (args, stderr[-2000:])
     after = _hashes(tmp_path)
     assert after == before, {k for k in set(after) | set(before) if after.get(k) != before.get(k)}
 
