@@ -79,7 +79,7 @@ def test_mismatched_checkpoint_is_refused_with_what_differs(smoke_run, tmp_path)
 
 def test_unsupported_precision_is_refused_before_anything_starts(tmp_path):
     out = cli(tmp_path, "fit", "--config", SMOKE, "--trainer.precision", "16-mixed", check=False)
-    assert out.returncode != 0 and "allowed: 32-true, bf16-mixed" in out.stderr
+    assert out.returncode == 2 and "allowed: auto, 32-true, bf16-mixed" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
 
 
