@@ -391,8 +391,9 @@ class DreamerCLI(LightningCLI):
                 return None
             return run_id
         if ckpt is None and not held and not outside_replay:
-            if cfg.data.replay_storage == "memmap" and (problem := replay_space_problem(replay_dir, cfg.data.replay_capacity)):
-                fail(problem)
+            if cfg.data.replay_storage == "memmap":
+                if problem := replay_space_problem(replay_dir, cfg.data.replay_capacity):
+                    fail(problem)
             return None
         if cfg.get("start_over"):
             if outside_replay:  # it may be another run's (whose resume would then fail): not ours to move
@@ -534,13 +535,15 @@ def _optimizer_kind(cfg) -> str:
 
 
 def _device_type(accelerator: Any) -> str:
-    """``cuda`` or ``cpu``: where ``trainer.accelerator`` puts the model."""
-    import torch
-
+    """``cuda``, ``cpu`` (or another device type): where ``trainer.accelerator`` puts the model."""
     name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if name in ("gpu", "cuda") or "cuda" in name:
         return "cuda"
-    return "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name in ("auto", "cpu") or name.startswith("cpu") else name)
+    return "cpu" if name.startswith("cpu") else name
 
 
 def _tracking_store_problem(uri: str | None) -> str | None:
