@@ -36,7 +36,8 @@ from dreamer.run_dir import (
     fail_mlflow_run,
     free_dir,
     lock_run,
-    newest_env_steps,
+    last_env_steps,
+    move_aside,
     run_files,
     saved_run_id,
 )
@@ -343,8 +344,7 @@ class DreamerCLI(LightningCLI):
         held = run_files(root)
         if held and not cfg.get("ckpt_path") and not checkpoints_in(root):
             # a start that failed before its first checkpoint left these: not a run to keep
-            aside = free_dir(root.with_name(root.name + ".old"))
-            os.replace(root, aside)
+            aside = move_aside(root)
             failed = fail_mlflow_run(aside)
             print(f"note: {root} held no checkpoint, only the leftovers of a start that never saved one "
                   f"({', '.join(held)}); moved them to {aside}{failed}", file=sys.stderr)
@@ -381,7 +381,7 @@ class DreamerCLI(LightningCLI):
                 sys.exit(0)
         resuming_here = ckpt is not None and root.resolve() in Path(ckpt).resolve().parents
         if resuming_here:
-            run_id, newest = saved_run_id(root), newest_env_steps(root, ckpt)
+            run_id, newest = saved_run_id(root), last_env_steps(root, ckpt)
             if run_id is not None and newest is not None and newest > (done or 0):
                 # a rollback: the MLflow run keeps the steps it had; the branch gets a run of its own
                 self.branched_from = {"branched_from_run": run_id, "branched_at_env_steps": str(done or 0)}
@@ -400,8 +400,7 @@ class DreamerCLI(LightningCLI):
                 fail(f"the replay directory {replay_dir} (outside {root}) holds a replay, and --start_over "
                      f"moves only {root}; move that replay aside yourself if it is this run's, or give "
                      "an empty --data.replay_dir")
-            aside = free_dir(root.with_name(root.name + ".old"))
-            os.replace(root, aside)
+            aside = move_aside(root)
             print(f"start over: moved the earlier run's {root} to {aside}")
             return None
         what = f"{root} holds a run ({', '.join(held)})" if held else \
@@ -479,18 +478,14 @@ def auto_precision(accelerator: Any, size: str) -> tuple[str, str]:
     reconstruction within 3% of fp32's per update, better per minute). Slower: smaller presets
     on AVX512-BF16 (1.1-1.9x), AVX2-only CPUs (14x), and GPUs at every size measured (H100, 12M
     to 200M: the update is bound by kernel launches, which autocast's casts add to)."""
-    import torch
-
     from dreamer.config import SIZES
 
-    name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
-    name = "cpu" if name.startswith("cpu") else name  # an Accelerator instance: CPUAccelerator
-    gpu = name in ("gpu", "cuda") or "cuda" in name or (name == "auto" and torch.cuda.is_available())
-    if gpu:
+    device = _device_type(accelerator)
+    if device == "cuda":
         return "32-true", ("on GPUs bf16-mixed updates measured slower than fp32 (H100, 12M-200M: "
                            "README, GPU check)")
-    if name not in ("cpu", "auto"):
-        return "32-true", f"accelerator {name}"
+    if device != "cpu":
+        return "32-true", f"accelerator {device}"
     flag = cpu_bf16()
     if flag == "amx_bf16":
         return "bf16-mixed", "the CPU has AMX bf16 tiles"
@@ -536,6 +531,7 @@ def _optimizer_kind(cfg) -> str:
 
 def _device_type(accelerator: Any) -> str:
     """``cuda``, ``cpu`` (or another device type): where ``trainer.accelerator`` puts the model."""
+    # (an Accelerator instance counts by its class name, e.g. CPUAccelerator)
     name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
     if name == "auto":
         import torch
@@ -577,7 +573,7 @@ def _missing_replay(checkpoint: dict, cfg) -> str | None:
 
 
 def _lock_or_fail(root: Path) -> None:
-    """Take ``root``'s run lock (``dreamer/run_lock.py``) or end the command naming its holder."""
+    """Take ``root``'s run lock (``dreamer/run_dir.py``) or end the command naming its holder."""
     holder = lock_run(root)
     if holder:
         fail(f"{root} is in use by {holder}; wait for it to end or stop it, "

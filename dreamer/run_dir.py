@@ -74,6 +74,13 @@ def run_files(root: Path) -> list[str]:
     return found + sorted(p.name for p in root.glob("episodes_rank*.csv"))
 
 
+def move_aside(root: Path) -> Path:
+    """Move ``root`` to the first free ``<root>.old[-<n>]`` and return where it went (nothing deleted)."""
+    aside = free_dir(root.with_name(root.name + ".old"))
+    os.replace(root, aside)
+    return aside
+
+
 def free_dir(path: Path) -> Path:
     """``path``, or ``path-2``, ``path-3``... : the first that does not exist."""
     n, free = 1, path
@@ -95,19 +102,16 @@ def env_steps_of(checkpoint: dict) -> int | None:
     return int(state["env_steps"]) * int(state.get("world_size", 1))
 
 
-def newest_env_steps(root: Path, resumed: str) -> int | None:
-    """Env steps of the newest checkpoint in ``root`` other than ``resumed`` (None if none)."""
-    newest = None
-    for path in checkpoints_in(root):
-        if path.resolve() == Path(resumed).resolve():
-            continue
-        try:
-            steps = env_steps_of(read_checkpoint(path))
-        except CheckpointError:
-            continue
-        if steps is not None and (newest is None or steps > newest):
-            newest = steps
-    return newest
+def last_env_steps(root: Path, resumed: str) -> int | None:
+    """Env steps of ``root``'s ``last.ckpt`` (the newest state of the run's timeline), or None
+    when that is the checkpoint ``resumed`` or there is none to read."""
+    last = root / "checkpoints" / "last.ckpt"
+    if not last.is_file() or last.resolve() == Path(resumed).resolve():
+        return None
+    try:
+        return env_steps_of(read_checkpoint(last))
+    except CheckpointError:
+        return None
 
 
 def saved_run_id(root: Path) -> str | None:
