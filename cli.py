@@ -172,7 +172,7 @@ class DreamerCLI(LightningCLI):
         if subcommand == "fit":  # a resume restores the optimiser's state: its kind must match
             optimizer = _optimizer_kind(cfg)
         differences = checkpoint_mismatch(
-            checkpoint, cfg.model.size, cfg.model.overrides, cfg.data.game, optimizer
+            checkpoint, cfg.model.size, cfg.model.overrides, cfg.data.game, optimizer, cfg.model.get("world_model")
         )
         if differences:
             fail(f"checkpoint {ckpt_path} does not match this run; " + "; ".join(differences))
@@ -367,7 +367,7 @@ class DreamerCLI(LightningCLI):
                 fail(str(e))
             # the model first: a replay laid out for another model is a consequence, not the cause
             differences = checkpoint_mismatch(saved, cfg.model.size, cfg.model.overrides, cfg.data.game,
-                                              _optimizer_kind(cfg))
+                                              _optimizer_kind(cfg), cfg.model.get("world_model"))
             if differences:
                 fail(f"checkpoint {ckpt} does not match this run; " + "; ".join(differences))
             problem = ReplayDataModule.resume_problem(saved.get("ReplayDataModule") or {}, cfg.data) \

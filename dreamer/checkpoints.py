@@ -65,16 +65,30 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
+# world-model knobs that change the weights' shapes, with the value of checkpoints written before them
+SHAPING_KNOBS = {"downsample": "stride", "upsample": "transposed"}
+
+
 def checkpoint_mismatch(
-    checkpoint: dict[str, Any], size: str, overrides: dict | None, game: str | None, optimizer: str | None = None
+    checkpoint: dict[str, Any], size: str, overrides: dict | None, game: str | None, optimizer: str | None = None,
+    world_model: Any = None,
 ) -> list[str]:
-    """What differs between a checkpoint and a run (model size, size overrides, game, and with
-    ``optimizer`` the kind of optimiser, whose state would not carry over)."""
+    """What differs between a checkpoint and a run (model size, size overrides, the world-model
+    knobs that shape its weights, game, and with ``optimizer`` the kind of optimiser, whose state
+    would not carry over)."""
+    from dreamer.config import grouped
+
     saved = checkpoint.get("hyper_parameters", {})
     differences = []
     for key, value in (("size", size), ("overrides", overrides)):
         if saved.get(key) != value:
             differences.append(f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}")
+    if world_model is not None:
+        saved_wm = grouped(saved).get("world_model") or {}
+        for key, before in SHAPING_KNOBS.items():
+            theirs, ours = saved_wm.get(key, before), world_model.get(key, before)
+            if theirs != ours:
+                differences.append(f"model.world_model.{key}: checkpoint {theirs!r}, this run {ours!r}")
     saved_kind = (saved.get("optimizer") or {}).get("kind", "adam")  # written before the knob: Adam
     if optimizer is not None and saved_kind != optimizer:
         differences.append(f"model.optimizer.kind: checkpoint {saved_kind!r}, this run {optimizer!r}")
@@ -129,7 +143,7 @@ def load_agent_state(agent, checkpoint: dict[str, Any]) -> None:
     hp = agent.hparams
     resuming = trainer is not None and trainer.state.fn == "fit"  # the optimiser state is restored
     differences = checkpoint_mismatch(checkpoint, hp.size, hp.overrides, dm.hparams.game if dm is not None else None,
-                                      hp.optimizer["kind"] if resuming else None)
+                                      hp.optimizer["kind"] if resuming else None, hp.world_model)
     if differences:
         raise ValueError("checkpoint does not match this run; " + "; ".join(differences))
     from dreamer.config import grouped

@@ -369,3 +369,21 @@ def test_a_dreamer_with_the_references_image_layers_and_init_trains_and_records_
     assert torch.isfinite(loss) and agent.world_model.encoder.net[0].weight.grad is not None
     plain = Dreamer(size="tiny")
     assert plain.world_model.encoder.net[0].weight.shape[-1] == 4 and agent.world_model.encoder.net[0].weight.shape[-1] == 5
+
+
+def test_a_checkpoint_of_other_image_layers_names_the_knob_to_give():
+    """validate and resume build the model from the command's knobs: a checkpoint written with the
+    reference's image layers, restored into the default ones, is refused naming both values (not as
+    "an earlier version of this code")."""
+    from dreamer.checkpoints import load_agent_state
+
+    torch.manual_seed(0)
+    pooled = Dreamer(size="tiny", world_model={"downsample": "pool", "upsample": "nearest"})
+    checkpoint = {"hyper_parameters": dict(pooled.hparams), "state_dict": pooled.state_dict()}
+    with pytest.raises(ValueError) as refused:
+        load_agent_state(Dreamer(size="tiny"), checkpoint)
+    assert "model.world_model.downsample: checkpoint 'pool', this run 'stride'" in str(refused.value)
+    assert "model.world_model.upsample: checkpoint 'nearest', this run 'transposed'" in str(refused.value)
+    load_agent_state(Dreamer(size="tiny", world_model={"downsample": "pool", "upsample": "nearest"}), checkpoint)
+    old = {"hyper_parameters": {"size": "tiny", "overrides": None}, "state_dict": Dreamer(size="tiny").state_dict()}
+    load_agent_state(Dreamer(size="tiny"), old)  # written before the knobs: the stride and transposed layers
