@@ -117,12 +117,13 @@ def play_episodes(env: ProcgenVectorEnv, policy: Policy, episodes: int) -> tuple
 
 
 def evaluate(env: ProcgenVectorEnv, policy: Policy, episodes: int) -> dict[str, float]:
-    """Mean return, normalised score and level completion of ``episodes`` fresh episodes (see
-    ``play_episodes``), and the number of episodes played."""
+    """Mean return (with its standard error), normalised score and level completion of ``episodes``
+    fresh episodes (see ``play_episodes``), and the number of episodes played."""
     returns, completes = play_episodes(env, policy, episodes)
     game, mode = env.game, env.distribution_mode
     return {
         "return": float(np.mean(returns)),
+        "return_se": float(np.std(returns, ddof=1) / np.sqrt(len(returns))) if len(returns) > 1 else float("nan"),
         "normalized_score": float(np.mean([normalized_score(game, mode, r) for r in returns])),
         "level_complete": float(np.mean(completes)),
         "episodes": float(len(returns)),

@@ -219,6 +219,8 @@ class Dreamer(pl.LightningModule):
         # each rank plays its share of the episodes on its own envs; in float32, as when collecting
         with self.goals.measuring(split) as goal_summary, torch.autocast(self.device.type, enabled=False):
             summary = dm.evaluate(self, split, episodes=-(-dm.hparams.val_episodes // self.trainer.world_size))
+        # the ranks' mean of return_se / sqrt(ranks): the pooled mean's SE when the ranks' spreads agree
+        summary["return_se"] /= self.trainer.world_size ** 0.5
         for key, value in {**summary, **goal_summary}.items():
             self.log(f"val/{split}/{key}", value, on_step=False, on_epoch=True, batch_size=1,
                      sync_dist=True, reduce_fx="sum" if key == "episodes" else "mean")
