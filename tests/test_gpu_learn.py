@@ -1,0 +1,64 @@
+"""The GPU learning call (benchmarks/gpu_learn.sh) on the CPU: a few updates through the same fit,
+validate and summary, and the GPU command line it would run, so the call cannot rot between the
+days a GPU is lent."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_learn_dry_run_trains_validates_and_prints_the_gpu_command(tmp_path):
+    env = {**os.environ, "GPU_LEARN_DEVICE": "cpu", "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+           "TMPDIR": str(tmp_path)}
+    # the newest reference's encoder and decoder (issue 36's knobs) go through to the fit
+    knobs = ["--model.world_model.downsample", "pool", "--model.world_model.upsample", "nearest"]
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_learn.sh"), *knobs], capture_output=True,
+                          text=True, env=env, timeout=600)
+    out = done.stdout
+    assert done.returncode == 0 and "status 0" in out, out[-4000:] + done.stderr[-2000:]
+    gpu = next(line for line in out.splitlines() if line.startswith("GPU command: "))
+    args = shlex.split(gpu.removeprefix("GPU command: "))
+    option = dict(zip(args[3::2], args[4::2]))  # python cli.py fit --key value ...
+    assert args[:3] == ["python", "cli.py", "fit"]
+    assert option["--model.cuda_graph"] == "true" and option["--trainer.accelerator"] == "gpu"
+    assert option["--data.train_ratio"] == "64" and option["--model.size"] == "1M"
+    assert (option["--data.batch_size"], option["--data.seq_len"]) == ("16", "64")
+    assert option["--data.game"] == "coinrun" and option["--data.num_levels"] == "200"
+    assert option["--trainer.logger"].endswith("CSVLogger")
+    assert (option["--model.world_model.downsample"], option["--model.world_model.upsample"]) == ("pool", "nearest")
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"fit.log", "gpu_learn.txt", "summary.json", "validate.log"} <= files <= \
+        {"episodes.csv", "fit.log", "gpu_learn.txt", "summary.json", "validate.log"}, files
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    # 256 env steps, 128 of them random: one update per 16 env steps after that
+    assert summary["env_steps"] == 256 and summary["updates"] == 8
+    assert summary["fit_exit"] == 0 and summary["validate_exit"] == 0
+    for split in ("train_levels", "unseen_levels"):
+        v = summary["validation"][split]
+        assert v["episodes"] == 2 and 0 <= v["return"] <= 10 and v["se"] >= 0
+    assert "env steps 256, updates 8" in out and "random " in out and "PPO on training levels" in out
+    # the run the fit wrote took the knobs
+    config = yaml.safe_load(next(tmp_path.glob("gpu_learn-*/runs/coinrun-gpu-learn/config.yaml")).read_text())
+    wm = config["model"]["world_model"]
+    assert (wm["downsample"], wm["upsample"]) == ("pool", "nearest")
+
+
+def test_a_knob_that_cannot_run_in_a_cuda_graph_is_refused_in_one_line(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.gpu_learn import GPU_RUN, fit_command
+
+    command = fit_command(tmp_path / "run", GPU_RUN, 60, ["--model.optimizer.kind", "laprop"])
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip() and line != "Seed set to 0"]  # Lightning's
+    assert len(lines) == 1 and lines[0].startswith("error: model.cuda_graph") and "laprop" in lines[0], lines
+    assert not (tmp_path / "run").exists()
