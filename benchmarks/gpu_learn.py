@@ -51,7 +51,10 @@ GPU_RUN = {
     "--data.seq_len": "64",
     "--data.train_ratio": "64",
     "--data.learning_starts": "4096",
-    "--data.replay_capacity": "1000000",
+    # on disk: a checkpoint of a RAM replay would carry every frame (1.2 GB per 100k steps) into
+    # the save at the end and validate's load
+    "--data.replay_storage": "memmap",
+    "--data.replay_capacity": "500000",
     "--data.val_episodes": "128",
     "--model.max_env_steps": "5000000",  # not reached: --trainer.max_time stops the fit
 }
@@ -65,12 +68,15 @@ DRY_RUN = {
     "--data.test_num_envs": "2",
     "--data.batch_size": "2",
     "--data.seq_len": "16",
-    "--data.train_ratio": "2",  # one update per 16 env steps, as on the GPU: 8 updates
+    "--data.train_ratio": "2",  # one update per 16 env steps, as on the GPU
     "--data.learning_starts": "128",
+    "--data.replay_storage": "memmap",
     "--data.replay_capacity": "4096",
     "--data.val_episodes": "2",
-    "--model.max_env_steps": "256",
+    "--model.max_env_steps": "5000000",  # not reached: --trainer.max_time stops it, as on the GPU
 }
+DRY_RUN_FIT_S = 15
+
 # Figures to compare with (coinrun, easy, 200 training levels):
 # the uniformly random policy, 512 episodes per split with scripts/policy_baselines.py
 # (benchmarks/results/policy_baselines/coinrun-easy-200.txt): mean, SE
@@ -84,7 +90,7 @@ CURVE_BIN = 10_000  # env steps per point of the return curve
 
 def fit_command(run_dir: Path, settings: dict[str, str], seconds: int | None, extra: list[str] = ()) -> list[str]:
     command = [sys.executable, str(ROOT / "cli.py"), "fit", "--data.game", GAME, "--data.distribution_mode", MODE,
-               "--data.num_levels", str(LEVELS), "--data.replay_storage", "ram",
+               "--data.num_levels", str(LEVELS),
                "--trainer.default_root_dir", str(run_dir),
                "--trainer.logger", "pytorch_lightning.loggers.CSVLogger",
                "--trainer.logger.save_dir", str(run_dir / "csv"), "--trainer.logger.name", "fit",
@@ -258,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu_line = shlex.join(["python", "cli.py", *fit_command(Path("<run>"), GPU_RUN, None, args.extra)[2:]])
     print(f"GPU command: {gpu_line}", flush=True)
     settings = DRY_RUN if args.dry_run else GPU_RUN
-    fit_seconds = None if args.dry_run else int(args.seconds - RESERVE_S - STARTUP_S)
-    if fit_seconds is not None and fit_seconds < 30:
+    fit_seconds = DRY_RUN_FIT_S if args.dry_run else int(args.seconds - RESERVE_S - STARTUP_S)
+    if not args.dry_run and fit_seconds < 30:
         print(f"error: --seconds {args.seconds:g} leaves {fit_seconds} s to train; allowed: "
               f"{RESERVE_S + STARTUP_S + 30} or more", file=sys.stderr)
         return 2

@@ -30,9 +30,14 @@ mkdir -p "$OUT"
   fi
   if [ -n "$CARRY" ] && [ -f "$CARRY" ]; then
     DIR="$(mktemp -d)"
+    trap 'rm -rf "$DIR"' EXIT
     tar -xJf "$CARRY" -C "$DIR" || { echo "error: could not unpack $CARRY"; exit 2; }
-    "$PYTHON" -m pip install --quiet --no-deps --no-index --target "$DIR/site" "$DIR"/wheels/*.whl \
-      || { echo "error: the carry's wheels do not install on $("$PYTHON" -V 2>&1)"; exit 2; }
+    if ! "$PYTHON" -m pip install --quiet --no-deps --no-index --target "$DIR/site" "$DIR"/wheels/*.whl; then
+      # a machine that has them already can go on without the carry's builds
+      "$PYTHON" -c "import cffi, PIL" 2>/dev/null \
+        || { echo "error: the carry's wheels do not install on $("$PYTHON" -V 2>&1), and it has no cffi and pillow"; exit 2; }
+      echo "note: the carry's wheels did not install; using this machine's cffi and pillow"
+    fi
     export PYTHONPATH="$DIR/site${PYTHONPATH:+:$PYTHONPATH}"
     if ldd "$DIR/site/procgen/data/prebuilt/libenv.so" | grep -q "not found"; then
       export LD_LIBRARY_PATH="$DIR/syslibs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
