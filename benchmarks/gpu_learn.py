@@ -5,8 +5,8 @@ and unseen levels. ``benchmarks/gpu_learn.sh`` runs it on the device (its carry 
 
 Prints: env steps, updates, env steps/s and updates/s over the whole fit (start-up and graph
 capture included) and in its last minute, the share of wall time in the update, the training
-return per 10k env steps, and validation's return +- SE beside the random policy (measured here
-with ``scripts/policy_baselines.py``) and PPO's 250k-step point (published, labelled). No
+return per 10k env steps, and validation's return +- SE beside the random policy and the best
+constant action (measured here with ``scripts/policy_baselines.py``) and PPO's 250k-step point (published, labelled). No
 threshold: an early curve and a throughput figure. Writes under ``--out``: ``episodes.csv`` (every
 training episode), ``summary.json``, ``fit.log``, ``validate.log``; the picture is drawn elsewhere
 from the CSV (``--plot``).
@@ -78,9 +78,10 @@ DRY_RUN = {
 DRY_RUN_FIT_S = 15
 
 # Figures to compare with (coinrun, easy, 200 training levels):
-# the uniformly random policy, 512 episodes per split with scripts/policy_baselines.py
-# (benchmarks/results/policy_baselines/coinrun-easy-200.txt): mean, SE
-RANDOM = {"train_levels": (float("nan"), float("nan")), "unseen_levels": (float("nan"), float("nan"))}
+# the uniformly random policy and the best constant action (action 8), 256 episodes per split with
+# scripts/policy_baselines.py (benchmarks/results/policy_baselines/coinrun-easy-200.txt): mean, SE
+RANDOM = {"train_levels": (2.85, 0.28), "unseen_levels": (2.58, 0.27)}
+BEST_CONSTANT = {"train_levels": (7.42, 0.27), "unseen_levels": (6.95, 0.29)}
 # PPO on training levels after 250k env steps (openai/train-procgen, 3 seeds; ../shared/LEARNING_ANCHORS.md)
 PPO_250K_TRAIN = 5.98
 RESERVE_S = 75  # after fit: validate (start-up and two splits) and this summary
@@ -205,13 +206,14 @@ def report(summary: dict, gpu_line: str) -> str:
     lines.append("validation (sampled actions):")
     for split in ("train_levels", "unseen_levels"):
         v = summary["validation"].get(split)
-        r_mean, r_se = RANDOM[split]
+        (r_mean, r_se), (c_mean, c_se) = RANDOM[split], BEST_CONSTANT[split]
         if v is None:
             lines.append(f"  {split}: missing (validate did not finish; see validate.log)")
             continue
         se = f"{v['se']:.2f}" if v.get("se") is not None else "?"
         lines.append(f"  {split}: {v['return']:.2f} +- {se} ({int(v['episodes'] or 0)} episodes); random "
-                     f"{r_mean:.2f} +- {r_se:.2f} (scripts/policy_baselines.py)")
+                     f"{r_mean:.2f} +- {r_se:.2f}, best constant action {c_mean:.2f} +- {c_se:.2f} "
+                     "(scripts/policy_baselines.py)")
     lines.append(f"  PPO on training levels at 250k env steps (published, openai/train-procgen): {PPO_250K_TRAIN}")
     return "\n".join(lines)
 
@@ -227,6 +229,7 @@ def plot(episodes_csv: Path, png: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.errorbar(x, [p[2] for p in curve], yerr=[p[3] for p in curve], marker="o", label="DreamerV3 (this trainer)")
     ax.axhline(RANDOM["train_levels"][0], color="grey", ls="--", label="random")
+    ax.axhline(BEST_CONSTANT["train_levels"][0], color="grey", ls=":", label="best constant action")
     ax.scatter([250], [PPO_250K_TRAIN], color="black", marker="x", label="PPO 250k (published)")
     ax.set_xlabel("env steps (k)")
     ax.set_ylabel("training return")
