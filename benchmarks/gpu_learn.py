@@ -164,7 +164,6 @@ def summarise(run_dir: Path, fit_wall: float) -> dict:
     rows = last_metrics(run_dir / "csv", "fit")
     counters = [r for r in rows if "counters/updates" in r]
     perf = [r for r in rows if "perf/updates_per_s" in r]
-    share = [r for r in rows if "perf/update_share" in r]
     final = counters[-1] if counters else {}
     env_steps, updates = int(final.get("counters/env_steps", 0)), int(final.get("counters/updates", 0))
     summary = {
@@ -176,8 +175,9 @@ def summarise(run_dir: Path, fit_wall: float) -> dict:
         recent = [r for r in perf if r["step"] >= perf[-1]["step"] - max(1, 60 * perf[-1]["perf/env_steps_per_s"])]
         summary["env_steps_per_s_last_minute"] = round(sum(r["perf/env_steps_per_s"] for r in recent) / len(recent), 1)
         summary["updates_per_s_last_minute"] = round(sum(r["perf/updates_per_s"] for r in recent) / len(recent), 2)
-    if share:
-        summary["update_share_of_wall_time"] = round(share[-1]["perf/update_share"], 3)
+        shares = [r["perf/update_share"] for r in recent if "perf/update_share" in r]
+        if shares:
+            summary["update_share_of_wall_time"] = round(sum(shares) / len(shares), 3)
     episodes = read_csv(run_dir / "episodes_rank0.csv")
     summary["episodes"] = len(episodes)
     summary["return_curve"] = [dict(zip(("from_env_steps", "episodes", "return", "se"), point))
@@ -198,7 +198,7 @@ def report(summary: dict, gpu_line: str) -> str:
              f"whole fit (start-up and capture included): {summary['env_steps_per_s_whole_fit']} env steps/s, "
              f"{summary['updates_per_s_whole_fit']} updates/s",
              f"last minute: {summary.get('env_steps_per_s_last_minute')} env steps/s, "
-             f"{summary.get('updates_per_s_last_minute')} updates/s; share of wall time in the update: "
+             f"{summary.get('updates_per_s_last_minute')} updates/s, share of its wall time in the update "
              f"{summary.get('update_share_of_wall_time')}",
              f"training return per {CURVE_BIN // 1000}k env steps (episodes ending there; acting as it trains):"]
     for p in summary["return_curve"]:

@@ -78,3 +78,30 @@ def test_the_return_curve_bins_episodes_by_10k_env_steps_with_their_standard_err
     csv_path.write_text("env_steps,return\n" + "".join(f"{e['env_steps']},{e['return']}\n" for e in episodes))
     plot(csv_path, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_summary_reads_counters_rates_share_and_validation_from_the_csv_logs(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.gpu_learn import summarise
+
+    fit = tmp_path / "csv" / "fit" / "version_0"
+    fit.mkdir(parents=True)
+    # perf windows at env steps 1,000 (early, outside the last minute) and 9,000 / 10,000; counters at the end
+    fit.joinpath("metrics.csv").write_text(
+        "counters/env_steps,counters/updates,perf/env_steps_per_s,perf/update_share,perf/updates_per_s,step\n"
+        ",,10,0.2,1,1000\n,,100,0.8,6,9000\n,,120,0.6,8,10000\n10400,400,,,,10400\n")
+    validate = tmp_path / "csv" / "validate" / "version_0"
+    validate.mkdir(parents=True)
+    validate.joinpath("metrics.csv").write_text(
+        "step,val/train_levels/episodes,val/train_levels/return,val/train_levels/return_se,"
+        "val/unseen_levels/episodes,val/unseen_levels/return,val/unseen_levels/return_se\n"
+        "10400,128,6.5,0.4,128,5.0,0.45\n")
+    (tmp_path / "episodes_rank0.csv").write_text("env_steps,return\n5000,10\n9000,0\n")
+    summary = summarise(tmp_path, fit_wall=200.0)
+    assert (summary["env_steps"], summary["updates"]) == (10400, 400)
+    assert (summary["env_steps_per_s_whole_fit"], summary["updates_per_s_whole_fit"]) == (52.0, 2.0)
+    # the last minute at 120 env steps/s reaches back 7,200 steps: the windows at 9,000 and 10,000
+    assert summary["env_steps_per_s_last_minute"] == 110.0 and summary["updates_per_s_last_minute"] == 7.0
+    assert summary["update_share_of_wall_time"] == 0.7
+    assert summary["return_curve"] == [{"from_env_steps": 0, "episodes": 2, "return": 5.0, "se": 5.0}]
+    assert summary["validation"]["unseen_levels"] == {"return": 5.0, "se": 0.45, "episodes": 128.0}
