@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import shlex
 import shutil
@@ -34,6 +33,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from datamodules.collector import mean_se  # noqa: E402
 
 GAME, MODE, LEVELS = "coinrun", "easy", 200
 # Size and envs for the most env steps per second: the update is most of the wall time at one
@@ -141,15 +143,6 @@ def last_metrics(csv_dir: Path, name: str) -> list[dict[str, float]]:
     versions = sorted((csv_dir / name).glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
     rows = read_csv(versions[-1]) if versions else []
     return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in rows]
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else float("nan")
-    return mean, math.sqrt(var / n)
 
 
 def return_curve(episodes: list[dict[str, str]]) -> list[tuple[int, int, float, float]]:

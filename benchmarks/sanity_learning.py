@@ -31,6 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from datamodules.collector import mean_se  # noqa: E402
 from datamodules.sanity import SANITY_TASKS  # noqa: E402
 
 CONFIG = ROOT / "configs" / "sanity.yaml"
@@ -122,8 +123,8 @@ def summary(reached: list[int | None], budget: int) -> str:
     hit = [r for r in reached if r is not None]
     text = f"{len(hit)} of {len(reached)} seeds"
     if hit:
-        se = np.std(hit, ddof=1) / math.sqrt(len(hit)) if len(hit) > 1 else float("nan")
-        text = f"{np.mean(hit):7.0f} +- {se:5.0f}  ({text}; {', '.join(map(str, hit))})"
+        mean, se = mean_se(hit)
+        text = f"{mean:7.0f} +- {se:5.0f}  ({text}; {', '.join(map(str, hit))})"
     if len(hit) < len(reached):
         text += f"; {len(reached) - len(hit)} never within {budget}"
     return text

@@ -116,14 +116,22 @@ def play_episodes(env: ProcgenVectorEnv, policy: Policy, episodes: int) -> tuple
     return returns, completes
 
 
+def mean_se(values) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation over sqrt(n); nan below two values)."""
+    v = np.asarray(values, np.float64)
+    mean = float(v.mean()) if len(v) else float("nan")
+    return mean, float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
 def evaluate(env: ProcgenVectorEnv, policy: Policy, episodes: int) -> dict[str, float]:
     """Mean return (with its standard error), normalised score and level completion of ``episodes``
     fresh episodes (see ``play_episodes``), and the number of episodes played."""
     returns, completes = play_episodes(env, policy, episodes)
     game, mode = env.game, env.distribution_mode
+    mean, se = mean_se(returns)
     return {
-        "return": float(np.mean(returns)),
-        "return_se": float(np.std(returns, ddof=1) / np.sqrt(len(returns))) if len(returns) > 1 else float("nan"),
+        "return": mean,
+        "return_se": se,
         "normalized_score": float(np.mean([normalized_score(game, mode, r) for r in returns])),
         "level_complete": float(np.mean(completes)),
         "episodes": float(len(returns)),

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datamodules.games import GAMES, NUM_ACTIONS  # noqa: E402
 from datamodules.games import RandomPolicy
-from datamodules.collector import play_episodes
+from datamodules.collector import mean_se, play_episodes
 from datamodules.replay_datamodule import ReplayDataModule  # noqa: E402
 from dreamer.checkpoints import CheckpointError, read_checkpoint, restore_agent  # noqa: E402
 
@@ -42,11 +42,6 @@ class ConstantPolicy:
 
     def act(self, obs, is_first, state=None, reward=None):
         return torch.full((len(obs),), self.action, dtype=torch.long), None
-
-
-def mean_se(returns: list[float]) -> tuple[float, float]:
-    r = np.asarray(returns, np.float64)
-    return float(r.mean()), float(r.std(ddof=1) / np.sqrt(len(r))) if len(r) > 1 else float("nan")
 
 
 def baselines(game: str, num_levels: int, distribution_mode: str = "easy", start_level: int = 0,
