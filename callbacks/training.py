@@ -173,10 +173,43 @@ class EnvStepProgressBar(TQDMProgressBar):
             bar.refresh()
 
 
+class UpdateClock:
+    """Seconds spent inside updates. On the CPU the wall time between ``start`` and ``stop``; on a
+    GPU the time between two CUDA events around the update, read once per ``take``, so that no
+    update is waited for (a synchronisation per update would stall the next one's launch)."""
+
+    def __init__(self) -> None:
+        self._seconds, self._began = 0.0, 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # (start, stop) per GPU update
+
+    def start(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            self._events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self._events[-1][0].record()
+        else:
+            self._began = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._events:
+            self._events[-1][1].record()
+        else:
+            self._seconds += time.perf_counter() - self._began
+
+    def take(self) -> float:
+        """The seconds since the last ``take``."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1000  # ms
+            self._events = []
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
+
 class TrainingLog(Callback):
     """Logs what an update returned (its losses, averaged over ranks), the update and env-step
     counters, and, once each at their own env step: updates/s, env steps/s and the share of wall
-    time spent in the update (every 5 s or more), the episodes that finished (every rank's) and the goal success measured while acting.
+    time spent in updates (every 5 s or more), the episodes that finished (every rank's) and the
+    goal success measured while acting.
 
     Lightning keeps only every ``log_every_n_steps``-th step's values (counting batches from 1, as
     ``updates`` does): this logs, and takes the finished episodes, only then, so none is dropped.
@@ -190,27 +223,20 @@ class TrainingLog(Callback):
 
     def __init__(self) -> None:
         self._perf = (time.perf_counter(), 0, 0)  # (time, updates, env steps) where the rates start
-        self._in_update = 0.0  # seconds inside updates since the rates started
-        self._update_began = 0.0
+        self._in_update = UpdateClock()
         self._frozen: dict[str, tuple[float, int, int]] = {}  # loss -> (value, logs in a row, since update)
 
     def on_train_start(self, trainer, pl_module) -> None:
         # a resumed run's counters do not start at 0
         self._perf = (time.perf_counter(), pl_module.updates, env_steps_of(trainer))
-        self._in_update = 0.0
-
-    @staticmethod
-    def _clock(pl_module) -> float:
-        if pl_module.device.type == "cuda":  # the update's kernels run asynchronously: wait for them
-            torch.cuda.synchronize(pl_module.device)
-        return time.perf_counter()
+        self._in_update = UpdateClock()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # the batch is already sampled (and the envs stepped) when this runs: what follows is the update
-        self._update_began = self._clock(pl_module)
+        self._in_update.start(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._in_update += self._clock(pl_module) - self._update_began
+        self._in_update.stop()
         if pl_module.updates % trainer.log_every_n_steps and not trainer.should_stop:
             return
         env_steps = env_steps_of(trainer)
@@ -230,8 +256,8 @@ class TrainingLog(Callback):
         if now - t0 >= 5.0:
             points.append((env_steps, {"perf/updates_per_s": (pl_module.updates - u0) / (now - t0),
                                        "perf/env_steps_per_s": (env_steps - e0) / (now - t0),
-                                       "perf/update_share": self._in_update / (now - t0)}))
-            self._perf, self._in_update = (now, pl_module.updates, env_steps), 0.0
+                                       "perf/update_share": self._in_update.take() / (now - t0)}))
+            self._perf = (now, pl_module.updates, env_steps)
         dm = trainer.datamodule
         episodes = dm.collector.pop_episodes() if dm is not None else []
         for rank_episodes in gather_objects(episodes):

@@ -105,3 +105,22 @@ def test_the_summary_reads_counters_rates_share_and_validation_from_the_csv_logs
     assert summary["update_share_of_wall_time"] == 0.7
     assert summary["return_curve"] == [{"from_env_steps": 0, "episodes": 2, "return": 5.0, "se": 5.0}]
     assert summary["validation"]["unseen_levels"] == {"return": 5.0, "se": 0.45, "episodes": 128.0}
+
+
+def test_the_update_clock_sums_the_time_inside_updates_and_starts_again_at_each_take():
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from callbacks.training import UpdateClock
+
+    clock = UpdateClock()
+    for _ in range(2):
+        clock.start(torch.device("cpu"))
+        time.sleep(0.05)
+        clock.stop()
+        time.sleep(0.05)  # outside the update: not counted
+    inside = clock.take()
+    assert 0.1 <= inside < 0.15, inside
+    assert clock.take() == 0.0
