@@ -113,9 +113,7 @@ def system_libraries(library: Path, site: Path, syslibs: Path) -> list[str]:
             continue
         name, path = parts[0].strip(), Path(parts[1].split("(")[0].strip())
         if any(name.startswith(s) for s in SYSTEM) or site.resolve() in path.resolve().parents:
-            continue
-        if "procgen2.libs" in path.parts:
-            continue
+            continue  # glibc's, or the wheel's own (procgen2.libs, found through libenv.so's RPATH)
         shutil.copy2(path.resolve(), syslibs / name)
         copied.append(name)
     return sorted(copied)

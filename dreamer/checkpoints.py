@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from dreamer.config import grouped
 from dreamer.distributed import gather_objects
 
 
@@ -76,8 +77,6 @@ def checkpoint_mismatch(
     """What differs between a checkpoint and a run (model size, size overrides, the world-model
     knobs that shape its weights, game, and with ``optimizer`` the kind of optimiser, whose state
     would not carry over)."""
-    from dreamer.config import grouped
-
     saved = checkpoint.get("hyper_parameters", {})
     differences = []
     for key, value in (("size", size), ("overrides", overrides)):
@@ -146,8 +145,6 @@ def load_agent_state(agent, checkpoint: dict[str, Any]) -> None:
                                       hp.optimizer["kind"] if resuming else None, hp.world_model)
     if differences:
         raise ValueError("checkpoint does not match this run; " + "; ".join(differences))
-    from dreamer.config import grouped
-
     space = (grouped(checkpoint.get("hyper_parameters") or {}).get("goals") or {}).get("space", "deter")
     if space != hp.goals["space"]:
         raise ValueError(f"the checkpoint's goal space is {space!r}, this run's {hp.goals['space']!r}; "
@@ -176,7 +173,6 @@ def load_agent_state(agent, checkpoint: dict[str, Any]) -> None:
 def restore_agent(ckpt: dict[str, Any], path: str | os.PathLike = "the checkpoint"):
     """The Dreamer saved in ``ckpt`` (from ``read_checkpoint``), its weights loaded, in eval mode."""
     from dreamer.agent import Dreamer  # the agent imports this module for its state hooks
-    from dreamer.config import grouped
 
     allowed = inspect.signature(Dreamer.__init__).parameters
     hparams = {k: v for k, v in grouped(ckpt["hyper_parameters"]).items() if k in allowed}
