@@ -1,7 +1,8 @@
 """Entry point: ``python cli.py fit|validate --config configs/<file>.yaml [--key value ...]``.
 
-LightningCLI over ``Dreamer`` and ``ReplayDataModule`` in OmegaConf parser mode, with
-``configs/default.yaml`` loaded first. A run gets the name ``<game>-<size>-seed<seed>``, its
+LightningCLI over ``Dreamer`` (or a subclass: ``model.class_path``, e.g. the goal framework's
+``dreamer.goals.GoalDreamer`` that ``configs/dreams.yaml`` selects) and ``ReplayDataModule`` in
+OmegaConf parser mode, with ``configs/default.yaml`` loaded first. A run gets the name ``<game>-<size>-seed<seed>``, its
 directory ``runs/<name>`` (checkpoints, memmap replay, config) and an MLflow run of that name.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 from argparse import ArgumentError
@@ -22,21 +24,28 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from callbacks.training import EnvStepCheckpoint, EnvStepProgressBar
+from callbacks.dreams import agent_problem
+from callbacks.training import (
+    EnvStepCheckpoint,
+    EnvStepProgressBar,
+    StopAtEnvSteps,
+    TrainingLog,
+    ValidationTable,
+)
 from callbacks.visualize import DreamVisualizer
 from datamodules.checks import directory_problem, replay_space_problem
 from datamodules.replay_datamodule import ReplayDataModule
 from dreamer.agent import Dreamer
 from dreamer.checkpoints import CheckpointError, checkpoint_mismatch, read_checkpoint
-from dreamer.config import argument_problem, cuda_graph_problem, precision_problem
+from dreamer.config import cuda_graph_problem, precision_problem
 from dreamer.memory import keep_freed_memory
 from dreamer.run_dir import (
     checkpoints_in,
     env_steps_of,
     fail_mlflow_run,
     free_dir,
-    lock_run,
     last_env_steps,
+    lock_run,
     move_aside,
     run_files,
     saved_run_id,
@@ -47,10 +56,12 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A config as ``section.key`` params; a class's ``init_args`` keep their class's prefix
+    (``model.size``, next to ``model.class_path``)."""
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
         for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(_flatten(value, prefix if key == "init_args" else f"{prefix}{key}."))
         return out
     if isinstance(tree, list):
         if all(not isinstance(v, (dict, list)) for v in tree):
@@ -171,27 +182,33 @@ class DreamerCLI(LightningCLI):
         optimizer = None
         if subcommand == "fit":  # a resume restores the optimiser's state: its kind must match
             optimizer = _optimizer_kind(cfg)
-        differences = checkpoint_mismatch(
-            checkpoint, cfg.model.size, cfg.model.overrides, cfg.data.game, optimizer, cfg.model.get("world_model")
-        )
+        model = cfg.model.init_args
+        differences = checkpoint_mismatch(checkpoint, model.size, model.overrides, cfg.data.game, optimizer,
+                                          model.get("world_model"), _canonical(cfg.model.class_path))
         if differences:
             fail(f"checkpoint {ckpt_path} does not match this run; " + "; ".join(differences))
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        model, agent = cfg.model.init_args, _class(cfg.model.class_path)
         if self.precision_auto:
-            cfg.trainer.precision, why = auto_precision(cfg.trainer.accelerator, cfg.model.size)
+            cfg.trainer.precision, why = auto_precision(cfg.trainer.accelerator, model.size)
             print(f"trainer.precision auto: {cfg.trainer.precision} ({why})", file=sys.stderr)
-        problem = precision_problem(cfg.trainer.precision) or argument_problem(cfg.model) \
-            or ReplayDataModule.argument_problem(cfg.data)
+        problem = precision_problem(cfg.trainer.precision) or agent.argument_problem(model) \
+            or ReplayDataModule.argument_problem(cfg.data) or _callbacks_problem(cfg, agent)
         if problem:  # before anything is built: a refused command leaves no files behind
             fail(problem)
-        if cfg.model.get("cuda_graph") and self.subcommand == "fit":
-            problem = cuda_graph_problem(_device_type(cfg.trainer.accelerator), 1, cfg.model.get("compile"),
+        for key in ENV_SPACES:  # the agent's sizes are the env's, recorded in its hyperparameters
+            env, given = getattr(ReplayDataModule, key), model.get(key)
+            if given is not None and _as_list(given) != _as_list(env):
+                fail(f"model.{key} is the env's ({env}), set by the CLI; got {given}: leave it out")
+            model[key] = env
+        if model.get("cuda_graph") and self.subcommand == "fit":
+            problem = cuda_graph_problem(_device_type(cfg.trainer.accelerator), 1, model.get("compile"),
                                          _optimizer_kind(cfg))
             if problem:  # (the number of processes is checked at setup, once Lightning knows it)
                 fail(problem)
-        name = f"{cfg.data.game}-{cfg.model.size}-seed{cfg.data.seed}"
+        name = f"{cfg.data.game}-{model.size}-seed{cfg.data.seed}"
         validate_dir_given = cfg.trainer.default_root_dir is not None
         if self.subcommand == "validate":
             if not validate_dir_given:
@@ -247,7 +264,7 @@ class DreamerCLI(LightningCLI):
             if args.get("run_name") is None:
                 args.run_name = f"{name}-{self.subcommand}" if self.subcommand != "fit" else name
             args.tags = {**(args.get("tags") or {}), "game": cfg.data.game,
-                         "size": cfg.model.size, "seed": str(cfg.data.seed),
+                         "size": cfg.model.init_args.size, "seed": str(cfg.data.seed),
                          "subcommand": str(self.subcommand)}
         if cfg.checkpoint.get("dirpath") is None:
             cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
@@ -366,8 +383,10 @@ class DreamerCLI(LightningCLI):
             except CheckpointError as e:
                 fail(str(e))
             # the model first: a replay laid out for another model is a consequence, not the cause
-            differences = checkpoint_mismatch(saved, cfg.model.size, cfg.model.overrides, cfg.data.game,
-                                              _optimizer_kind(cfg), cfg.model.get("world_model"))
+            model = cfg.model.init_args
+            differences = checkpoint_mismatch(saved, model.size, model.overrides, cfg.data.game,
+                                              _optimizer_kind(cfg), model.get("world_model"),
+                                              _canonical(cfg.model.class_path))
             if differences:
                 fail(f"checkpoint {ckpt} does not match this run; " + "; ".join(differences))
             problem = ReplayDataModule.resume_problem(saved.get("ReplayDataModule") or {}, cfg.data) \
@@ -375,9 +394,9 @@ class DreamerCLI(LightningCLI):
             if problem:
                 fail(problem)
             done = env_steps_of(saved)
-            if done is not None and done >= cfg.model.max_env_steps:
+            if done is not None and done >= model.max_env_steps:
                 print(f"{ckpt} is finished: {done} env steps, and this command's model.max_env_steps is "
-                      f"{cfg.model.max_env_steps}; nothing changed (a larger --model.max_env_steps trains on)")
+                      f"{model.max_env_steps}; nothing changed (a larger --model.max_env_steps trains on)")
                 sys.exit(0)
         resuming_here = ckpt is not None and root.resolve() in Path(ckpt).resolve().parents
         if resuming_here:
@@ -524,8 +543,39 @@ def _is_mlflow(class_path: str) -> bool:
     return isinstance(cls, type) and issubclass(cls, MLFlowLogger)
 
 
+ENV_SPACES = ("num_actions", "obs_shape")  # the agent's arguments the DataModule's env decides
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _class(class_path: str) -> type:
+    """The class a config's ``class_path`` names (the parser has checked that it imports)."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _canonical(class_path: str) -> str:
+    """Where the class ``class_path`` names is defined (``dreamer.goals.GoalDreamer`` ->
+    ``dreamer.goals.agent.GoalDreamer``), as checkpoints record it."""
+    cls = _class(class_path)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _callbacks_problem(cfg, agent: type) -> str | None:
+    """Why a callback in ``trainer.callbacks`` cannot train the config's agent class (a dream
+    callback on a plain Dreamer), or None."""
+    callbacks = cfg.trainer.get("callbacks") or []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        cls = _class(callback.class_path) if hasattr(callback, "class_path") else type(callback)
+        if getattr(cls, "uses_goals", False) and (problem := agent_problem(cls.__name__, agent)):
+            return problem
+    return None
+
+
 def _optimizer_kind(cfg) -> str:
-    given = cfg.model.get("optimizer")
+    given = cfg.model.init_args.get("optimizer")
     return (given.get("kind") if hasattr(given, "get") else getattr(given, "kind", None)) or "adam"
 
 
@@ -608,7 +658,11 @@ def main(args: list[str] | None = None, run: bool = True) -> DreamerCLI:
     except ArgumentError as e:  # the parser's: the option's name and what it accepts
         if os.environ.get("DREAMER_TRACEBACK") == "1":
             raise
-        fail(f"{parser_message(e)}; `python cli.py fit --help` lists every option")
+        message = model_parser_message(parser_message(e))
+        if "unrecognized arguments: --model.goals." in message:
+            fail("model.goals.* are the goal framework's knobs (model dreamer.goals.GoalDreamer): give "
+                 "--config configs/dreams.yaml before them, or --model dreamer.goals.GoalDreamer")
+        fail(f"{message}; `python cli.py fit --help` lists every option")
     except USER_ERRORS as e:
         if os.environ.get("DREAMER_TRACEBACK") == "1":
             raise
@@ -633,6 +687,20 @@ def parser_message(e: BaseException) -> str:
     """jsonargparse's (often multi-line) message as one line."""
     lines = [line.strip().rstrip(".:") for line in str(e).splitlines() if line.strip()]
     return ": ".join(lines)[:600] if lines else type(e).__name__
+
+
+def model_parser_message(message: str) -> str:
+    """jsonargparse's answer about a ``model`` option (a union over the model classes, long) as
+    the option and what is wrong with it; other messages unchanged."""
+    found = re.search(r"Problem with given class_path '([\w.]+)': (.*?): - Expected a <class 'NoneType'>.*?"
+                      r"NestedArg\(key='([^']*)', val='([^']*)'\)", message)
+    if not found:
+        return message
+    class_path, problem, key, value = found.groups()
+    if problem.startswith(("unrecognized arguments", "Option ")):
+        return f"unrecognized arguments: --model.{key} {value} ({class_path} has no such option)"
+    prefix = f'Parser key "{key}": '
+    return f"model.{key}: {problem.removeprefix(prefix)}"
 
 
 def one_line(e: BaseException) -> str:
@@ -693,6 +761,9 @@ def _cli(args: list[str] | None, run: bool) -> DreamerCLI:
     return DreamerCLI(
         Dreamer,
         ReplayDataModule,
+        subclass_mode_model=True,
+        # the run plumbing every run has, after the config's callbacks
+        trainer_defaults={"callbacks": [TrainingLog(), ValidationTable(), StopAtEnvSteps()]},
         parser_kwargs=parser_kwargs,
         save_config_callback=LogConfigToLoggers,
         save_config_kwargs={"overwrite": True},

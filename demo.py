@@ -63,8 +63,13 @@ def load_agent(path: str | os.PathLike) -> LoadedAgent:
                            num_levels=int(data.get("num_levels", 200)),
                            start_level=int(data.get("start_level", 0)))
     callbacks = " ".join(ckpt.get("callbacks", {}))
-    dreams_on = "DreamGeneration" in callbacks or agent.goals.track
+    dreams_on = has_goals(agent) and ("DreamGeneration" in callbacks or agent.goals.track)
     return LoadedAgent(agent, str(Path(path).expanduser()), game, levels, dreams_on)
+
+
+def has_goals(agent) -> bool:
+    """Whether ``agent`` pursues goals (the goal framework's ``GoalDreamer``; a plain Dreamer does not)."""
+    return hasattr(agent, "goals")
 
 
 def level_seed(levels: ProcgenConfig, split: str, index: int) -> int:
@@ -136,10 +141,11 @@ class DemoSession:
 
     def _observe(self) -> None:
         agent = self.loaded.agent
-        agent.goals.track = self.show_goals
+        if has_goals(agent):
+            agent.goals.track = self.show_goals
         with torch.no_grad():
             self.rollout.act(agent)
-            post, _, track = self.state
+            post, track = self.state.post, getattr(self.state, "goals", None)
             feat = agent.world_model.rssm.features(post)
             self.values.append(float(agent.actor_critic.value(feat)[0]))
             if track is not None:
@@ -179,10 +185,12 @@ class DemoSession:
         return visuals.value_trace_plot(np.array(self.values), rewards, "value estimate this episode")
 
     def goal(self) -> tuple[np.ndarray | None, str]:
+        if not has_goals(self.loaded.agent):
+            return None, "no goals: this agent is plain DreamerV3 (train with configs/dreams.yaml for goals)"
         track = self.state.goals
         if not self.show_goals or track is None:
             return None, "goals off (tick 'show goals')"
-        image = visuals.decode_goal(self.loaded.agent, track.goal)[0]
+        image = self.loaded.agent.decode_goal(track.goal)[0]
         sim = self.similarities[-1]
         thr = self.loaded.agent.goal_model.hp.threshold
         word = "matched" if sim >= thr else "not yet matched"

@@ -25,6 +25,7 @@ bytes really moved, so the roofline floor is the eager update's, not the fastest
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import sys
 import time
@@ -37,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.world_model_quality import parse_pairs  # noqa: E402
 from dreamer.agent import Dreamer  # noqa: E402
-from dreamer.update import GraphedUpdate, set_capturable, compile_update, update  # noqa: E402
+from dreamer.goals import GoalDreamer  # noqa: E402
+from dreamer.update import GraphedUpdate, compile_update, set_capturable, update  # noqa: E402
 
 
 def peak_rss_gb() -> float:
@@ -128,7 +130,8 @@ def bench(size: str, batch: int, seq: int, updates: int, device, precision: str 
           floor: bool = False, cuda_graph: bool = False, act_plans: tuple[int, ...] = (),
           **model_kwargs) -> dict[str, float]:
     torch.manual_seed(0)
-    model = Dreamer(size=size, overrides=overrides or None, **model_kwargs).to(device)
+    agent = GoalDreamer if act_plans else Dreamer  # acting toward goals needs the goal framework's
+    model = agent(size=size, overrides=overrides or None, **model_kwargs).to(device)
     optimizers = model.configure_optimizers()[:3]  # world model, actor, critic
     data = fake_batch(batch, seq, device)
     if compile:
@@ -196,10 +199,9 @@ def acting_speed(model: Dreamer, steps: int = 50, plan: int | None = None) -> fl
     env = ProcgenVectorEnv("coinrun", 16, num_levels=200, seed=0)
     obs, _ = env.reset()
     is_first, state = np.ones(16, bool), None
-    acting = {} if plan is None else {"mix_weight": 1.0, "plan": plan}
     start = time.perf_counter()
     try:
-        with model.goals.using(**acting):
+        with contextlib.nullcontext() if plan is None else model.goals.using(mix_weight=1.0, plan=plan):
             for _ in range(steps):
                 actions, state = model.act(torch.from_numpy(obs), torch.from_numpy(is_first), state)
                 obs, _, term, trunc, _ = env.step(actions.numpy().astype(np.int64))

@@ -7,7 +7,8 @@
   state model (gradients into the actor only).
 - ``DreamWeaning``: act with ``w * pi_g + (1 - w) * pi_actor``, ``w`` falling with env steps.
 
-Each one is optional; without them ``Dreamer`` trains exactly as plain DreamerV3.
+Each one is optional and each needs the goal framework's agent, ``dreamer.goals.GoalDreamer``
+(``configs/dreams.yaml`` selects it); without them a GoalDreamer trains exactly as plain DreamerV3.
 """
 
 from __future__ import annotations
@@ -20,10 +21,31 @@ import torch.nn.functional as F
 
 from callbacks.training import env_steps_of
 from datamodules.games import NUM_ACTIONS
-from dreamer.distributions import categorical_entropy
 from dreamer.distributed import step_optimizer
-from dreamer.goals import imagined_return
+from dreamer.distributions import categorical_entropy
+from dreamer.goals import GoalDreamer
+from dreamer.goals.model import imagined_return
 from dreamer.rssm import State
+
+
+def agent_problem(callback: str, agent_class: type) -> str | None:
+    """Why a dream callback cannot train an agent of ``agent_class``, or None."""
+    if issubclass(agent_class, GoalDreamer):
+        return None
+    return (f"{callback} trains the goal framework's agent, dreamer.goals.GoalDreamer, and this run's model "
+            f"is {agent_class.__module__}.{agent_class.__qualname__}: give --config configs/dreams.yaml (it "
+            "selects model.class_path dreamer.goals.GoalDreamer), or leave the dream callbacks out")
+
+
+class GoalCallback(pl.Callback):
+    """A callback of the goal framework: refuses a model that is not a ``GoalDreamer``, and makes
+    the model's goal state follow training (``GoalPursuit.learning``)."""
+
+    uses_goals = True
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if problem := agent_problem(type(self).__name__, type(pl_module)):
+            raise ValueError(problem)
 
 
 def _log(pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:
@@ -124,7 +146,7 @@ def random_dream_goals(pl_module, start: State, steps: int) -> torch.Tensor:
     return goals[k, torch.arange(len(k), device=goals.device)]
 
 
-class DreamGeneration(pl.Callback):
+class DreamGeneration(GoalCallback):
     """Every ``every_n_updates`` updates: imagine ``num_dreams`` dreams of ``horizon`` steps with
     the actor from replayed posterior states, score them, keep the best ``keep_fraction`` in a
     buffer of ``buffer_size`` dreams, and train the goal matcher ``matcher_updates`` times on
@@ -165,8 +187,6 @@ class DreamGeneration(pl.Callback):
     with ``model.goals.plan``), success judged in the evaluation dream, drawn apart from the planning
     ones.
     """
-
-    uses_goals = True  # the model's goal state follows training (GoalPursuit.learning)
 
     def __init__(
         self, every_n_updates: int = 4, num_dreams: int = 256, horizon: int = 15,
@@ -395,7 +415,7 @@ class DreamGeneration(pl.Callback):
         self.buffer.load_state_dict(state_dict["buffer"])
 
 
-class BridgeDistillation(pl.Callback):
+class BridgeDistillation(GoalCallback):
     """Every ``every_n_updates`` updates, on ``batch_size`` states from the dream buffer with goals
     from the state model, one actor step on ``coef * KL(pi_g(.|s,g) || pi_actor(.|s))``: the
     matcher is held fixed and only the actor's parameters change.
@@ -404,8 +424,6 @@ class BridgeDistillation(pl.Callback):
     Logs ``bridge/kl`` (before the step), ``bridge/transferred`` (KL removed by the step, nats)
     and ``bridge/coef``. Needs ``DreamGeneration`` earlier in the callback list.
     """
-
-    uses_goals = True  # the model's goal state follows training (GoalPursuit.learning)
 
     def __init__(
         self, coef: float = 1.0, schedule: str = "constant", decay_env_steps: int = 100_000,
@@ -422,6 +440,7 @@ class BridgeDistillation(pl.Callback):
         self.metrics: dict[str, float] = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         found = [c for c in trainer.callbacks if isinstance(c, DreamGeneration)]
         if not found or trainer.callbacks.index(found[0]) > trainer.callbacks.index(self):
             raise ValueError("BridgeDistillation needs a DreamGeneration callback listed before it "
@@ -459,15 +478,13 @@ class BridgeDistillation(pl.Callback):
         return {"bridge/kl": float(kl), "bridge/transferred": float(kl - after), "bridge/coef": coef}
 
 
-class DreamWeaning(pl.Callback):
+class DreamWeaning(GoalCallback):
     """Acting uses ``w * pi_g(.|s,g) + (1 - w) * pi_actor(.|s)`` with ``w = max(w_min, 1 - t / T)``,
     ``t`` environment steps and ``T = anneal_env_steps``. Goals come from the model's state model
     and are replaced when matched or after ``model.goals.steps`` steps (the same rule measures goal
     success in runs without this callback, so both arms of a comparison are measured alike).
     Validation acts with the weight of the current step. Logs ``weaning/weight``.
     """
-
-    uses_goals = True  # the model's goal state follows training (GoalPursuit.learning)
 
     def __init__(self, anneal_env_steps: int = 100_000, w_min: float = 0.0) -> None:
         if anneal_env_steps < 1:

@@ -1,5 +1,6 @@
-"""Run plumbing on our own counters: env-step checkpoints, the progress bar, what every update
-logs, and the validation table. ``Dreamer.configure_callbacks`` adds the last two to every run."""
+"""Run plumbing on our own counters: env-step checkpoints, the progress bar, the stop at
+``model.max_env_steps``, what every update logs, and the validation table. The CLI adds the last
+three to every run (``cli.py``: ``trainer_defaults``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
+from dreamer.compat import save_env_step_checkpoint
 from dreamer.distributed import gather_objects, mean_over_ranks
 from dreamer.tracking import log_points
 
@@ -52,13 +54,10 @@ class EnvStepCheckpoint(ModelCheckpoint):
                 f"nothing was saved, and {self.last_good()} holds the last finite state; lower the learning "
                 "rates or raise the optimisers' eps (model.world_model.eps, model.actor_critic.eps), then "
                 "resume or start over")
-        candidates = self._monitor_candidates(trainer)
-        candidates["env_steps"] = env_steps_of(trainer)
         # set first: the checkpoint records it, so a resume from it does not save it again
         before, self._saved_at = self._saved_at, env_steps_of(trainer)
         try:
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
+            save_env_step_checkpoint(self, trainer, env_steps_of(trainer))
         except BaseException:
             self._saved_at = before
             raise
@@ -205,11 +204,20 @@ class UpdateClock:
         return seconds
 
 
+class StopAtEnvSteps(Callback):
+    """Ends fit once the envs of all ranks have taken the model's ``max_env_steps`` environment
+    steps (checked after every update; the DataModule counts them)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if env_steps_of(trainer) >= pl_module.hparams.max_env_steps:
+            trainer.should_stop = True
+
+
 class TrainingLog(Callback):
     """Logs what an update returned (its losses, averaged over ranks), the update and env-step
     counters, and, once each at their own env step: updates/s, env steps/s and the share of wall
-    time spent in updates (every 5 s or more), the episodes that finished (every rank's) and the
-    goal success measured while acting.
+    time spent in updates (every 5 s or more), the episodes that finished (every rank's) and what
+    the agent measured while acting (``acting_metrics``: an extension's, e.g. goal success).
 
     Lightning keeps only every ``log_every_n_steps``-th step's values (counting batches from 1, as
     ``updates`` does): this logs, and takes the finished episodes, only then, so none is dropped.
@@ -264,12 +272,8 @@ class TrainingLog(Callback):
             for e in rank_episodes:  # each rank counts its own env steps; the axis counts all ranks'
                 points.append((e["env_steps"] * trainer.world_size,
                                {f"episode/{k}": e[k] for k in ("return", "length", "level_complete")}))
-        goal_metric = pl_module.goals.metrics["fit"]
-        if goal_metric.update_called:
-            goals = {f"goal/{k}": float(v) for k, v in goal_metric.compute().items() if not torch.isnan(v)}
-            goal_metric.reset()
-            if goals:
-                points.append((env_steps, goals))
+        if acting := pl_module.acting_metrics():
+            points.append((env_steps, acting))
         log_points(trainer.loggers, points)
 
 

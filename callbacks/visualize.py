@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -12,9 +13,44 @@ from PIL import Image
 from pytorch_lightning.loggers import MLFlowLogger
 
 from callbacks.training import env_steps_of
+from datamodules.collector import Rollout
 from datamodules.procgen import ProcgenVectorEnv, unseen_env
 from dreamer import visuals
-from dreamer.goals import isolated_rng
+from dreamer.distributions import isolated_rng
+
+
+class ActorPolicy:
+    """The agent acting with its actor alone (no goal pursuit), as in plain DreamerV3."""
+
+    def __init__(self, agent) -> None:
+        self.agent = agent
+
+    def act(self, obs: torch.Tensor, is_first: torch.Tensor, state: Any, reward: torch.Tensor | None = None):
+        post = self.agent.observe_step(obs, is_first, state)
+        action = self.agent.actor_critic.sample(self.agent.world_model.rssm.features(post))
+        return action.cpu(), (post, action)
+
+
+@torch.no_grad()
+def play(env, agent, steps: int) -> dict[str, np.ndarray]:
+    """Play ``steps`` steps from fresh episodes in every lane of ``env`` with the agent's actor.
+
+    Returns ``obs`` (N, L, 64, 64, 3) uint8, ``action`` (N, L) taken at each step (action[t] leads
+    to step t + 1), ``reward`` (N, L) received on arriving at each step, ``is_first`` (N, L), and
+    ``value`` (N, L) the critic's estimate at each step.
+    """
+    rollout, policy = Rollout(env), ActorPolicy(agent)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("obs", "action", "reward", "is_first", "value")}
+    reward = np.zeros(env.num_envs, np.float32)  # kept at a reset: an episode's final reward
+    for _ in range(steps):
+        rollout.act(policy)
+        feat = agent.world_model.rssm.features(rollout.state[0])
+        out["value"].append(agent.actor_critic.value(feat).cpu().numpy())
+        t = rollout.step()
+        for key, value in (("obs", t.obs), ("reward", reward), ("is_first", t.is_first), ("action", t.action)):
+            out[key].append(value)
+        reward = t.reward.astype(np.float32)
+    return {k: np.stack(v, 1) for k, v in out.items()}
 
 
 class DreamVisualizer(pl.Callback):
@@ -106,7 +142,7 @@ class DreamVisualizer(pl.Callback):
         length = self.context + max(self.horizon, self.gif_steps)
         env = self._env(trainer, self.lanes, self.seed)
         try:
-            played = visuals.play(env, agent, length)
+            played = play(env, agent, length)
         finally:
             env.close()
         obs, action, is_first = played["obs"], played["action"], played["is_first"]
@@ -119,7 +155,7 @@ class DreamVisualizer(pl.Callback):
                                  is_first[lane : lane + 1], self.context, self.gif_steps)
         trace_env = self._env(trainer, 1, self.seed + 1)
         try:
-            trace = visuals.episode_trace(visuals.play(trace_env, agent, self.trace_steps))
+            trace = visuals.episode_trace(play(trace_env, agent, self.trace_steps))
         finally:
             trace_env.close()
 

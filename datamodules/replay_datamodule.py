@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules import checks
 from datamodules.collector import Collector, Policy, TrainRatio, evaluate
-from datamodules.games import RandomPolicy
+from datamodules.games import NUM_ACTIONS, OBS_SHAPE, RandomPolicy
 from datamodules.procgen import ProcgenConfig, ProcgenVectorEnv, make_env_pair, training_levels_env
 from datamodules.replay import SequenceReplay, replay_batch, store_posteriors
 from datamodules.resume import datamodule_state, load_datamodule_state
@@ -45,6 +45,9 @@ class ReplayDataModule(pl.LightningDataModule):
 
     argument_problem = staticmethod(checks.argument_problem)
     resume_problem = staticmethod(checks.resume_problem)
+    # the spaces of every game and sanity task, which the CLI hands to the agent
+    num_actions = NUM_ACTIONS
+    obs_shape = OBS_SHAPE
 
     def __init__(
         self,

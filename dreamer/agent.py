@@ -7,15 +7,22 @@ from typing import Any, NamedTuple
 import pytorch_lightning as pl
 import torch
 
-from callbacks.training import TrainingLog, ValidationTable
-from datamodules.games import NUM_ACTIONS, OBS_SHAPE
 from dreamer.actor_critic import ActorCritic
 from dreamer.checkpoints import load_agent_state, save_agent_state, trainer_of
-from dreamer.compat import ignore_in_ddp
-from dreamer.config import (CNN_MULTS, KNOBS, SIZES, ActorCriticKnobs, GoalKnobs, OptimizerKnobs, WorldModelKnobs,
-                            argument_problem, cuda_graph_problem, module_args, precision_problem, without_optimiser)
-from dreamer.goal_space import make_goal_space
-from dreamer.goals import GoalMatcher, GoalPursuit, GoalStateModel, GoalTrack
+from dreamer.compat import count_optimizer_step
+from dreamer.config import (
+    CNN_MULTS,
+    KNOBS,
+    SIZES,
+    ActorCriticKnobs,
+    OptimizerKnobs,
+    WorldModelKnobs,
+    argument_problem,
+    cuda_graph_problem,
+    module_args,
+    precision_problem,
+    without_optimiser,
+)
 from dreamer.memory import keep_freed_memory
 from dreamer.optim import LaProp
 from dreamer.rssm import State
@@ -28,22 +35,23 @@ class ActingState(NamedTuple):
 
     post: State  # posterior (N, ...) after the latest frames
     action: torch.Tensor  # (N,) the actions just taken from it
-    goals: GoalTrack | None = None  # goal pursuit, when goals are on
 
 
 class Dreamer(pl.LightningModule):
     """DreamerV3 on Procgen: world model and actor-critic trained together, one backward per update.
 
     ``size`` picks a preset from ``SIZES`` and ``overrides`` replaces single entries of it;
-    ``world_model``, ``actor_critic`` and ``goals`` set those modules' knobs, optimisers included
-    (``KNOBS`` in ``dreamer/config.py`` lists them with defaults and ranges). The networks follow
-    the newest DreamerV3 reference; ``norm`` is LayerNorm or DreamerV3's RMSNorm
-    (slower on CPUs). A batch with a replay context starts from the latents stored in replay and
-    the update writes its posteriors back. Training stops once the DataModule has taken
-    ``max_env_steps`` environment steps, the x-axis of every metric.
+    ``world_model``, ``actor_critic`` and ``optimizer`` set those modules' knobs (``KNOBS`` in
+    ``dreamer/config.py`` lists them with defaults and ranges). The networks follow the newest
+    DreamerV3 reference; ``norm`` is LayerNorm or DreamerV3's RMSNorm (slower on CPUs).
+    ``num_actions`` and ``obs_shape`` are the env's (the CLI takes them from the DataModule) and
+    stay in the checkpoint, so an agent restores without an env. A batch with a replay context
+    starts from the latents stored in replay and the update writes its posteriors back. A run
+    stops once its envs have taken ``max_env_steps`` environment steps, the x-axis of every metric
+    (``callbacks.training.StopAtEnvSteps``).
 
-    Goal pursuit (``dreamer/goals.py``) runs only when goals are on, on its own random stream, so
-    plain DreamerV3 trains bit for bit the same. ``compile`` applies ``compile_update`` at fit start.
+    The goal framework extends this class (``dreamer.goals.GoalDreamer``); this one knows nothing
+    of it. ``compile`` applies ``compile_update`` at fit start.
     ``cuda_graph`` replays each update as one CUDA graph (``GraphedUpdate``: on one GPU, the same
     updates as eager, 3.7x faster at 12M on an H200); batches must keep their shapes.
     """
@@ -54,44 +62,40 @@ class Dreamer(pl.LightningModule):
         overrides: dict[str, int | list[int]] | None = None,
         world_model: WorldModelKnobs = WorldModelKnobs(),
         actor_critic: ActorCriticKnobs = ActorCriticKnobs(),
-        goals: GoalKnobs = GoalKnobs(),
         optimizer: OptimizerKnobs = OptimizerKnobs(),
         norm: str = "layer",
         max_env_steps: int = 100_000,
         compile: bool = False,
         cuda_graph: bool = False,
+        num_actions: int = 15,
+        obs_shape: tuple[int, int, int] = (64, 64, 3),
     ) -> None:
         super().__init__()
-        problem = argument_problem(dict(locals()))
+        self.save_hyperparameters(logger=False)  # a subclass's arguments too; the CLI logs the whole config
+        problem = self.argument_problem(dict(self.hparams))
         if problem:
             raise ValueError(problem)
         keep_freed_memory()
-        self.save_hyperparameters(logger=False)  # the CLI logs the whole config
-        for group in KNOBS:  # a checkpoint records every knob, given or default
-            self.hparams[group] = module_args(group, self.hparams[group])
-        wm, ac, goal = self.hparams.world_model, self.hparams.actor_critic, self.hparams.goals
-        arch = {**SIZES[size], "cnn_mults": CNN_MULTS, **(overrides or {})}
-        self.world_model = WorldModel(NUM_ACTIONS, **{k: v for k, v in arch.items() if k != "layers"},
-                                      norm=norm, obs_shape=OBS_SHAPE, **without_optimiser(wm))
-        feat = self.world_model.rssm.feat_dim
-        self.actor_critic = ActorCritic(feat, NUM_ACTIONS, arch["units"], arch["layers"], norm=norm,
-                                        **without_optimiser(ac))
-        with torch.random.fork_rng(devices=[]):  # plain DreamerV3 keeps its random stream
-            space = make_goal_space(goal["space"], arch["deter"], arch["stoch"] * arch["classes"], NUM_ACTIONS,
-                                    goal["space_dim"], arch["units"], steps=goal["offset"])
-            self.goal_matcher = GoalMatcher(feat, space.dim, NUM_ACTIONS, arch["units"], arch["layers"],
-                                            goal["matcher_lr"], reward=goal["matcher_reward"])
-        self.goal_model = GoalStateModel(arch["deter"], goal["strategy"], goal["threshold"], goal["rollouts"],
-                                         ac["horizon"], goal["offset"], gamma=ac["gamma"], space=space,
-                                         actor_tries=goal["actor_tries"])
-        # acting's goal mode and success metrics
-        self.goals = GoalPursuit(goal["steps"], goal["track"], goal["plan"], goal["plan_horizon"])
+        for group in self.KNOBS:  # a checkpoint records every knob, given or default
+            self.hparams[group] = module_args(group, self.hparams.get(group), self.KNOBS)
+        self.hparams.obs_shape = tuple(obs_shape)
+        wm, ac = self.hparams.world_model, self.hparams.actor_critic
+        self.arch = {**SIZES[size], "cnn_mults": CNN_MULTS, **(overrides or {})}
+        self.world_model = WorldModel(num_actions, **{k: v for k, v in self.arch.items() if k != "layers"},
+                                      norm=norm, obs_shape=tuple(obs_shape), **without_optimiser(wm))
+        self.actor_critic = ActorCritic(self.world_model.rssm.feat_dim, num_actions, self.arch["units"],
+                                        self.arch["layers"], norm=norm, **without_optimiser(ac))
         self.last_post: State | None = None  # posteriors of the latest batch, for the callbacks
         self.automatic_optimization = False
-        # DDP leaves alone what trains outside its forward (averaging its own gradients) and each rank's goal bank
-        ignore_in_ddp(self, ("goal_matcher.", "goal_model.space.", "goal_model.bank_"))
         self.updates = 0
         self.graphed_update: GraphedUpdate | None = None  # built at the first update under cuda_graph
+
+    KNOBS = KNOBS  # the groups of knobs this agent takes
+
+    @classmethod
+    def argument_problem(cls, args: Any) -> str | None:
+        """What is wrong with this class's arguments (a mapping of them), or None."""
+        return argument_problem(args, cls.KNOBS)
 
     @property
     def latent_sizes(self) -> dict[str, int]:
@@ -111,14 +115,12 @@ class Dreamer(pl.LightningModule):
                 raise ValueError(problem)
         if self.hparams.compile and stage == "fit":
             compile_update(self)
-        if trainer is not None and stage == "fit":
-            self.goals.learning = self.goals.track or any(getattr(cb, "uses_goals", False) for cb in trainer.callbacks)
         if trainer is not None and trainer.world_size > 1:
             # Lightning seeds every rank alike (the weights start equal); from here each rank
             # draws its own acting and imagination noise. A resume restores each rank's stream.
             torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
 
-    OPTIMIZERS = ("world_model", "actor", "critic", "goal_matcher")  # configure_optimizers' order
+    OPTIMIZERS = ("world_model", "actor", "critic")  # configure_optimizers' order
 
     def optimizer(self, name: str):
         """The optimiser (Lightning's wrapper of it while training) of ``name`` in ``OPTIMIZERS``."""
@@ -134,7 +136,6 @@ class Dreamer(pl.LightningModule):
             make(self.world_model.parameters(), wm["lr"], wm["eps"]),
             make(self.actor_critic.actor.parameters(), ac["actor_lr"], ac["eps"]),
             make(self.actor_critic.critic.parameters(), ac["critic_lr"], ac["eps"]),
-            self.goal_matcher.configure_optimizers(),
         ]
 
     def imagine(self, post: State, is_terminal: torch.Tensor):
@@ -169,22 +170,14 @@ class Dreamer(pl.LightningModule):
                 self.graphed_update = GraphedUpdate(self, [opt.optimizer for opt in optimizers])
             loss, metrics = self.graphed_update(batch)
             for opt in optimizers:  # the graph steps the raw optimisers: count the steps as Lightning does
-                opt._on_before_step()
-                opt._on_after_step()
+                count_optimizer_step(opt)
         else:
             loss, metrics = update(self, optimizers, batch, backward=self.manual_backward)
         dm = self.trainer.datamodule
         if "context" in batch and dm is not None:
             dm.store_latents(batch, self.last_post)
-        if self.goals.learning:
-            metrics.update(self.goal_model.observe(self.last_post, batch["is_first"], batch["action"], seed=self.updates))
         self.updates += 1
-        if dm is not None and dm.total_env_steps >= self.hparams.max_env_steps:
-            self.trainer.should_stop = True
         return {"loss": loss.detach(), "metrics": metrics, "post": self.last_post}  # for the callbacks
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        return [TrainingLog(), ValidationTable()]
 
     # ---------------------------------------------------------------- acting
     # eager under --model.compile: env counts and no-grad mode would recompile the training graphs
@@ -196,16 +189,11 @@ class Dreamer(pl.LightningModule):
     ) -> tuple[torch.Tensor, ActingState]:
         """Sample actions (N,) for uint8 frames (N, 64, 64, 3), carrying an ``ActingState``; the
         recurrent state restarts where ``is_first``. ``reward`` (N,), received on arriving at
-        ``obs``, only feeds the goal metrics."""
+        ``obs``, is for extensions (goal metrics)."""
         is_first = is_first.to(self.device) if state is not None else torch.ones_like(is_first, device=self.device)
         post = self.observe_step(obs, is_first, state)
-        feat = self.world_model.rssm.features(post)
-        if not self.goals.on:
-            action = self.actor_critic.sample(feat)
-            return action.cpu(), ActingState(post, action)
-        track = ActingState(*state).goals if state is not None else None
-        action, track = self.goals.act(self, post, feat, is_first, reward, track)
-        return action.cpu(), ActingState(post, action, track)
+        action = self.actor_critic.sample(self.world_model.rssm.features(post))
+        return action.cpu(), ActingState(post, action)
 
     @torch.compiler.set_stance("force_eager")
     @torch.no_grad()
@@ -213,15 +201,25 @@ class Dreamer(pl.LightningModule):
         """``world_model.observe_step`` from ``state`` (an ``ActingState`` or (posterior, action))."""
         return self.world_model.observe_step(obs.to(self.device), is_first.to(self.device), *(state or ())[:2])
 
+    def acting_metrics(self) -> dict[str, float]:
+        """What acting measured since the last call, for the training log (every rank calls it
+        together); plain DreamerV3 measures nothing beside the episodes."""
+        return {}
+
     # ---------------------------------------------------------------- validation
+    def play_validation(self, split: str) -> dict[str, float]:
+        """Play this rank's share of the validation episodes of ``split`` on its own envs, in
+        float32 as when collecting; the DataModule's summary (return, return_se, ...)."""
+        dm = self.trainer.datamodule
+        with torch.autocast(self.device.type, enabled=False):
+            return dm.evaluate(self, split, episodes=-(-dm.hparams.val_episodes // self.trainer.world_size))
+
     def validation_step(self, split: str, batch_idx: int) -> None:
         dm = self.trainer.datamodule
-        # each rank plays its share of the episodes on its own envs; in float32, as when collecting
-        with self.goals.measuring(split) as goal_summary, torch.autocast(self.device.type, enabled=False):
-            summary = dm.evaluate(self, split, episodes=-(-dm.hparams.val_episodes // self.trainer.world_size))
+        summary = self.play_validation(split)
         # the ranks' mean of return_se / sqrt(ranks): the pooled mean's SE when the ranks' spreads agree
         summary["return_se"] /= self.trainer.world_size ** 0.5
-        for key, value in {**summary, **goal_summary}.items():
+        for key, value in summary.items():
             self.log(f"val/{split}/{key}", value, on_step=False, on_epoch=True, batch_size=1,
                      sync_dist=True, reduce_fx="sum" if key == "episodes" else "mean")
         self.log("step", float(dm.total_env_steps), on_step=False, on_epoch=True, batch_size=1)

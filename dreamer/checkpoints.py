@@ -1,8 +1,9 @@
 """Checkpoint reading and checking, and what a Dreamer checkpoint carries beside the weights:
-the update count, every rank's random streams and the game."""
+the update count, every rank's random streams, the game and the agent's class."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import zipfile
@@ -11,8 +12,8 @@ from typing import Any
 
 import torch
 
-from dreamer.config import grouped
 from dreamer.distributed import gather_objects
+from dreamer.migrations import agent_class_path, grouped, upgrade
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -72,13 +73,18 @@ SHAPING_KNOBS = {"downsample": "stride", "upsample": "transposed"}
 
 def checkpoint_mismatch(
     checkpoint: dict[str, Any], size: str, overrides: dict | None, game: str | None, optimizer: str | None = None,
-    world_model: Any = None,
+    world_model: Any = None, agent_class: str | None = None,
 ) -> list[str]:
-    """What differs between a checkpoint and a run (model size, size overrides, the world-model
-    knobs that shape its weights, game, and with ``optimizer`` the kind of optimiser, whose state
-    would not carry over)."""
+    """What differs between a checkpoint and a run (with ``agent_class`` the agent's class, model
+    size, size overrides, the world-model knobs that shape its weights, game, and with
+    ``optimizer`` the kind of optimiser, whose state would not carry over)."""
     saved = checkpoint.get("hyper_parameters", {})
     differences = []
+    theirs = agent_class_path(checkpoint)
+    if agent_class is not None and theirs != agent_class:
+        differences.append(f"model class: checkpoint {theirs.rpartition('.')[2]} ({theirs}), this run "
+                           f"{agent_class.rpartition('.')[2]} ({agent_class}); a run with the dream callbacks "
+                           "(configs/dreams.yaml) trains a GoalDreamer, a plain run a Dreamer")
     for key, value in (("size", size), ("overrides", overrides)):
         if saved.get(key) != value:
             differences.append(f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}")
@@ -114,24 +120,8 @@ def save_agent_state(agent, checkpoint: dict[str, Any]) -> None:
         "torch_rng": torch.get_rng_state(),
         "rng_per_rank": gather_objects(rng_state(agent.device)),  # objects: nccl gathers no CPU tensors
         "game": dm.hparams.game if dm is not None else None,
+        "agent_class": f"{type(agent).__module__}.{type(agent).__qualname__}",
     }
-
-
-def upgrade_checkpoint(agent, checkpoint: dict[str, Any]) -> None:
-    """In place: a checkpoint written before the goal bank kept the replayed actions of its pairs
-    gets them as unknown; one written before the goal matcher had a critic gets the matcher's
-    policy as its actor, a fresh critic, and (to resume) a fresh matcher optimiser state."""
-    from dreamer.goals import upgrade_matcher_weights
-
-    state = checkpoint.get("state_dict", {})
-    if "goal_model.bank_goal" in state and "goal_model.bank_path" not in state:
-        state["goal_model.bank_path"] = agent.goal_model.bank_path.new_full(agent.goal_model.bank_path.shape, -1)
-    if not any(k.startswith("goal_matcher.policy.") for k in state):
-        return
-    upgrade_matcher_weights(state, agent.state_dict())
-    optimizers = checkpoint.get("optimizer_states")
-    if optimizers and len(optimizers) == len(agent.OPTIMIZERS):
-        optimizers[agent.OPTIMIZERS.index("goal_matcher")] = agent.goal_matcher.configure_optimizers().state_dict()
 
 
 def load_agent_state(agent, checkpoint: dict[str, Any]) -> None:
@@ -145,11 +135,7 @@ def load_agent_state(agent, checkpoint: dict[str, Any]) -> None:
                                       hp.optimizer["kind"] if resuming else None, hp.world_model)
     if differences:
         raise ValueError("checkpoint does not match this run; " + "; ".join(differences))
-    space = (grouped(checkpoint.get("hyper_parameters") or {}).get("goals") or {}).get("space", "deter")
-    if space != hp.goals["space"]:
-        raise ValueError(f"the checkpoint's goal space is {space!r}, this run's {hp.goals['space']!r}; "
-                         f"resume with --model.goals.space {space}")
-    upgrade_checkpoint(agent, checkpoint)
+    upgrade(agent, checkpoint)
     # (module extra state, e.g. a learned goal space's optimiser, is a dict: no shape)
     saved = {k: tuple(getattr(v, "shape", ())) for k, v in checkpoint.get("state_dict", {}).items()}
     own = {k: tuple(getattr(v, "shape", ())) for k, v in agent.state_dict().items()}
@@ -170,17 +156,25 @@ def load_agent_state(agent, checkpoint: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch_rng"])
 
 
-def restore_agent(ckpt: dict[str, Any], path: str | os.PathLike = "the checkpoint"):
-    """The Dreamer saved in ``ckpt`` (from ``read_checkpoint``), its weights loaded, in eval mode."""
-    from dreamer.agent import Dreamer  # the agent imports this module for its state hooks
+def agent_class(checkpoint: dict[str, Any]) -> type:
+    """The class ``checkpoint`` restores into (``migrations.agent_class_path``), imported by name."""
+    module, _, name = agent_class_path(checkpoint).rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
-    allowed = inspect.signature(Dreamer.__init__).parameters
+
+def restore_agent(ckpt: dict[str, Any], path: str | os.PathLike = "the checkpoint"):
+    """The agent saved in ``ckpt`` (from ``read_checkpoint``; a ``Dreamer``, or the class it
+    records), its weights loaded, in eval mode."""
+    cls = agent_class(ckpt)
+    allowed = inspect.signature(cls.__init__).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in allowed.values()):  # an extension passes the rest on
+        allowed = {**allowed, **inspect.signature(cls.__mro__[1].__init__).parameters}
     hparams = {k: v for k, v in grouped(ckpt["hyper_parameters"]).items() if k in allowed}
     try:
-        agent = Dreamer(**hparams)
-        upgrade_checkpoint(agent, ckpt)
+        agent = cls(**hparams)
+        upgrade(agent, ckpt)
         agent.load_state_dict(ckpt["state_dict"])
     except (ValueError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"{path} does not hold a Dreamer this code can restore: "
+        raise CheckpointError(f"{path} does not hold a {cls.__name__} this code can restore: "
                               f"{str(e).splitlines()[0][:300]}") from None
     return agent.eval()

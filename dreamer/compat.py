@@ -26,6 +26,9 @@ PRIVATE: list[tuple[str, str, str]] = [
      "_monitor_candidates, _save_topk_checkpoint, _save_last_checkpoint, _save_checkpoint",
      "EnvStepCheckpoint saves at env-step counts (no epoch or step trigger fits) and writes "
      "through a temporary file; the public hooks only save on Lightning's own triggers"),
+    ("pytorch_lightning.core.optimizer.LightningOptimizer", "_on_before_step, _on_after_step",
+     "a CUDA graph steps the raw optimisers; Lightning counts optimiser steps (global_step) only "
+     "through its wrapper's step(), which would step them a second time"),
     ("pytorch_lightning.cli.LightningCLI", "_parse_ckpt_path",
      "overridden to check a checkpoint's size and game before Lightning reads its hyperparameters"),
     ("procgen.ProcgenGym3Env (gym3)", "_c_lib, _c_env, _ac, _rew, _first, _ob, _info",
@@ -42,6 +45,21 @@ def ignore_in_ddp(module: Any, prefixes: tuple[str, ...]) -> None:
     with one of ``prefixes`` alone."""
     names = [name for name, _ in [*module.named_parameters(), *module.named_buffers()] if name.startswith(prefixes)]
     module._ddp_params_and_buffers_to_ignore = names
+
+
+def count_optimizer_step(optimizer: Any) -> None:
+    """Counts one step of a Lightning-wrapped optimiser whose raw optimiser was stepped outside it."""
+    optimizer._on_before_step()
+    optimizer._on_after_step()
+
+
+def save_env_step_checkpoint(callback: Any, trainer: Any, env_steps: int) -> None:
+    """A ``ModelCheckpoint``'s save now, as its own triggers would save: its top-k file (named
+    with ``env_steps``) and ``last.ckpt``."""
+    candidates = callback._monitor_candidates(trainer)
+    candidates["env_steps"] = env_steps
+    callback._save_topk_checkpoint(trainer, candidates)
+    callback._save_last_checkpoint(trainer, candidates)
 
 
 def mlflow_ids(logger: Any) -> tuple[str | None, str | None]:

@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, NamedTuple
 
-from dreamer.goal_space import SPACES
-from dreamer.goals import MATCHER_REWARDS, STRATEGIES
 from dreamer.nets import BLOCK_INITS, DOWNSAMPLES, NORMS, UPSAMPLES
 
 # deter / hidden / stoch (categoricals) / classes / cnn depth / mlp units / actor, critic and goal
@@ -115,30 +113,6 @@ class ActorCriticKnobs:
     clip: float = knob(100.0, 0, float("inf"), False)
 
 
-@dataclass(frozen=True)
-class GoalKnobs:
-    """``model.goals``: the goal space (``space``, and ``space_dim`` for the learned ``inverse`` and ``multistep``;
-    see ``dreamer/goal_space.py``), goal proposals, matching, the matcher's optimiser, and ``track``
-    (measure goal success while acting without DreamWeaning); ``matcher_reward`` is the goal reward
-    of the matcher's RL (``GoalMatcher``); ``actor_tries`` the imagined actor rollouts that must all
-    miss a ``hard`` or ``control`` goal; ``plan`` (0: off) the dreams of ``plan_horizon`` steps that
-    choose each action while the matcher acts (``GoalPursuit.planned``); see ``dreamer/goals.py``."""
-
-    space: str = knob("deter", choices=SPACES)
-    space_dim: int = knob(32, 1, 4096, integer=True)
-    strategy: str = knob("value", choices=STRATEGIES)
-    threshold: float = knob(0.7, 0, 1, False)
-    rollouts: int = knob(8, 1, 4096, integer=True)
-    offset: int = knob(8, 1, 10_000, integer=True)
-    steps: int = knob(32, 1, 1_000_000, integer=True)
-    matcher_lr: float = knob(3e-4, 0, 1, False)
-    matcher_reward: str = knob("similarity", choices=MATCHER_REWARDS)
-    track: bool = knob(False, choices=(False, True))
-    actor_tries: int = knob(1, 1, 64, integer=True)
-    plan: int = knob(0, 0, 1024, integer=True)
-    plan_horizon: int = knob(8, 1, 256, integer=True)
-
-
 OPTIMIZERS = ("adam", "laprop")
 
 
@@ -156,9 +130,8 @@ class OptimizerKnobs:
     warmup: int = knob(1000, 0, 10**9, integer=True)
 
 
-KNOBS = {"world_model": WorldModelKnobs, "actor_critic": ActorCriticKnobs, "goals": GoalKnobs,
-         "optimizer": OptimizerKnobs}
-OPTIMISER_KNOBS = ("lr", "eps", "clip", "actor_lr", "critic_lr", "matcher_lr")
+KNOBS = {"world_model": WorldModelKnobs, "actor_critic": ActorCriticKnobs, "optimizer": OptimizerKnobs}
+OPTIMISER_KNOBS = ("lr", "eps", "clip", "actor_lr", "critic_lr")
 
 
 def as_dict(given: Any) -> dict[str, Any]:
@@ -168,40 +141,14 @@ def as_dict(given: Any) -> dict[str, Any]:
     return given.as_dict() if hasattr(given, "as_dict") else dict(given or {})
 
 
-def module_args(group: str, given: Any) -> dict[str, Any]:
-    """Every knob of ``group``: the given ones, the defaults for the rest."""
-    return asdict(KNOBS[group](**as_dict(given)))
+def module_args(group: str, given: Any, knobs: dict[str, type] = KNOBS) -> dict[str, Any]:
+    """Every knob of ``group`` (of ``knobs``): the given ones, the defaults for the rest."""
+    return asdict(knobs[group](**as_dict(given)))
 
 
 def without_optimiser(args: dict[str, Any]) -> dict[str, Any]:
     """A module's knobs less its optimiser's: what its constructor takes."""
     return {k: v for k, v in args.items() if k not in OPTIMISER_KNOBS}
-
-
-# Dreamer's arguments before they were grouped by module: old checkpoints restore through these
-FLAT_ARGUMENTS = {
-    **{k: ("world_model", k) for k in ("free_bits", "scale_dyn", "scale_rep")},
-    "world_model_lr": ("world_model", "lr"), "world_model_eps": ("world_model", "eps"),
-    "world_model_clip": ("world_model", "clip"), "actor_critic_eps": ("actor_critic", "eps"),
-    "actor_critic_clip": ("actor_critic", "clip"),
-    **{k: ("actor_critic", k) for k in ("horizon", "gamma", "lam", "entropy", "repval", "actor_lr", "critic_lr")},
-    **{f"goal_{k}": ("goals", k) for k in ("strategy", "threshold", "rollouts", "offset", "steps")},
-    "matcher_lr": ("goals", "matcher_lr"), "track_goals": ("goals", "track"),
-}
-
-
-def grouped(hparams: dict[str, Any]) -> dict[str, Any]:
-    """Arguments of an older Dreamer (flat names, ``world_model_args``, ``actor_critic_args``) in
-    today's groups; today's arguments unchanged."""
-    out = {k: v for k, v in hparams.items()
-           if k not in FLAT_ARGUMENTS and k not in ("world_model_args", "actor_critic_args")}
-    for old, new in (("world_model_args", "world_model"), ("actor_critic_args", "actor_critic")):
-        if hparams.get(old):
-            out[new] = {**(out.get(new) or {}), **hparams[old]}
-    for key, (group, name) in FLAT_ARGUMENTS.items():
-        if key in hparams:
-            out[group] = {**(out.get(group) or {}), name: hparams[key]}
-    return out
 
 
 def _range_problem(name: str, value: Any, low: float, high: float, low_ok: bool, integer: bool = False) -> str | None:
@@ -213,9 +160,10 @@ def _range_problem(name: str, value: Any, low: float, high: float, low_ok: bool,
     return None
 
 
-def argument_problem(args: Any) -> str | None:
+def argument_problem(args: Any, knobs: dict[str, type] = KNOBS) -> str | None:
     """What is wrong with Dreamer's arguments, a mapping of them (the first problem, with what is
-    allowed), or None. The CLI asks before it builds anything."""
+    allowed), or None; ``knobs`` the groups of knobs the agent takes. The CLI asks before it
+    builds anything."""
     size, overrides = args["size"], args["overrides"] or {}
     if size not in SIZES:
         return f"unknown model size {size!r}; allowed: {', '.join(SIZES)}"
@@ -232,8 +180,8 @@ def argument_problem(args: Any) -> str | None:
             return f"model.overrides.{key} must be a positive integer, got {value!r}"
     if problem := _range_problem("max_env_steps", args["max_env_steps"], 1, float("inf"), True, True):
         return problem
-    for group, knobs in KNOBS.items():
-        given, allowed = args.get(group), {f.name: f for f in fields(knobs)}
+    for group, group_knobs in knobs.items():
+        given, allowed = args.get(group), {f.name: f for f in fields(group_knobs)}
         if given is not None and not is_dataclass(given) and not isinstance(given, dict) and not hasattr(given, "as_dict"):
             return f"model.{group} must be a mapping of its knobs ({', '.join(allowed)}), got {given!r}"
         given = as_dict(given)
@@ -248,8 +196,4 @@ def argument_problem(args: Any) -> str | None:
                 return problem
     if args["norm"] not in NORMS:
         return f"unknown model.norm {args['norm']!r}; allowed: {', '.join(NORMS)}"
-    goals = module_args("goals", args.get("goals"))
-    if goals["space"] == "multistep" and goals["offset"] < 2:
-        return (f"model.goals.space multistep learns from steps 2 or more apart, up to model.goals.offset; "
-                f"got offset {goals['offset']}: set it to 2 or more, or use the inverse space")
     return None

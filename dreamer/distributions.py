@@ -1,6 +1,9 @@
-"""symlog / symexp, two-hot targets over symexp-spaced bins, and categoricals with unimix."""
+"""symlog / symexp, two-hot targets over symexp-spaced bins, categoricals with unimix, and blocks
+run on their own random stream."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -120,3 +123,15 @@ def categorical_kl(lhs_logits: torch.Tensor, rhs_logits: torch.Tensor) -> torch.
 
 def categorical_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logits.exp() * logits).sum(-1)
+
+
+@contextlib.contextmanager
+def isolated_rng(device: torch.device, seed: int):
+    """Run a block on its own random stream, leaving the caller's RNG exactly as it was.
+
+    Bookkeeping beside training (goal pursuit, dream pictures) must not change what training draws.
+    """
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(seed)
+        yield

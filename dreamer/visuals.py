@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from dreamer.rssm import State
@@ -30,53 +29,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def decode(agent, feat: torch.Tensor) -> np.ndarray:
     """uint8 frames (..., 64, 64, 3) the world model decodes from features (..., F)."""
     return to_uint8(agent.world_model.decoder(feat))
-
-
-@torch.no_grad()
-def decode_goal(agent, goal: torch.Tensor) -> np.ndarray:
-    """Frames (N, 64, 64, 3) of goal ``deter`` states (N, D): the prior's most likely latent is
-    taken for the stochastic part."""
-    rssm = agent.world_model.rssm
-    logits = rssm.prior_net(goal).reshape(len(goal), rssm.stoch, rssm.classes)
-    stoch = F.one_hot(logits.argmax(-1), rssm.classes).float()
-    return decode(agent, rssm.features({"deter": goal, "stoch": stoch}))
-
-
-# ------------------------------------------------------------------ collecting real experience
-class ActorPolicy:
-    """The agent acting with its actor alone (no goal pursuit), as in plain DreamerV3."""
-
-    def __init__(self, agent) -> None:
-        self.agent = agent
-
-    def act(self, obs: torch.Tensor, is_first: torch.Tensor, state: Any, reward: torch.Tensor | None = None):
-        post = self.agent.observe_step(obs, is_first, state)
-        action = self.agent.actor_critic.sample(self.agent.world_model.rssm.features(post))
-        return action.cpu(), (post, action)
-
-
-@torch.no_grad()
-def play(env, agent, steps: int) -> dict[str, np.ndarray]:
-    """Play ``steps`` steps from fresh episodes in every lane of ``env`` with the agent's actor.
-
-    Returns ``obs`` (N, L, 64, 64, 3) uint8, ``action`` (N, L) taken at each step (action[t] leads
-    to step t + 1), ``reward`` (N, L) received on arriving at each step, ``is_first`` (N, L), and
-    ``value`` (N, L) the critic's estimate at each step.
-    """
-    from datamodules.collector import Rollout  # the env side; dreamer/ imports without it
-
-    rollout, policy = Rollout(env), ActorPolicy(agent)
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("obs", "action", "reward", "is_first", "value")}
-    reward = np.zeros(env.num_envs, np.float32)  # kept at a reset: an episode's final reward
-    for _ in range(steps):
-        rollout.act(policy)
-        feat = agent.world_model.rssm.features(rollout.state[0])
-        out["value"].append(agent.actor_critic.value(feat).cpu().numpy())
-        t = rollout.step()
-        for key, value in (("obs", t.obs), ("reward", reward), ("is_first", t.is_first), ("action", t.action)):
-            out[key].append(value)
-        reward = t.reward.astype(np.float32)
-    return {k: np.stack(v, 1) for k, v in out.items()}
 
 
 # ------------------------------------------------------------------ dreams

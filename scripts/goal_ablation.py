@@ -160,7 +160,9 @@ def run_arm(arm: str, config: list[str], seed: int, steps: int, extra: list[str]
     for c in config + ARM_CONFIGS[arm]:
         args += ["--config", str(ROOT / c) if not Path(c).is_absolute() else c]
     args += ["--seed_everything", str(seed), "--data.seed", str(seed),
-             "--model.max_env_steps", str(steps), "--model.goals.track", "true",
+             "--model.max_env_steps", str(steps),
+             # every arm measures goal success alike: the plain arm is a GoalDreamer without dream callbacks
+             "--model", "dreamer.goals.GoalDreamer", "--model.goals.track", "true",
              "--trainer.default_root_dir", str(root),
              "--trainer.logger.init_args.run_name", f"ablation-{arm}-seed{seed}", *extra, *resume]
     if not resume:

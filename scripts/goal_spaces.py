@@ -46,8 +46,11 @@ from callbacks.dreams import DreamGeneration  # noqa: E402
 from datamodules.games import NUM_ACTIONS  # noqa: E402
 from datamodules.replay_datamodule import ReplayDataModule  # noqa: E402
 from dreamer.checkpoints import CheckpointError, read_checkpoint  # noqa: E402
-from dreamer.goal_space import SPACES, make_goal_space  # noqa: E402
-from dreamer.goals import MATCHER_REWARDS, GoalMatcher, GoalStateModel  # noqa: E402
+from dreamer.goals import GoalDreamer  # noqa: E402
+from dreamer.goals.matcher import GoalMatcher  # noqa: E402
+from dreamer.goals.model import MATCHER_REWARDS, GoalStateModel  # noqa: E402
+from dreamer.goals.space import SPACES, make_goal_space  # noqa: E402
+from dreamer.migrations import GOAL_PREFIXES  # noqa: E402
 from scripts.goal_ablation import mean_over_replay, mean_se, replayed_posteriors  # noqa: E402
 from scripts.world_model_probe import load  # noqa: E402
 
@@ -55,6 +58,16 @@ COLUMNS = ("matcher", "actor", "random", "replay", "lift", "kept", "planned")
 SETS = ("hard", "control")
 REAL = ("step_success", "episode_success", "matches_per_episode", "steps_to_reach", "return")
 REAL_STRATEGIES = ("hard", "control")  # the goals pursued in the real game (GoalStateModel strategies)
+
+
+def as_goal_agent(model):
+    """``model`` as a GoalDreamer: a plain Dreamer's weights in one, its goal modules fresh."""
+    if isinstance(model, GoalDreamer):
+        return model
+    agent = GoalDreamer(**dict(model.hparams)).eval()
+    missing, unexpected = agent.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(key.startswith(GOAL_PREFIXES) for key in missing), (missing, unexpected)
+    return agent
 
 
 def fresh_goals(model, kind: str, space_dim: int, space_lr: float, reward: str = "similarity",
@@ -95,13 +108,13 @@ def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]
                                                                              batch["action"])))
     if args.real_episodes:
         out.update(real_game_pursuit(model, args.data, args.real_episodes, args.real_greedy, args.real_goal_steps,
-                                     args.real_plan, args.real_plan_horizon, args.real_plan_pick, args.real_weight))
+                                     args.real_plan, args.real_plan_horizon, args.real_weight))
     return out
 
 
 def real_game_pursuit(model, data: ReplayDataModule, episodes: int, greedy: bool = False,
                       goal_steps: int | None = None, plan: int = 0, plan_horizon: int = 8,
-                      plan_pick: str = "rollout", weight: float = 1.0) -> dict[str, float]:
+                      weight: float = 1.0) -> dict[str, float]:
     """Goal success on hard goals in the real game and the game return (``return``), per split:
     ``real/{split}/{actor,matcher}_{metric}``;
     the second policy is the mixture with the matcher at ``weight`` (1: the matcher alone); with
@@ -111,7 +124,7 @@ def real_game_pursuit(model, data: ReplayDataModule, episodes: int, greedy: bool
     out = {}
     for who, mix_weight in (("actor", None), ("matcher", weight)):
         with model.goals.using(track=True, greedy=greedy, goal_steps=goal_steps or model.goals.goal_steps, plan=plan,
-                               plan_horizon=plan_horizon, plan_pick=plan_pick, mix_weight=mix_weight):
+                               plan_horizon=plan_horizon, mix_weight=mix_weight):
             for split in ("train_levels", "unseen_levels"):
                 with model.goals.measuring(split) as summary:
                     game = data.evaluate(model, split, episodes)
@@ -167,8 +180,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--real-plan-horizon", type=int, default=8, help="steps of each of those dreams")
     parser.add_argument("--real-weight", type=float, default=1.0,
                         help="the matcher's weight w in the acting mixture w * matcher + (1 - w) * actor, in (0, 1]")
-    parser.add_argument("--real-plan-pick", default="rollout", choices=("rollout", "action"),
-                        help="take the first action of the best dream, or the first action whose dreams score best on average")
     parser.add_argument("--dream-plan", type=int, default=0,
                         help="also measure the hard sets in dreams with the matcher choosing each action in this many "
                              "dreams (column planned; 0: not measured)")
@@ -217,6 +228,7 @@ def run(argv: list[str] | None = None) -> str:
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     model, replay = load(args.checkpoint, ckpt)
+    model = as_goal_agent(model)
     if args.real_episodes:  # the run's own levels and envs
         hp = ckpt.get("datamodule_hyper_parameters", {})
         args.data = ReplayDataModule(**{k: v for k, v in hp.items() if not k.startswith("_")})

@@ -56,7 +56,7 @@ def test_persistent_random_policy_repeats_its_action_as_often_as_asked():
     (["--size", "huge"], "unknown size"),
     (["--persist", "1.0"], "--persist"),
     (["--model", "free_bits"], "key=value"),
-    (["--model", "goals.strategy=teleport"], "allowed"),
+    (["--model", "world_model.downsample=teleport"], "allowed"),
 ])
 def test_benchmark_refuses_bad_arguments_with_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -1,6 +1,7 @@
 """The private attributes of other libraries that dreamer/compat.py relies on still exist in the
 installed versions: an upgrade that removes one fails here, by name."""
 
+import ast
 import inspect
 
 import numpy as np
@@ -13,11 +14,51 @@ from torch.nn.parallel import DistributedDataParallel
 from dreamer import compat
 
 
-def test_every_private_attribute_in_the_list_is_checked_here():
-    checked = {"torch.nn.parallel.DistributedDataParallel", "pytorch_lightning.loggers.MLFlowLogger",
-               "pytorch_lightning.callbacks.ModelCheckpoint", "pytorch_lightning.cli.LightningCLI",
-               "procgen.ProcgenGym3Env (gym3)", "numpy.memmap"}
-    assert {where for where, _, _ in compat.PRIVATE} == checked
+def _layout_survey():
+    import sys
+
+    from clirun import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import layout_survey
+
+    return layout_survey
+
+
+def test_no_private_attribute_of_another_library_is_used_outside_compat():
+    assert _layout_survey().private_uses() == []
+
+
+def test_a_planted_private_use_outside_compat_is_flagged(tmp_path, monkeypatch):
+    survey = _layout_survey()
+    (tmp_path / "dreamer").mkdir()
+    planted = tmp_path / "dreamer" / "planted.py"
+    planted.write_text("def f(optimizer):\n    self_made = 1\n    optimizer._on_before_step()\n    return self_made\n")
+    monkeypatch.setattr(survey, "ROOT", tmp_path)
+    assert survey.private_uses([planted]) == ["dreamer/planted.py:3 _on_before_step"]
+
+
+def test_every_private_attribute_compat_reads_is_listed_with_its_reason():
+    from pathlib import Path
+
+    survey = _layout_survey()
+    source = Path(compat.__file__)
+    own = survey.defined_names(survey.installed_files()) - {"_ddp_params_and_buffers_to_ignore"}
+    read = {node.attr for node in ast.walk(ast.parse(source.read_text()))
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_")
+            and not node.attr.startswith("__") and node.attr not in own}
+    listed = " ".join(attributes for _, attributes, _ in compat.PRIVATE)
+    assert read and all(name in listed for name in read), sorted(name for name in read if name not in listed)
+
+
+def test_lightning_optimizer_still_counts_steps_in_the_hooks_we_call():
+    import torch
+    from pytorch_lightning.core.optimizer import LightningOptimizer
+
+    wrapped = LightningOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], 0.1))
+    step = inspect.getsource(LightningOptimizer.step)
+    for name in ("_on_before_step", "_on_after_step"):
+        assert callable(getattr(wrapped, name, None)) and f"self.{name}()" in step, f"LightningOptimizer.{name} is gone"
 
 
 def test_ddp_still_reads_the_ignore_list():
@@ -26,9 +67,9 @@ def test_ddp_still_reads_the_ignore_list():
 
 @pytest.mark.parametrize("space", ["deter", "inverse"])
 def test_ddp_leaves_the_goal_matcher_goal_space_and_goal_banks_alone_and_nothing_else(space):
-    from dreamer.agent import Dreamer
+    from dreamer.goals import GoalDreamer
 
-    model = Dreamer(size="tiny", goals={"space": space})
+    model = GoalDreamer(size="tiny", goals={"space": space})
     ignored = set(model._ddp_params_and_buffers_to_ignore)
     matcher = {f"goal_matcher.{name}" for name, _ in [*model.goal_matcher.named_parameters(),
                                                       *model.goal_matcher.named_buffers()]}

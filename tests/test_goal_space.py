@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 import pytest
 
-from dreamer.agent import Dreamer
-from dreamer.goal_space import GoalSpace, InverseDynamicsSpace, make_goal_space
-from dreamer.goals import GoalStateModel
+from dreamer.goals import GoalDreamer
+from dreamer.goals.space import GoalSpace, InverseDynamicsSpace, make_goal_space
+from dreamer.goals.model import GoalStateModel
 
 C = 5  # classes per latent
 
@@ -116,7 +116,7 @@ def test_the_learned_space_and_its_optimiser_restore_from_a_state_dict():
 
 def test_a_dreamer_with_each_goal_space_sizes_its_matcher_to_the_goals():
     for space, dim in (("deter", 64), ("stoch", 128), ("inverse", 16), ("multistep", 16)):
-        model = Dreamer(size="tiny", goals={"space": space, "space_dim": 16})
+        model = GoalDreamer(size="tiny", goals={"space": space, "space_dim": 16})
         assert model.goal_model.space.dim == dim
         assert model.goal_model.bank_goal.shape[-1] == (64 if space == "deter" else 128)  # sources
         feat = torch.randn(3, model.world_model.rssm.feat_dim)

@@ -11,8 +11,11 @@ import torch
 from callbacks.dreams import BridgeDistillation, DreamBuffer, DreamGeneration, DreamWeaning
 from datamodules.games import NUM_ACTIONS
 from dreamer.agent import Dreamer
-from dreamer.goals import GoalMatcher, GoalStateModel, cosine_max, mixture_probs
-from dreamer.metrics import GoalSuccess
+from dreamer.goals import GoalDreamer
+from dreamer.goals.matcher import GoalMatcher
+from dreamer.goals.model import GoalStateModel, cosine_max
+from dreamer.goals.pursuit import mixture_probs
+from dreamer.goals.metrics import GoalSuccess
 from dreamer.update import update
 
 DETER, STOCH, CLASSES = 64, 8, 8  # the tiny preset
@@ -178,7 +181,7 @@ FIRSTS = [[False] * 3, [False] * 3, [True, False, False], [False] * 3, [False, T
 
 def test_act_with_zero_mix_weight_acts_like_the_plain_actor():
     torch.manual_seed(0)
-    model = Dreamer(size="tiny")
+    model = GoalDreamer(size="tiny")
     frames = _frames(1)
     plain, plain_state, plain_rng = _act_sequence(model, 7, frames, FIRSTS)
     assert plain_state.goals is None  # the plain path keeps no goal track
@@ -193,7 +196,7 @@ def test_act_with_zero_mix_weight_acts_like_the_plain_actor():
 
 def test_act_samples_from_the_weighted_mixture():
     torch.manual_seed(0)
-    model = Dreamer(size="tiny")
+    model = GoalDreamer(size="tiny")
     target = 7
     one_hot = torch.full((NUM_ACTIONS,), -math.inf)
     one_hot[target] = 0.0  # the matcher always picks action 7
@@ -229,12 +232,12 @@ def test_act_samples_from_the_weighted_mixture():
 
 
 def test_the_plan_knobs_reach_goal_pursuit_and_bad_values_are_refused():
-    model = Dreamer(size="tiny", goals={"plan": 16, "plan_horizon": 4})
+    model = GoalDreamer(size="tiny", goals={"plan": 16, "plan_horizon": 4})
     assert (model.goals.plan, model.goals.plan_horizon) == (16, 4)
-    assert Dreamer(size="tiny").goals.plan == 0  # acting alone by default
+    assert GoalDreamer(size="tiny").goals.plan == 0  # acting alone by default
     for bad in ({"plan": -1}, {"plan_horizon": 0}):
         with pytest.raises(ValueError, match=f"model.goals.{next(iter(bad))} must"):
-            Dreamer(size="tiny", goals=bad)
+            GoalDreamer(size="tiny", goals=bad)
 
 
 def test_bridge_coef_schedules():
@@ -264,7 +267,7 @@ def tiny_model_after_a_batch():
     """A seeded tiny Dreamer that has computed the posteriors of ``_batch()`` (``last_post``), with
     its optimisers reachable as under the Trainer; returns (model, batch)."""
     torch.manual_seed(0)
-    model = Dreamer(size="tiny")
+    model = GoalDreamer(size="tiny")
     optimizers = model.configure_optimizers()
     model.optimizers = lambda: optimizers
     batch = _batch()
@@ -373,7 +376,7 @@ def _post(*deters):
 
 
 def test_pursue_goals_bookkeeping_hand_made():
-    model = Dreamer(size="tiny", goals={"steps": 3, "threshold": 0.7})
+    model = GoalDreamer(size="tiny", goals={"steps": 3, "threshold": 0.7})
     metric = model.goals.metrics["fit"]
     calls, queue = [], []
 
@@ -515,7 +518,7 @@ def test_goal_tracking_leaves_acting_and_training_unchanged():
     runs = []
     for track_goals in (False, True):
         torch.manual_seed(0)
-        model = Dreamer(size="tiny", goals={"track": track_goals})
+        model = GoalDreamer(size="tiny", goals={"track": track_goals})
         actions, state, rng = _act_sequence(model, 11, frames, FIRSTS)
         torch.manual_seed(5)
         loss, metrics = model.loss(_batch(seed=3))
@@ -529,7 +532,7 @@ def test_goal_tracking_leaves_acting_and_training_unchanged():
     assert all(torch.equal(m0[k], m1[k]) for k in m0)
 
 
-def golden_run(**kwargs):
+def golden_run(cls=Dreamer, **kwargs):
     """Losses of 2 hand-made training steps (``dreamer.update.update``, what ``training_step``
     runs) and 10 acting steps of a tiny Dreamer, all seeded.
 
@@ -538,7 +541,7 @@ def golden_run(**kwargs):
     re-recorded when issue 12 changed the world model's maths.
     """
     torch.manual_seed(0)
-    model = Dreamer(size="tiny", **kwargs)
+    model = cls(size="tiny", **kwargs)
     g = torch.Generator().manual_seed(1234)
     batch = _batch(generator=g)  # g goes on to draw the acting frames below
     optimizers = model.configure_optimizers()[:3]  # world model, actor, critic
@@ -570,12 +573,14 @@ GOLDEN_ACTIONS = [[2, 9, 4], [13, 4, 3], [8, 4, 12], [0, 14, 0], [10, 5, 5], [12
 GOLDEN_FINAL_DRAW = 503773855
 
 
-@pytest.mark.parametrize("track_goals", [False, True])
-def test_plain_dreamer_matches_the_code_before_goals(track_goals):
+@pytest.mark.parametrize("cls, kwargs", [(Dreamer, {}), (GoalDreamer, {"goals": {"track": False}}),
+                                         (GoalDreamer, {"goals": {"track": True}})])
+def test_plain_dreamer_matches_the_code_before_goals(cls, kwargs):
+    """Dreamer, and GoalDreamer with goal pursuit off or tracking goals: the same numbers."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the golden numbers were recorded single-threaded
     try:
-        losses, param_sum, actions, final_draw = golden_run(goals={"track": track_goals})
+        losses, param_sum, actions, final_draw = golden_run(cls, **kwargs)
     finally:
         torch.set_num_threads(threads)
     # recorded with torch 2.13.0 CPU; a relative 1e-6 allows another CPU's rounding
@@ -594,12 +599,12 @@ def test_goal_configuration_is_validated():
             GoalStateModel(DETER, threshold=threshold)
     assert GoalStateModel(DETER, threshold=1.0).hp.threshold == 1.0
     with pytest.raises(ValueError, match="allowed: value, replay"):
-        Dreamer(size="tiny", goals={"strategy": "curiosity"})
+        GoalDreamer(size="tiny", goals={"strategy": "curiosity"})
     with pytest.raises(ValueError, match="goals.steps"):
-        Dreamer(size="tiny", goals={"steps": 0})
+        GoalDreamer(size="tiny", goals={"steps": 0})
     with pytest.raises(ValueError, match="matcher_reward.*similarity, reach"):
-        Dreamer(size="tiny", goals={"matcher_reward": "distance"})
-    assert Dreamer(size="tiny", goals={"matcher_reward": "reach"}).goal_matcher.hp.reward == "reach"
+        GoalDreamer(size="tiny", goals={"matcher_reward": "distance"})
+    assert GoalDreamer(size="tiny", goals={"matcher_reward": "reach"}).goal_matcher.hp.reward == "reach"
     with pytest.raises(ValueError, match="keep_fraction"):
         DreamGeneration(keep_fraction=0.0)
     with pytest.raises(ValueError, match="keep_fraction"):

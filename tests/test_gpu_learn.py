@@ -49,7 +49,7 @@ def test_gpu_learn_dry_run_trains_validates_and_prints_the_gpu_command(tmp_path)
     assert f"env steps {env_steps}, updates {updates}" in out and "random " in out and "PPO on training levels" in out
     # the run the fit wrote took the knobs
     config = yaml.safe_load(next(tmp_path.glob("gpu_learn-*/runs/coinrun-gpu-learn/config.yaml")).read_text())
-    wm = config["model"]["world_model"]
+    wm = config["model"]["init_args"]["world_model"]
     assert (wm["downsample"], wm["upsample"]) == ("pool", "nearest")
 
 

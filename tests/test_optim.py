@@ -84,7 +84,7 @@ def test_laprop_state_round_trips_and_steps_on():
 def test_the_agent_trains_with_laprop_when_asked_and_records_it():
     torch.manual_seed(0)
     agent = Dreamer(size="tiny", optimizer={"kind": "laprop", "warmup": 10})
-    wm, actor, critic, _ = agent.configure_optimizers()
+    wm, actor, critic = agent.configure_optimizers()
     assert all(isinstance(o, LaProp) for o in (wm, actor, critic))
     assert wm.defaults["agc"] == 0.3 and wm.defaults["warmup"] == 10 and wm.defaults["lr"] == 1e-4
     assert agent.hparams.optimizer == {"kind": "laprop", "agc": 0.3, "warmup": 10}

@@ -21,7 +21,9 @@ from clirun import ROOT, SMOKE, cli, quick_checkpoints, start_cli
 from datamodules.procgen import ProcgenVectorEnv
 from dreamer.agent import Dreamer
 from dreamer.checkpoints import restore_agent
-from dreamer.config import ActorCriticKnobs, argument_problem, grouped
+from dreamer.config import ActorCriticKnobs, argument_problem
+from dreamer.goals import GoalDreamer
+from dreamer.migrations import grouped
 from dreamer.run_dir import run_files
 
 RUN = os.path.join("runs", "coinrun-tiny-seed0")
@@ -176,12 +178,6 @@ def test_run_files_sees_a_run_in_any_of_its_files(tmp_path):
     (dict(actor_critic={"horizon": 2.5}), "model.actor_critic.horizon must be an integer"),
     (dict(max_env_steps=0), "model.max_env_steps must lie in [1, inf]"),
     (dict(actor_critic={"entropy": float("nan")}), "model.actor_critic.entropy must lie in [0, 1]"),
-    (dict(goals={"strategy": "best"}), "unknown model.goals.strategy 'best'; allowed: value, replay"),
-    (dict(goals={"track": 1}), "unknown model.goals.track 1; allowed: False, True"),
-    (dict(goals={"space": "pixels"}), "unknown model.goals.space 'pixels'; allowed: deter, stoch, inverse, multistep"),
-    (dict(goals={"space_dim": 0}), "model.goals.space_dim must lie in [1, 4096], got 0"),
-    (dict(goals={"space": "multistep", "offset": 1}), "model.goals.space multistep learns from steps 2 or more apart"),
-    (dict(goals=5), "model.goals must be a mapping of its knobs (space, space_dim, strategy, "),
     (dict(norm="batch"), "unknown model.norm 'batch'; allowed: "),
     (dict(size="huge"), "unknown model size 'huge'"),
     (dict(overrides={"deter": 0}), "model.overrides.deter must be a positive integer"),
@@ -191,6 +187,23 @@ def test_dreamer_refuses_each_bad_argument_with_what_is_allowed(change, message)
     with pytest.raises(ValueError, match=re.escape(message)):
         Dreamer(**change)
     assert argument_problem(_defaults()) is None
+
+
+@pytest.mark.parametrize("goals,message", [
+    ({"strategy": "best"}, "unknown model.goals.strategy 'best'; allowed: value, replay"),
+    ({"track": 1}, "unknown model.goals.track 1; allowed: False, True"),
+    ({"space": "pixels"}, "unknown model.goals.space 'pixels'; allowed: deter, stoch, inverse, multistep"),
+    ({"space_dim": 0}, "model.goals.space_dim must lie in [1, 4096], got 0"),
+    ({"matcher_horizon": 0}, "model.goals.matcher_horizon must lie in [1, 1000], got 0"),
+    ({"space": "multistep", "offset": 1}, "model.goals.space multistep learns from steps 2 or more apart"),
+    (5, "model.goals must be a mapping of its knobs (space, space_dim, strategy, "),
+])
+def test_goal_dreamer_refuses_each_bad_goal_knob_and_plain_dreamer_has_none(goals, message):
+    assert message in GoalDreamer.argument_problem({**_defaults(), "goals": goals})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GoalDreamer(goals=goals)
+    with pytest.raises(TypeError):
+        Dreamer(goals={})
 
 
 def _defaults():
@@ -307,14 +320,15 @@ def test_the_run_logger_keeps_the_first_error_in_view_and_ends_the_run(tmp_path,
 
 
 def test_module_knobs_reach_their_modules_and_bad_ones_are_refused():
-    model = Dreamer(size="tiny", world_model={"unimix": 0.05, "scale_reward": 2.0, "lr": 2e-4},
-                    actor_critic=ActorCriticKnobs(slow_rate=0.1, retnorm_decay=0.9, horizon=7, critic_lr=1e-4),
-                    goals={"rollouts": 3, "strategy": "replay"})
+    model = GoalDreamer(size="tiny", world_model={"unimix": 0.05, "scale_reward": 2.0, "lr": 2e-4},
+                        actor_critic=ActorCriticKnobs(slow_rate=0.1, retnorm_decay=0.9, horizon=7, critic_lr=1e-4),
+                        goals={"rollouts": 3, "strategy": "replay", "matcher_horizon": 5, "matcher_gamma": 0.9})
     assert model.world_model.hp.unimix == 0.05 and model.world_model.rssm.unimix == 0.05
     assert model.world_model.hp.scale_reward == 2.0 and model.world_model.hp.scale_dyn == 1.0  # default
     assert model.actor_critic.hp.slow_rate == 0.1 and model.actor_critic.hp.retnorm_decay == 0.9
     assert model.actor_critic.hp.horizon == 7 and model.goal_model.hp.horizon == 7
     assert model.goal_model.hp.rollouts == 3 and model.goal_model.hp.strategy == "replay"
+    assert model.goal_matcher.hp.horizon == 5 and model.goal_matcher.hp.gamma == 0.9
     world_model_opt, _, critic_opt, _ = model.configure_optimizers()
     assert world_model_opt.defaults["lr"] == 2e-4 and critic_opt.defaults["lr"] == 1e-4
     assert model.hparams.world_model["scale_dyn"] == 1.0  # the checkpoint records every knob
@@ -334,8 +348,9 @@ def test_a_checkpoint_of_the_flat_arguments_restores_into_the_groups():
         "actor_critic": {"horizon": 9, "clip": 50.0, "slow_rate": 0.1},
         "goals": {"track": True, "strategy": "replay"},
     }
-    state = Dreamer(size="tiny").state_dict()
+    state = GoalDreamer(size="tiny").state_dict()  # one class held the goal modules then
     agent = restore_agent({"hyper_parameters": old, "state_dict": state})
+    assert isinstance(agent, GoalDreamer)  # it tracked goals
     assert agent.actor_critic.hp.horizon == 9 and agent.goals.track and agent.world_model.hp.unimix == 0.05
     assert grouped(agent.hparams) == dict(agent.hparams)  # today's arguments pass unchanged
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from callbacks.visualize import DreamVisualizer
+from callbacks.visualize import DreamVisualizer, play
 from datamodules.replay_datamodule import ReplayDataModule
 from dreamer import visuals
 from dreamer.agent import Dreamer
@@ -31,7 +31,7 @@ def played(agent):
 
     env = ProcgenVectorEnv("coinrun", 3, "easy", num_levels=5, start_level=0, seed=3)
     try:
-        return visuals.play(env, agent, 24)
+        return play(env, agent, 24)
     finally:
         env.close()
 
@@ -166,9 +166,12 @@ def test_gif_and_plots_are_real_pictures(tmp_path):
         assert picture.ndim == 3 and picture.shape[0] > 100 and picture.std() > 10
 
 
-def test_decode_goal_returns_frames(agent):
+def test_decode_goal_returns_frames():
+    from dreamer.goals import GoalDreamer
+
+    agent = GoalDreamer(size="tiny").eval()
     goal = torch.randn(2, agent.world_model.rssm.deter)
-    assert visuals.decode_goal(agent, goal).shape == (2, 64, 64, 3)
+    assert agent.decode_goal(goal).shape == (2, 64, 64, 3)
 
 
 def test_visualizer_writes_every_picture_and_leaves_training_randomness_alone(agent, tmp_path):
