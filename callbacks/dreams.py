@@ -1,8 +1,8 @@
 """Dream-based goal achievement as Lightning callbacks.
 
 - ``DreamGeneration``: imagine dreams from replayed posterior states, keep the best in a bounded
-  buffer, train the goal matcher on them with hindsight goals, and measure the matcher on
-  held-out real goals in dreams.
+  buffer, and train the goal matcher on them with hindsight goals (and in dreams toward goals that
+  need control); ``callbacks/goal_metrics.py``'s ``GoalEvaluation`` measures it.
 - ``BridgeDistillation``: pull the actor toward the matcher on dream states with goals from the
   state model (gradients into the actor only).
 - ``DreamWeaning``: act with ``w * pi_g + (1 - w) * pi_actor``, ``w`` falling with env steps.
@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from callbacks.training import env_steps_of
-from datamodules.games import NUM_ACTIONS
 from dreamer.distributed import step_optimizer
 from dreamer.distributions import categorical_entropy
 from dreamer.goals import GoalDreamer
+from dreamer.goals.hard import hard_pairs, uniform_policy
 from dreamer.goals.model import imagined_return
 from dreamer.rssm import State
 
@@ -101,46 +101,10 @@ class DreamBuffer:
                 t.to(device) for t in (self.feat, self.action, self.quality))
 
 
-def reached(pl_module, start: State, goal: torch.Tensor, policy, steps: int) -> torch.Tensor:
-    """Imagine ``steps`` steps from ``start`` with ``policy(feat)``; True (N,) where some step
-    1..steps matches ``goal``."""
-    rssm, gm = pl_module.world_model.rssm, pl_module.goal_model
-    states, _, _ = rssm.imagine(start, policy, steps)
-    return gm.matched(goal.unsqueeze(0), {k: v[1:] for k, v in states.items()}).any(0)
-
-
-def uniform_policy(feat: torch.Tensor) -> torch.Tensor:
-    """Uniformly random actions (N,) for features (N, F)."""
-    return torch.randint(0, NUM_ACTIONS, feat.shape[:-1], device=feat.device)
-
-
-def hard_goals(pl_module, post: State, is_first: torch.Tensor, offset: int, n: int, tries: int,
-               action: torch.Tensor | None = None):
-    """Real goals the goal-blind actor does not reach: up to ``n`` pairs (replayed state, the real
-    state ``offset`` steps later in the same episode) whose start does not match the goal and
-    from which none of ``tries`` imagined actor rollouts of ``offset`` steps matches it. Returns
-    (start (M, ...), goal (M, G), the fraction of open pairs that were kept, None without any,
-    and with the replayed ``action`` (B, T) the actions (M, offset) that led to each goal)."""
-    start, goal, path = pl_module.goal_model.heldout(post, is_first, n, offset, action)
-    if len(goal) == 0:
-        return start, goal, None, path
-    kept = ~reached_in_any(pl_module, start, goal, pl_module.actor_critic.sample, offset, tries)
-    path = None if path is None else path[kept]
-    return {k: v[kept] for k, v in start.items()}, goal[kept], float(kept.float().mean()), path
-
-
-def reached_in_any(pl_module, start: State, goal: torch.Tensor, policy, steps: int, tries: int) -> torch.Tensor:
-    """True (N,) where one of ``tries`` dreams of ``reached`` matches the goal."""
-    hit = torch.zeros(len(goal), dtype=torch.bool, device=goal.device)
-    for _ in range(tries):
-        hit |= reached(pl_module, start, goal, policy, steps)
-    return hit
-
-
 def random_dream_goals(pl_module, start: State, steps: int) -> torch.Tensor:
     """Goals (N, G) a policy must control to reach: for each start the state of an imagined
     uniformly random rollout after a random number of steps in 1..``steps``."""
-    states, _, _ = pl_module.world_model.rssm.imagine(start, uniform_policy, steps)
+    states, _, _ = pl_module.world_model.rssm.imagine(start, uniform_policy(pl_module.hparams.num_actions), steps)
     goals = pl_module.goal_model.goal_of(states)  # (steps + 1, N, G)
     k = torch.randint(1, steps + 1, (len(goals[0]),), device=goals.device)
     return goals[k, torch.arange(len(k), device=goals.device)]
@@ -150,7 +114,8 @@ class DreamGeneration(GoalCallback):
     """Every ``every_n_updates`` updates: imagine ``num_dreams`` dreams of ``horizon`` steps with
     the actor from replayed posterior states, score them, keep the best ``keep_fraction`` in a
     buffer of ``buffer_size`` dreams, and train the goal matcher ``matcher_updates`` times on
-    ``matcher_batch`` hindsight samples from the buffer.
+    ``matcher_batch`` hindsight samples from the buffer. ``GoalEvaluation`` (``callbacks/goal_metrics.py``)
+    measures the matcher.
 
     Quality of a dream (each term in [0, 1], weighted mean): predicted continuation (product of
     continue probabilities), world-model confidence (1 - mean normalised entropy of the prior
@@ -161,50 +126,27 @@ class DreamGeneration(GoalCallback):
     imagination (``GoalMatcher.rl_loss``) toward ``rl_goals`` goals that need control: states a
     uniformly random dream reaches within ``rl_goal_steps`` steps of a replayed start. With
     ``rl_real_fraction > 0`` up to that fraction of them are instead real hard pairs of the batch
-    (``hard_goals``: a replayed state and the real state ``rl_goal_steps`` later that
-    ``actor_tries`` actor dreams miss, drawn once per phase), the kind of goal the hard sets and
-    the real game measure; where the batch holds fewer, random-dream goals fill the rest. With
+    (``dreamer/goals/hard.py``: a replayed state and the real state ``rl_goal_steps`` later that
+    the goal-blind actor misses, drawn once per phase), the kind of goal the hard sets and the real
+    game measure; where the batch holds fewer, random-dream goals fill the rest. With
     ``plan_distill`` P > 0 each matcher update also learns, at ``plan_distill_weight``, the first
     actions of its best dreams when it chooses in P dreams toward ``plan_distill_goals`` such goals
     (``distill_plans``, policy improvement by search as in expert iteration; logs
     ``goal_matcher/plan_agreement``, how often its most likely action already is one of them).
-
-    The matcher is measured on held-out goals, before it trains on the batch: real states
-    ``model.goals.offset`` steps after replayed states (never generated by the matcher); from each
-    start it dreams that many steps toward the goal. ``goal_matcher/dream_success`` is the
-    fraction reached, and ``goal_matcher/actor_dream_success`` the goal-blind actor's on the same
-    goals. Every ``hard_eval_every`` updates, for each k in ``hard_offsets``, the same on the hard
-    set (``hard_goals``: real goals k steps ahead that ``actor_tries`` actor dreams miss):
-    ``goal_hard/k{k}_matcher``, ``_actor``, ``_random`` (uniform actions), ``_lift`` (matcher -
-    actor) and ``_kept`` (the fraction of open pairs that are hard). Given the replayed actions,
-    also ``_replay``: those actions played open loop in dreams, and ``goal_control/k{k}_*``, the
-    same on the controllable subset: the hard goals that the replayed actions reach in one of
-    ``actor_tries`` dreams. Many hard goals are out of any policy's reach in the model (its
-    dreams drift from what really happened); the controllable set separates control from that.
-    With ``hard_plan`` P > 0 also ``_planned``: the acting mixture at matcher weight
-    ``hard_plan_weight`` (1: the matcher alone; near 0: the actor's own actions, a control) choosing
-    each action in P dreams of ``hard_plan_horizon`` steps (``GoalPursuit.planned``, as when acting
-    with ``model.goals.plan``), success judged in the evaluation dream, drawn apart from the planning
-    ones.
     """
 
     def __init__(
         self, every_n_updates: int = 4, num_dreams: int = 256, horizon: int = 15,
         keep_fraction: float = 0.5, buffer_size: int = 2048, matcher_updates: int = 4,
-        matcher_batch: int = 256, eval_goals: int = 128, weight_continuation: float = 1.0,
+        matcher_batch: int = 256, weight_continuation: float = 1.0,
         weight_confidence: float = 1.0, weight_return: float = 1.0, matcher_rl: float = 1.0,
-        rl_goals: int = 256, rl_goal_steps: int = 8, hard_offsets: tuple[int, ...] = (4, 8, 16),
-        actor_tries: int = 2, hard_eval_every: int = 16, rl_real_fraction: float = 0.0, hard_plan: int = 0,
-        hard_plan_horizon: int = 8, hard_plan_weight: float = 1.0, plan_distill: int = 0,
+        rl_goals: int = 256, rl_goal_steps: int = 8, rl_real_fraction: float = 0.0, plan_distill: int = 0,
         plan_distill_goals: int = 64, plan_distill_weight: float = 1.0,
     ) -> None:
         for name, value in (("every_n_updates", every_n_updates), ("num_dreams", num_dreams),
                             ("horizon", horizon), ("buffer_size", buffer_size),
-                            ("matcher_batch", matcher_batch), ("eval_goals", eval_goals),
-                            ("rl_goals", rl_goals), ("rl_goal_steps", rl_goal_steps),
-                            ("actor_tries", actor_tries), ("hard_eval_every", hard_eval_every),
-                            ("hard_plan_horizon", hard_plan_horizon), ("plan_distill_goals", plan_distill_goals),
-                            *(("hard_offsets", k) for k in hard_offsets)):
+                            ("matcher_batch", matcher_batch), ("rl_goals", rl_goals),
+                            ("rl_goal_steps", rl_goal_steps), ("plan_distill_goals", plan_distill_goals)):
             if value < 1:
                 raise ValueError(f"DreamGeneration {name} must be >= 1, got {value}")
         if not 0.0 < keep_fraction <= 1.0:
@@ -216,10 +158,6 @@ class DreamGeneration(GoalCallback):
             raise ValueError(f"DreamGeneration matcher_rl must be >= 0, got {matcher_rl}")
         if not 0.0 <= rl_real_fraction <= 1.0:
             raise ValueError(f"DreamGeneration rl_real_fraction must be in [0, 1], got {rl_real_fraction}")
-        if hard_plan < 0:
-            raise ValueError(f"DreamGeneration hard_plan must be >= 0 (0: off), got {hard_plan}")
-        if not 0.0 < hard_plan_weight <= 1.0:
-            raise ValueError(f"DreamGeneration hard_plan_weight must be in (0, 1], got {hard_plan_weight}")
         if plan_distill < 0:
             raise ValueError(f"DreamGeneration plan_distill must be >= 0 (0: off), got {plan_distill}")
         if plan_distill_weight <= 0:
@@ -227,13 +165,9 @@ class DreamGeneration(GoalCallback):
         self.plan_distill, self.plan_distill_goals = plan_distill, plan_distill_goals
         self.plan_distill_weight = plan_distill_weight
         self.rl_real_fraction = rl_real_fraction
-        self.hard_plan, self.hard_plan_horizon, self.hard_plan_weight = hard_plan, hard_plan_horizon, hard_plan_weight
         self.matcher_rl, self.rl_goals, self.rl_goal_steps = matcher_rl, rl_goals, rl_goal_steps
-        self.hard_offsets, self.actor_tries, self.hard_eval_every = tuple(hard_offsets), actor_tries, hard_eval_every
-        self.hard_metrics: dict[str, float] = {}
         self.every_n_updates, self.num_dreams, self.horizon = every_n_updates, num_dreams, horizon
         self.keep_fraction, self.matcher_updates, self.matcher_batch = keep_fraction, matcher_updates, matcher_batch
-        self.eval_goals = eval_goals
         self.weights = torch.tensor(weights) / sum(weights)
         self.buffer = DreamBuffer(buffer_size)
         self.metrics: dict[str, float] = {}
@@ -242,17 +176,13 @@ class DreamGeneration(GoalCallback):
         self.buffer.to(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.updates % self.hard_eval_every == 0:  # outputs: what training_step returned
-            with torch.no_grad():
-                self.hard_metrics = self.evaluate_hard(pl_module, outputs["post"], batch["is_first"], batch["action"])
-        if pl_module.updates % self.every_n_updates == 0:
+        if pl_module.updates % self.every_n_updates == 0:  # outputs: what training_step returned
             self.metrics = self.generate(pl_module, outputs["post"], batch["is_first"])
-        _log(pl_module, {**self.metrics, **self.hard_metrics})
+        _log(pl_module, self.metrics)
 
     def generate(self, pl_module, post: State, is_first: torch.Tensor) -> dict[str, float]:
-        """One phase: held-out evaluation, dreams, buffer, matcher updates. Returns metrics."""
+        """One phase: dreams, buffer, matcher updates. Returns metrics."""
         wm, ac, matcher = pl_module.world_model, pl_module.actor_critic, pl_module.goal_matcher
-        heldout = self.evaluate(pl_module, post, is_first)
         flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in post.items()}  # (B * T, ...)
         pick = torch.randperm(len(flat["deter"]), device=flat["deter"].device)[: self.num_dreams]
         with torch.no_grad():
@@ -288,7 +218,6 @@ class DreamGeneration(GoalCallback):
             "dream/count": float(len(self.buffer)),
             **{k: float(v) for k, v in rl_metrics.items()},
             **agreement,
-            **heldout,
         }
         if losses:
             metrics["goal_matcher/loss"] = sum(losses) / len(losses)
@@ -318,7 +247,7 @@ class DreamGeneration(GoalCallback):
                                                     plan_horizon=self.rl_goal_steps):
             first_action, score = pl_module.goals.plans(pl_module, start, goal)  # (N, P) each
             best = (score == score.max(-1, keepdim=True).values).float()  # (N, P)
-            target = (F.one_hot(first_action, NUM_ACTIONS).float() * best.unsqueeze(-1)).sum(1)  # (N, A)
+            target = (F.one_hot(first_action, pl_module.hparams.num_actions).float() * best.unsqueeze(-1)).sum(1)  # (N, A)
             target = target / target.sum(-1, keepdim=True)
             feat, here = pl_module.world_model.rssm.features(start), pl_module.goal_model.goal_of(start)
         loss, logits = pl_module.goal_matcher.loss(feat, here, goal, target)  # logits (N, A)
@@ -333,7 +262,7 @@ class DreamGeneration(GoalCallback):
         wanted = max(self.rl_goals if self.matcher_rl > 0 else 0, self.plan_distill_goals if self.plan_distill else 0)
         n = int(round(wanted * self.rl_real_fraction))
         if n > 0:
-            start, goal, _, _ = hard_goals(pl_module, post, is_first, self.rl_goal_steps, n, self.actor_tries)
+            start, goal, _, _ = hard_pairs(pl_module, post, is_first, self.rl_goal_steps, n)
             if len(goal):
                 return {k: v.detach() for k, v in start.items()}, goal
         flat = {k: v.reshape(-1, *v.shape[2:])[:0].detach() for k, v in post.items()}  # (0, ...)
@@ -350,63 +279,6 @@ class DreamGeneration(GoalCallback):
         ret01 = ((ret - ac.ret_lo) / ac.return_scale).clamp(0, 1)
         terms = torch.stack([continuation, confidence, ret01], -1)  # (N, 3)
         return terms @ self.weights.to(terms.device)
-
-    @torch.no_grad()
-    def evaluate(self, pl_module, post: State, is_first: torch.Tensor) -> dict[str, float]:
-        gm, matcher = pl_module.goal_model, pl_module.goal_matcher
-        start, goal, _ = gm.heldout(post, is_first, self.eval_goals)
-        if len(goal) == 0:
-            return {}
-        steps = gm.hp.offset
-        return {
-            "goal_matcher/dream_success": float(reached(pl_module, start, goal, matcher.toward(goal, gm.space), steps).float().mean()),
-            "goal_matcher/actor_dream_success": float(
-                reached(pl_module, start, goal, pl_module.actor_critic.sample, steps).float().mean()
-            ),
-        }
-
-    def evaluate_hard(self, pl_module, post: State, is_first: torch.Tensor,
-                      action: torch.Tensor | None = None) -> dict[str, float]:
-        """Success in dreams on the hard goal sets, and with the replayed ``action`` (B, T) on the
-        controllable ones (see the class docstring)."""
-        metrics = {}
-        for k in self.hard_offsets:
-            if post["deter"].shape[1] <= k:
-                continue  # sequences too short for goals k steps ahead
-            start, goal, kept, path = hard_goals(pl_module, post, is_first, k, self.eval_goals, self.actor_tries, action)
-            if kept is not None:
-                metrics[f"goal_hard/k{k}_kept"] = kept
-            if len(goal) == 0:
-                continue
-            metrics.update(self._successes(pl_module, start, goal, k, f"goal_hard/k{k}", path))
-            if path is None:
-                continue
-            # controllable: the replayed actions themselves reach the goal in one of actor_tries dreams
-            control = reached_in_any(pl_module, start, goal, path.T.contiguous(), k, self.actor_tries)
-            metrics[f"goal_control/k{k}_kept"] = kept * float(control.float().mean())
-            if control.any():
-                start, goal = {key: v[control] for key, v in start.items()}, goal[control]
-                metrics.update(self._successes(pl_module, start, goal, k, f"goal_control/k{k}"))
-        return metrics
-
-    def _successes(self, pl_module, start: State, goal: torch.Tensor, k: int, prefix: str,
-                   path: torch.Tensor | None = None) -> dict[str, float]:
-        """Success within ``k`` dreamed steps of the matcher, the actor, a random policy, (with
-        ``path`` (M, k)) the replayed actions and (with ``hard_plan``) the matcher choosing in
-        dreams, and the lift (matcher - actor), keyed ``prefix_name``."""
-        policies = {"matcher": pl_module.goal_matcher.toward(goal, pl_module.goal_model.space),
-                    "actor": pl_module.actor_critic.sample, "random": uniform_policy}
-        if path is not None:
-            policies["replay"] = path.T.contiguous()  # (k, M): open loop
-        success = {name: float(reached(pl_module, start, goal, policy, k).float().mean())
-                   for name, policy in policies.items()}
-        if self.hard_plan:  # last, so the draws of the others stay as without it
-            with pl_module.goals.using(mix_weight=self.hard_plan_weight, plan=self.hard_plan,
-                                       plan_horizon=self.hard_plan_horizon):
-                planner = pl_module.goals.planner(pl_module, goal)
-                success["planned"] = float(reached(pl_module, start, goal, planner, k).float().mean())
-        success["lift"] = success["matcher"] - success["actor"]
-        return {f"{prefix}_{name}": value for name, value in success.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"buffer": self.buffer.state_dict()}

@@ -14,7 +14,7 @@ machine's lifetime accumulates across machines (``benchmarks/results/`` holds ou
 measure goal success the same way (``model.goals.track``,
 goals from the same state model). For the dreams (and search) arm it also measures the goal matcher:
 - in dreams, on held-out real goals and on the hard sets (real goals k steps ahead that the
-  goal-blind actor's dreams miss; ``DreamGeneration.evaluate_hard``) against the actor and a
+  goal-blind actor's dreams miss; ``GoalEvaluation.evaluate_hard``) against the actor and a
   uniformly random policy;
 - in the real game, on hard goals (``model.goals.strategy hard``): one validation with the actor
   acting while goals are tracked, one with the matcher acting alone (w = 1).
@@ -36,7 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from callbacks.dreams import DreamGeneration, DreamWeaning  # noqa: E402
+from callbacks.dreams import DreamWeaning  # noqa: E402
+from callbacks.goal_metrics import GoalEvaluation  # noqa: E402
 from cli import fail, main  # noqa: E402
 from datamodules.replay import replay_batch  # noqa: E402
 
@@ -76,7 +77,7 @@ def mean_over_replay(model, replay, batch_size: int, seq_len: int, batches: int,
 def held_out_dream_success(cli, batches: int = 8) -> dict[str, float]:
     """Matcher vs actor (and a random policy on the hard sets) on real held-out goals, in dreams
     from replayed posterior states."""
-    gen = next((c for c in cli.trainer.callbacks if isinstance(c, DreamGeneration)), None)
+    gen = next((c for c in cli.trainer.callbacks if isinstance(c, GoalEvaluation)), None)
     if gen is None:
         return {}
     model, dm = cli.model, cli.datamodule
@@ -219,7 +220,7 @@ def mean_se(values: list[float]) -> str:
 DREAM_ROWS = [("matcher success on held-out goals", "goal_matcher/dream_success"),
               ("actor success on the same goals", "goal_matcher/actor_dream_success")] + [
     (f"hard k={k}: {who}", f"goal_hard/k{k}_{who}")
-    for k in DreamGeneration().hard_offsets for who in ("matcher", "actor", "random", "lift", "kept")]
+    for k in GoalEvaluation().hard_offsets for who in ("matcher", "actor", "random", "lift", "kept")]
 
 
 def table(results: dict[str, list[dict[str, float]]]) -> str:

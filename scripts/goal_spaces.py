@@ -8,7 +8,7 @@ For each space and seed: a fresh goal model and goal matcher. A learned space fi
 ``--space-steps`` replayed batches (the goal statistics follow in every space); then ``--updates``
 ``DreamGeneration`` phases train the matcher as in a run with the dream callbacks (hindsight
 imitation plus RL in imagination); then the hard goal sets (real goals k steps ahead on replayed
-trajectories that the goal-blind actor's own dreams miss, ``DreamGeneration.evaluate_hard``) are
+trajectories that the goal-blind actor's own dreams miss, ``GoalEvaluation.evaluate_hard``) are
 measured on ``--eval-batches`` replayed batches. Printed per space, means with standard errors
 over the seeds: success within k dreamed steps of the matcher, the actor and a uniformly random
 policy, the lift (matcher - actor), the fraction of open pairs that are hard (kept) and, with
@@ -43,10 +43,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from callbacks.dreams import DreamGeneration  # noqa: E402
+from callbacks.goal_metrics import GoalEvaluation  # noqa: E402
 from datamodules.games import NUM_ACTIONS  # noqa: E402
 from datamodules.replay_datamodule import ReplayDataModule  # noqa: E402
 from dreamer.checkpoints import CheckpointError, read_checkpoint  # noqa: E402
 from dreamer.goals import GoalDreamer  # noqa: E402
+from dreamer.goals.hard import ACTOR_TRIES  # noqa: E402
 from dreamer.goals.matcher import GoalMatcher  # noqa: E402
 from dreamer.goals.model import MATCHER_REWARDS, GoalStateModel  # noqa: E402
 from dreamer.goals.space import SPACES, make_goal_space  # noqa: E402
@@ -71,7 +73,7 @@ def as_goal_agent(model):
 
 
 def fresh_goals(model, kind: str, space_dim: int, space_lr: float, reward: str = "similarity",
-                strategy: str = "hard", actor_tries: int = 1) -> None:
+                strategy: str = "hard", actor_tries: int = ACTOR_TRIES) -> None:
     """Give ``model`` a new goal model in space ``kind`` proposing goals by ``strategy``, and a new
     matcher for its goals; the goal model keeps the checkpoint's threshold, rollouts and offset."""
     rssm, old, matcher = model.world_model.rssm, model.goal_model.hp, model.goal_matcher.hp
@@ -89,12 +91,12 @@ def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]
     """Train a fresh goal space (if learned) and matcher on ``model``; the hard-set metrics."""
     torch.manual_seed(seed)
     fresh_goals(model, kind, args.space_dim, args.space_lr, args.matcher_reward, args.real_strategy,
-                args.real_actor_tries)
+                args.actor_tries)
     gm, out = model.goal_model, {}
-    generation = DreamGeneration(every_n_updates=1, hard_offsets=tuple(args.offsets),
-                                 rl_real_fraction=args.rl_real_fraction, hard_plan=args.dream_plan,
-                                 hard_plan_horizon=args.dream_plan_horizon, hard_plan_weight=args.dream_plan_weight,
+    generation = DreamGeneration(every_n_updates=1, rl_real_fraction=args.rl_real_fraction,
                                  plan_distill=args.plan_distill, plan_distill_goals=args.plan_distill_goals)
+    evaluation = GoalEvaluation(hard_offsets=tuple(args.offsets), hard_plan=args.dream_plan,
+                                hard_plan_horizon=args.dream_plan_horizon, hard_plan_weight=args.dream_plan_weight)
     for step in range(args.space_steps + args.updates):
         batch, post = replayed_posteriors(model, replay, args.batch_size, args.seq_len)
         learned = gm.observe(post, batch["is_first"], batch["action"], seed=step)
@@ -104,7 +106,7 @@ def compare_space(model, replay, kind: str, seed: int, args) -> dict[str, float]
             if "goal_matcher/plan_agreement" in phase:
                 out["goal_matcher/plan_agreement"] = phase["goal_matcher/plan_agreement"]
     out.update(mean_over_replay(model, replay, args.batch_size, args.seq_len, args.eval_batches,
-                                lambda post, batch: generation.evaluate_hard(model, post, batch["is_first"],
+                                lambda post, batch: evaluation.evaluate_hard(model, post, batch["is_first"],
                                                                              batch["action"])))
     if args.real_episodes:
         out.update(real_game_pursuit(model, args.data, args.real_episodes, args.real_greedy, args.real_goal_steps,
@@ -187,8 +189,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dream-plan-weight", type=float, default=1.0,
                         help="the matcher's weight in the mixture that chooses in those dreams, in (0, 1] "
                              "(near 0: the actor's own actions chosen in dreams, a control)")
-    parser.add_argument("--real-actor-tries", type=int, default=1,
-                        help="imagined actor rollouts that must all miss a real-game goal (GoalStateModel actor_tries)")
+    parser.add_argument("--actor-tries", type=int, default=ACTOR_TRIES,
+                        help="imagined actor rollouts that must all miss a hard goal, in dreams and in the real "
+                             "game (model.goals.actor_tries; dreamer/goals/hard.py)")
     parser.add_argument("--matcher-reward", default="similarity", choices=MATCHER_REWARDS,
                         help="the goal reward of the matcher's RL (GoalMatcher.reward)")
     parser.add_argument("--plan-distill", type=int, default=0,
@@ -200,7 +203,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rl-real-fraction", type=float, default=0.0,
                         help="DreamGeneration.rl_real_fraction: share of the matcher's RL goals that are real hard pairs")
     args = parser.parse_args(argv)
-    for name in ("updates", "eval_batches", "batch_size", "space_dim", "real_actor_tries", "real_plan_horizon",
+    for name in ("updates", "eval_batches", "batch_size", "space_dim", "actor_tries", "real_plan_horizon",
                  "dream_plan_horizon", "plan_distill_goals"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -102,6 +102,12 @@ def test_print_config_shows_the_run_name_and_paths_and_reads_back(tmp_path):
     assert validate["trainer"]["default_root_dir"] == "runs/coinrun-tiny-seed0-validate"
 
 
+def printed_model(out) -> dict:
+    import yaml
+
+    return yaml.safe_load(out.stdout)["model"]
+
+
 def test_dreams_config_adds_its_callbacks_to_those_of_the_config_below(tmp_path):
     import yaml
 
@@ -109,7 +115,8 @@ def test_dreams_config_adds_its_callbacks_to_those_of_the_config_below(tmp_path)
               "--print_config")
     callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"]
                  for c in yaml.safe_load(out.stdout)["trainer"]["callbacks"]}
-    assert list(callbacks) == ["DreamGeneration", "BridgeDistillation", "DreamWeaning"]
+    assert list(callbacks) == ["GoalEvaluation", "DreamGeneration", "BridgeDistillation", "DreamWeaning"]
+    assert printed_model(out)["class_path"] == "dreamer.goals.GoalDreamer"
     printed = yaml.safe_load(out.stdout)
     assert printed["checkpoint"]["every_env_steps"] == 256  # the smoke config's cadence, kept
     assert printed["dream_pictures"]["every_n_updates"] == 100 and printed["dream_pictures"]["enabled"]
@@ -123,11 +130,11 @@ def test_dreams_search_config_is_dreams_yaml_with_the_matcher_learning_from_its_
         return {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in yaml.safe_load(out.stdout)["trainer"]["callbacks"]}
 
     dreams, search = callbacks("dreams.yaml"), callbacks("dreams_search.yaml")
-    assert list(search) == list(dreams) == ["DreamGeneration", "BridgeDistillation", "DreamWeaning"]
+    assert list(search) == list(dreams) == ["GoalEvaluation", "DreamGeneration", "BridgeDistillation", "DreamWeaning"]
     assert dreams["DreamGeneration"]["plan_distill"] == 0 and dreams["DreamGeneration"]["rl_real_fraction"] == 0
     changed = {k: v for k, v in search["DreamGeneration"].items() if dreams["DreamGeneration"][k] != v}
     assert changed == {"plan_distill": 16, "rl_real_fraction": 0.5}
-    assert search["BridgeDistillation"] == dreams["BridgeDistillation"] and search["DreamWeaning"] == dreams["DreamWeaning"]
+    assert all(search[name] == dreams[name] for name in ("GoalEvaluation", "BridgeDistillation", "DreamWeaning"))
 
 
 def test_sigterm_ends_the_mlflow_run_killed_and_the_resume_continues_it(tmp_path):

@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from callbacks.dreams import DreamGeneration, hard_goals, reached
+from callbacks.dreams import DreamGeneration
+from callbacks.goal_metrics import GoalEvaluation
+from dreamer.goals import hard
 from dreamer.goals.matcher import GoalMatcher
 from dreamer.goals.model import GoalStateModel, first_match
 from dreamer.goals.pursuit import GoalPursuit
@@ -63,6 +65,11 @@ def always_right(feat: torch.Tensor) -> torch.Tensor:
     return torch.ones(feat.shape[:-1], dtype=torch.long)
 
 
+def reached(agent, start, goal, policy, steps):
+    """``dreamer.goals.hard.reached`` in ``agent``'s world and goal model."""
+    return hard.reached(agent.world_model, agent.goal_model, start, goal, policy, steps)
+
+
 def toy_agent(matcher=None):
     return SimpleNamespace(world_model=LineWorld(), goal_model=goal_model(), goal_matcher=matcher,
                            actor_critic=SimpleNamespace(sample=always_right))
@@ -84,7 +91,7 @@ def test_the_hard_goal_set_keeps_exactly_the_goals_the_actor_does_not_reach():
     right = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 8, 8])  # one moving right, as the actor does
     post = {k: torch.stack([LineWorld.state(left)[k], LineWorld.state(right)[k]]) for k in ("deter", "stoch")}
     is_first = torch.zeros(2, 10, dtype=torch.bool)
-    start, goal, kept, path = hard_goals(agent, post, is_first, offset=2, n=100, tries=2)
+    start, goal, kept, path = hard.hard_pairs(agent, post, is_first, 2, 100)
     assert path is None  # no replayed actions given
     start_pos, goal_pos = start["deter"].argmax(-1), goal.argmax(-1)
     # open pairs: left 6->4 .. 2->0 and 1->0 (6 pairs; 0->0 already matches), right 1->3 .. 6->8 and
@@ -139,19 +146,20 @@ def test_reinforcement_learning_in_imagination_reaches_goals_the_actor_cannot(re
 
 
 def test_dream_generation_trains_only_the_matcher_and_reports_the_hard_sets():
-    from callbacks.dreams import DreamGeneration
     from test_goals import tiny_model_after_a_batch
+
+    from callbacks.dreams import DreamGeneration
 
     model, batch = tiny_model_after_a_batch()
     model.goal_model.update_statistics(model.last_post)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    generation = DreamGeneration(num_dreams=16, horizon=6, matcher_updates=2, matcher_batch=32, eval_goals=16,
-                                 rl_goals=32, rl_goal_steps=4, hard_offsets=(2, 4, 999))
+    generation = DreamGeneration(num_dreams=16, horizon=6, matcher_updates=2, matcher_batch=32,
+                                 rl_goals=32, rl_goal_steps=4)
     metrics = generation.generate(model, model.last_post, batch["is_first"])
     changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"goal_matcher"}
     assert {"goal_matcher/rl_actor", "goal_matcher/rl_return", "goal_matcher/loss"} <= set(metrics)
-    hard = generation.evaluate_hard(model, model.last_post, batch["is_first"])
+    hard = GoalEvaluation(eval_goals=16, hard_offsets=(2, 4, 999)).evaluate_hard(model, model.last_post, batch["is_first"])
     assert not any("k999" in key for key in hard)  # longer than the sequences: skipped
     for k in (2, 4):
         assert 0 < hard[f"goal_hard/k{k}_kept"] <= 1  # an untrained model's actor misses most real goals
@@ -160,8 +168,8 @@ def test_dream_generation_trains_only_the_matcher_and_reports_the_hard_sets():
 
 
 def test_a_checkpoint_of_the_matcher_without_a_critic_restores():
-    from dreamer.goals import GoalDreamer
     from dreamer.checkpoints import restore_agent
+    from dreamer.goals import GoalDreamer
 
     torch.manual_seed(0)
     saved = GoalDreamer(size="tiny")
@@ -221,12 +229,12 @@ def test_a_hard_goal_must_be_missed_by_every_one_of_actor_tries_dreams():
         return torch.full(feat.shape[:-1], 1 if len(calls) <= 3 else 0)
 
     here = LineWorld.state(torch.tensor([4]))
-    for tries, hard in ((1, True), (2, False)):
+    for tries, is_hard in ((1, True), (2, False)):
         calls.clear()
         gm = replay_goal_model("control", (1,), (LEFT3,))
         gm.hp.actor_tries = tries
         _, usable = gm.propose_where(here, LineWorld(), SimpleNamespace(sample=right_once_then_left))
-        assert usable.tolist() == [hard] and len(calls) == 3 * tries
+        assert usable.tolist() == [is_hard] and len(calls) == 3 * tries
     assert GoalDreamer(size="tiny", goals={"actor_tries": 3}).goal_model.hp.actor_tries == 3
     with pytest.raises(ValueError, match="actor_tries"):
         GoalDreamer(size="tiny", goals={"actor_tries": 0})
@@ -255,8 +263,8 @@ def test_the_goal_bank_keeps_the_actions_that_led_from_each_start_to_its_goal():
 
 
 def test_a_checkpoint_written_before_the_bank_kept_actions_restores_with_them_unknown():
-    from dreamer.goals import GoalDreamer
     from dreamer.checkpoints import restore_agent
+    from dreamer.goals import GoalDreamer
 
     torch.manual_seed(0)
     saved = GoalDreamer(size="tiny")
@@ -304,7 +312,7 @@ def test_the_hard_goal_set_is_empty_where_every_pair_crosses_an_episode_start():
     agent = toy_agent()
     post = {k: v.unsqueeze(0) for k, v in LineWorld.state(torch.tensor([3, 4, 5, 6, 7])).items()}
     is_first = torch.tensor([[True, False, True, False, True]])
-    start, goal, kept, _ = hard_goals(agent, post, is_first, offset=2, n=10, tries=2)
+    start, goal, kept, _ = hard.hard_pairs(agent, post, is_first, 2, 10)
     assert len(goal) == 0 and len(start["deter"]) == 0 and kept is None
 
 
@@ -332,8 +340,9 @@ def test_the_matchers_rl_can_take_real_hard_pairs_and_only_those():
 
 
 def test_dream_generation_with_real_rl_goals_trains_on_them_and_fills_up_with_dream_goals(monkeypatch):
-    from callbacks.dreams import DreamGeneration
     from test_goals import tiny_model_after_a_batch
+
+    from callbacks.dreams import DreamGeneration
 
     model, batch = tiny_model_after_a_batch()
     model.goal_model.update_statistics(model.last_post)
@@ -345,13 +354,14 @@ def test_dream_generation_with_real_rl_goals_trains_on_them_and_fills_up_with_dr
         return rl_loss(world_model, goal_model, start, goal)
 
     monkeypatch.setattr(model.goal_matcher, "rl_loss", recording)
-    generation = DreamGeneration(num_dreams=16, horizon=6, matcher_updates=2, matcher_batch=32, eval_goals=16,
+    generation = DreamGeneration(num_dreams=16, horizon=6, matcher_updates=2, matcher_batch=32,
                                  rl_goals=32, rl_goal_steps=4, rl_real_fraction=0.25)
-    torch.manual_seed(0)
-    real_start, real_goal = generation.real_rl_goals(model, model.last_post, batch["is_first"])
-    assert 0 < len(real_goal) <= 8  # an untrained actor misses real goals
+    drawn, real_rl_goals = [], generation.real_rl_goals
+    monkeypatch.setattr(generation, "real_rl_goals", lambda *args: drawn.append(real_rl_goals(*args)) or drawn[-1])
     torch.manual_seed(0)
     generation.generate(model, model.last_post, batch["is_first"])
+    ((_, real_goal),) = drawn  # once per phase
+    assert 0 < len(real_goal) <= 8  # an untrained actor misses real goals
     assert len(seen) == 2 and all(len(goal) == 32 for goal in seen)
     for goal in seen:  # the phase's real pairs first, the same in every matcher update
         torch.testing.assert_close(goal[: len(real_goal)], seen[0][: len(real_goal)])
@@ -433,32 +443,34 @@ def test_the_hard_sets_can_measure_the_matcher_choosing_in_dreams_and_leave_acti
     torch.manual_seed(0)
     uniform = lambda feat: torch.randint(0, 15, feat.shape[:-1])  # noqa: E731
     agent = SimpleNamespace(world_model=LineWorld(), goal_model=goal_model(), goals=GoalPursuit(goal_steps=32),
+                            hparams=SimpleNamespace(num_actions=15),
                             goal_matcher=SimpleNamespace(policy_logits=uniform_logits,
                                                          toward=lambda goal, space: uniform),
                             actor_critic=SimpleNamespace(policy_logits=right_logits, sample=always_right))
     n = 64  # from position 4 to 2 in 2 steps: only (left, left), 1 in 9 for a uniform policy
     start = LineWorld.state(torch.full((n,), 4))
     goal = agent.goal_model.goal_of(LineWorld.state(torch.full((n,), 2)))
-    measured = DreamGeneration(hard_plan=64, hard_plan_horizon=4)._successes(agent, start, goal, 2, "goal_hard/k2")
+    measured = GoalEvaluation(hard_plan=64, hard_plan_horizon=4)._successes(agent, start, goal, 2, "goal_hard/k2")
     assert measured["goal_hard/k2_planned"] == 1.0  # at 4 and again at 3 some dream goes left at once
     assert measured["goal_hard/k2_actor"] == 0.0 and measured["goal_hard/k2_matcher"] < 0.3
     assert agent.goals.mix_weight is None and agent.goals.plan == 0  # acting settings as they were
-    control = DreamGeneration(hard_plan=64, hard_plan_horizon=4, hard_plan_weight=1e-3)  # the actor's dreams
+    control = GoalEvaluation(hard_plan=64, hard_plan_horizon=4, hard_plan_weight=1e-3)  # the actor's dreams
     assert control._successes(agent, start, goal, 2, "goal_hard/k2")["goal_hard/k2_planned"] == 0.0  # all go right
-    without = DreamGeneration()._successes(agent, start, goal, 2, "goal_hard/k2")
+    without = GoalEvaluation()._successes(agent, start, goal, 2, "goal_hard/k2")
     assert "goal_hard/k2_planned" not in without
-    with pytest.raises(ValueError, match=r"DreamGeneration hard_plan must be >= 0 \(0: off\), got -1"):
-        DreamGeneration(hard_plan=-1)
-    with pytest.raises(ValueError, match=r"DreamGeneration hard_plan_weight must be in \(0, 1\], got 0"):
-        DreamGeneration(hard_plan=4, hard_plan_weight=0)
-    with pytest.raises(ValueError, match="DreamGeneration hard_plan_horizon must be >= 1, got 0"):
-        DreamGeneration(hard_plan=4, hard_plan_horizon=0)
+    with pytest.raises(ValueError, match=r"GoalEvaluation hard_plan must be >= 0 \(0: off\), got -1"):
+        GoalEvaluation(hard_plan=-1)
+    with pytest.raises(ValueError, match=r"GoalEvaluation hard_plan_weight must be in \(0, 1\], got 0"):
+        GoalEvaluation(hard_plan=4, hard_plan_weight=0)
+    with pytest.raises(ValueError, match="GoalEvaluation hard_plan_horizon must be >= 1, got 0"):
+        GoalEvaluation(hard_plan=4, hard_plan_horizon=0)
 
 
 def test_the_matcher_learns_the_actions_of_its_best_dreams_and_then_reaches_what_the_actor_cannot():
     torch.manual_seed(0)
     matcher = GoalMatcher(feat_dim=P, goal_dim=P, units=64, layers=1, lr=3e-3)
     agent = SimpleNamespace(world_model=LineWorld(), goal_model=goal_model(), goals=GoalPursuit(goal_steps=32),
+                            hparams=SimpleNamespace(num_actions=15),
                             goal_matcher=matcher, actor_critic=SimpleNamespace(policy_logits=right_logits))
     n = 64  # from position 4 to 2 in 2 steps: only (left, left), 1 in 9 for a uniform policy
     start = LineWorld.state(torch.full((n,), 4))
@@ -495,7 +507,7 @@ def test_dream_generation_with_plan_distillation_trains_only_the_matcher_and_rep
     model, batch = tiny_model_after_a_batch()
     model.goal_model.update_statistics(model.last_post)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    generation = DreamGeneration(num_dreams=16, horizon=6, matcher_updates=2, matcher_batch=32, eval_goals=16,
+    generation = DreamGeneration(num_dreams=16, horizon=6, matcher_updates=2, matcher_batch=32,
                                  rl_goals=32, rl_goal_steps=4, plan_distill=4, plan_distill_goals=8)
     metrics = generation.generate(model, model.last_post, batch["is_first"])
     changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
@@ -504,3 +516,34 @@ def test_dream_generation_with_plan_distillation_trains_only_the_matcher_and_rep
     assert model.goals.mix_weight is None and model.goals.plan == 0
     assert "goal_matcher/plan_agreement" not in DreamGeneration(num_dreams=16, matcher_batch=32, rl_goals=8).generate(
         model, model.last_post, batch["is_first"])
+
+
+def test_proposals_and_evaluation_share_one_definition_of_hard_and_controllable_goals():
+    """One default for the actor dreams a hard goal must survive, and a controllable goal's replayed
+    actions imagined as often in proposals as in evaluation (once each per try)."""
+    from dreamer.goals import GoalKnobs
+
+    assert GoalStateModel(goal_dim=P).hp.actor_tries == GoalKnobs().actor_tries == hard.ACTOR_TRIES == 2
+
+    class Counting(LineWorld):
+        open_loop = 0
+
+        def imagine(self, start, policy, horizon, keep_states=True):
+            Counting.open_loop += isinstance(policy, torch.Tensor)
+            return super().imagine(start, policy, horizon, keep_states)
+
+    gm = replay_goal_model("control", (1,), (LEFT3,))
+    gm.hp.actor_tries = 3
+    _, usable = gm.propose_where(LineWorld.state(torch.tensor([4])), Counting(), SimpleNamespace(sample=always_right))
+    assert usable.tolist() == [True] and Counting.open_loop == 3
+    Counting.open_loop = 0
+    agent = toy_agent()
+    agent.world_model, agent.goal_model.hp.actor_tries = Counting(), 3
+    agent.hparams = SimpleNamespace(num_actions=15)
+    agent.goal_matcher = SimpleNamespace(toward=lambda goal, space: always_right)
+    left = torch.tensor([6, 5, 4, 3, 2, 1, 0, 0, 0, 0])
+    post = {k: v.unsqueeze(0) for k, v in LineWorld.state(left).items()}
+    action = torch.zeros(1, 10, dtype=torch.long)  # left all the way: the replayed actions reach every goal
+    metrics = GoalEvaluation(hard_offsets=(3,)).evaluate_hard(agent, post, torch.zeros(1, 10, dtype=torch.bool), action)
+    assert metrics["goal_control/k3_kept"] == metrics["goal_hard/k3_kept"] == 1.0
+    assert Counting.open_loop == 1 + 3  # the replayed actions as a policy on the hard set, then once per try

@@ -277,8 +277,7 @@ def tiny_model_after_a_batch():
 
 def test_bridge_distillation_moves_only_the_actor_toward_the_matcher():
     model, batch = tiny_model_after_a_batch()
-    generation = DreamGeneration(num_dreams=16, horizon=6, matcher_updates=2, matcher_batch=32,
-                                 eval_goals=4)
+    generation = DreamGeneration(num_dreams=16, horizon=6, matcher_updates=2, matcher_batch=32)
     generation.generate(model, model.last_post, batch["is_first"])
     assert len(generation.buffer) == 8
     feat = generation.buffer.states(64)

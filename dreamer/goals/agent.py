@@ -15,6 +15,7 @@ from dreamer.agent import Dreamer
 from dreamer.checkpoints import trainer_of
 from dreamer.compat import ignore_in_ddp
 from dreamer.config import KNOBS, argument_problem, knob, module_args
+from dreamer.goals.hard import ACTOR_TRIES
 from dreamer.goals.matcher import GoalMatcher
 from dreamer.goals.model import MATCHER_REWARDS, STRATEGIES, GoalStateModel
 from dreamer.goals.pursuit import GoalPursuit, GoalTrack
@@ -30,7 +31,8 @@ class GoalKnobs:
     optimiser and imagination (``matcher_horizon`` steps discounted by ``matcher_gamma``, entropy
     bonus ``matcher_entropy``), and ``track`` (measure goal success while acting without
     DreamWeaning); ``matcher_reward`` is the goal reward of the matcher's RL (``GoalMatcher``);
-    ``actor_tries`` the imagined actor rollouts that must all miss a ``hard`` or ``control`` goal;
+    ``actor_tries`` the imagined actor rollouts that must all miss a hard goal (``dreamer/goals/hard.py``,
+    the one definition proposals, the matcher's RL goals and evaluation share);
     ``plan`` (0: off) the dreams of ``plan_horizon`` steps that choose each action while the
     matcher acts (``GoalPursuit.planned``)."""
 
@@ -47,7 +49,7 @@ class GoalKnobs:
     matcher_gamma: float = knob(0.95, 0, 1, False)
     matcher_entropy: float = knob(3e-4, 0, 1)
     track: bool = knob(False, choices=(False, True))
-    actor_tries: int = knob(1, 1, 64, integer=True)
+    actor_tries: int = knob(ACTOR_TRIES, 1, 64, integer=True)
     plan: int = knob(0, 0, 1024, integer=True)
     plan_horizon: int = knob(8, 1, 256, integer=True)
 

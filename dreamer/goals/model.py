@@ -15,6 +15,7 @@ from torch import nn
 
 from dreamer.distributed import mean_over_ranks, world_size
 from dreamer.distributions import isolated_rng
+from dreamer.goals.hard import ACTOR_TRIES, controllable, hard
 from dreamer.goals.space import GoalSpace, continuing
 from dreamer.nets import init_args
 from dreamer.rssm import State
@@ -86,7 +87,7 @@ class GoalStateModel(nn.Module):
     def __init__(
         self, goal_dim: int, strategy: str = "value", threshold: float = 0.7, rollouts: int = 8,
         horizon: int = 15, offset: int = 8, bank_size: int = 4096, gamma: float = 1 - 1 / 333,
-        space: GoalSpace | None = None, actor_tries: int = 1,
+        space: GoalSpace | None = None, actor_tries: int = ACTOR_TRIES,
     ) -> None:
         super().__init__()
         self.space = space or GoalSpace("deter", goal_dim)
@@ -224,36 +225,18 @@ class GoalStateModel(nn.Module):
     def _unreached_replay_goal(self, state: State, sim: torch.Tensor, world_model,
                                actor_critic) -> tuple[torch.Tensor, torch.Tensor]:
         """Among the ``rollouts`` bank pairs whose starts are most similar to each state (``sim``
-        (N, filled)), the goal of the most similar one that none of ``actor_tries`` imagined actor
-        rollouts of ``offset`` steps from the state matches (with ``control``: and that the pair's
-        replayed actions, imagined from the state, do match), and whether there was one (N,);
-        where there is none, the most similar one."""
+        (N, filled)), the goal of the most similar one that is hard from the state over ``offset``
+        steps (with ``control``: and controllable by the pair's replayed actions), by
+        ``dreamer/goals/hard.py``'s definition, and whether there was one (N,); where there is
+        none, the most similar one."""
         top = sim.topk(min(self.hp.rollouts, sim.shape[1]), -1).indices  # (N, R), most similar first
         candidates = self.space.project(self.bank_goal[top])  # (N, R, G)
-        wanted = torch.ones(candidates.shape[:2], dtype=torch.bool, device=candidates.device)  # (N, R)
-        for _ in range(self.hp.actor_tries):
-            states, _, _ = world_model.rssm.imagine(state, actor_critic.sample, self.hp.offset)
-            visited = self.goal_of(states)[1:]  # (k, N, G)
-            wanted &= ~self._matched_on_the_way(candidates, visited.unsqueeze(2))
+        tries = self.hp.actor_tries
+        wanted = hard(world_model, self, actor_critic, state, candidates, self.hp.offset, tries)  # (N, R)
         if self.hp.strategy == "control":
-            wanted &= self._replayed_path_reaches(state, candidates, self.bank_path[top], world_model)
+            wanted &= controllable(world_model, self, state, candidates, self.bank_path[top], tries)
         free = wanted.float().argmax(-1)  # first wanted candidate, 0 if none
         return candidates[torch.arange(len(free), device=free.device), free], wanted.any(-1)
-
-    def _matched_on_the_way(self, goal: torch.Tensor, visited: torch.Tensor) -> torch.Tensor:
-        """(...): whether goals (..., G) match the goal vectors of any imagined step (k, ..., G)."""
-        return (self.between(goal.unsqueeze(0), visited) >= self.hp.threshold).any(0)
-
-    def _replayed_path_reaches(self, state: State, candidates: torch.Tensor, path: torch.Tensor,
-                               world_model) -> torch.Tensor:
-        """(N, R): whether the actions ``path`` (N, R, k), imagined open loop from each state (N, ...),
-        match their candidate goals (N, R, G) at some step; False where the actions are unknown."""
-        n, r, k = path.shape
-        start = {key: v.repeat_interleave(r, 0) for key, v in state.items()}  # (N * R, ...)
-        open_loop = path.reshape(n * r, k).clamp(min=0).T.contiguous()  # (k, N * R)
-        states, _, _ = world_model.rssm.imagine(start, open_loop, k)
-        visited = self.goal_of(states)[1:].reshape(k, n, r, -1)  # (k, N, R, G)
-        return self._matched_on_the_way(candidates, visited) & (path >= 0).all(-1)
 
     def _best_imagined_end(self, state: State, world_model, actor_critic) -> torch.Tensor:
         hp = self.hp
