@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ def load_agent(path: str | os.PathLike) -> LoadedAgent:
                            num_levels=int(data.get("num_levels", 200)),
                            start_level=int(data.get("start_level", 0)))
     callbacks = " ".join(ckpt.get("callbacks", {}))
-    dreams_on = has_goals(agent) and ("DreamGeneration" in callbacks or agent.goals.track)
+    dreams_on = has_goals(agent) and ("DreamGeneration" in callbacks or agent.goals.acting.track)
     return LoadedAgent(agent, str(Path(path).expanduser()), game, levels, dreams_on)
 
 
@@ -141,8 +141,8 @@ class DemoSession:
 
     def _observe(self) -> None:
         agent = self.loaded.agent
-        if has_goals(agent):
-            agent.goals.track = self.show_goals
+        if has_goals(agent):  # the goal framework's acting, tracking goals or not
+            agent.goals.acting = replace(agent.goals.acting, track=self.show_goals)
         with torch.no_grad():
             self.rollout.act(agent)
             post, track = self.state.post, getattr(self.state, "goals", None)

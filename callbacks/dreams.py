@@ -13,6 +13,7 @@ Each one is optional and each needs the goal framework's agent, ``dreamer.goals.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -25,6 +26,7 @@ from dreamer.distributions import categorical_entropy
 from dreamer.goals import GoalDreamer
 from dreamer.goals.hard import hard_pairs, uniform_policy
 from dreamer.goals.model import imagined_return
+from dreamer.goals.pursuit import Acting
 from dreamer.rssm import State
 
 
@@ -243,9 +245,9 @@ class DreamGeneration(GoalCallback):
         at matcher weight 1); its loss is the cross-entropy of the first actions of each lane's
         best-scoring dreams (ties shared equally). Also returns how often its most likely action
         is one of them."""
-        with torch.no_grad(), pl_module.goals.using(mix_weight=1.0, plan=self.plan_distill,
-                                                    plan_horizon=self.rl_goal_steps):
-            first_action, score = pl_module.goals.plans(pl_module, start, goal)  # (N, P) each
+        with torch.no_grad():
+            acting = Acting(mix_weight=1.0, plan=self.plan_distill, plan_horizon=self.rl_goal_steps)
+            first_action, score = pl_module.goals.plans(pl_module, start, goal, acting)  # (N, P) each
             best = (score == score.max(-1, keepdim=True).values).float()  # (N, P)
             target = (F.one_hot(first_action, pl_module.hparams.num_actions).float() * best.unsqueeze(-1)).sum(1)  # (N, A)
             target = target / target.sum(-1, keepdim=True)
@@ -369,8 +371,9 @@ class DreamWeaning(GoalCallback):
         return max(self.w_min, 1.0 - env_steps / self.anneal_env_steps)
 
     def _apply(self, trainer, pl_module) -> float:
-        pl_module.goals.mix_weight = self.weight(env_steps_of(trainer))
-        return pl_module.goals.mix_weight
+        weight = self.weight(env_steps_of(trainer))
+        pl_module.goals.acting = replace(pl_module.goals.acting, mix_weight=weight)
+        return weight
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._apply(trainer, pl_module)

@@ -7,6 +7,7 @@ import torch
 
 from callbacks.dreams import GoalCallback, _log
 from dreamer.goals.hard import controllable, hard_pairs, reached, uniform_policy
+from dreamer.goals.pursuit import Acting
 from dreamer.rssm import State
 
 
@@ -116,9 +117,8 @@ class GoalEvaluation(GoalCallback):
         success = {name: float(reached(wm, gm, start, goal, policy, k).float().mean())
                    for name, policy in policies.items()}
         if self.hard_plan:  # last, so the draws of the others stay as without it
-            with pl_module.goals.using(mix_weight=self.hard_plan_weight, plan=self.hard_plan,
-                                       plan_horizon=self.hard_plan_horizon):
-                planner = pl_module.goals.planner(pl_module, goal)
-                success["planned"] = float(reached(wm, gm, start, goal, planner, k).float().mean())
+            acting = Acting(mix_weight=self.hard_plan_weight, plan=self.hard_plan, plan_horizon=self.hard_plan_horizon)
+            planner = pl_module.goals.planner(pl_module, goal, acting)
+            success["planned"] = float(reached(wm, gm, start, goal, planner, k).float().mean())
         success["lift"] = success["matcher"] - success["actor"]
         return {f"{prefix}_{name}": value for name, value in success.items()}

@@ -29,6 +29,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -194,10 +195,13 @@ def real_hard_goal_pursuit(cli) -> dict[str, float]:
     model, trainer = cli.model, cli.trainer
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, DreamWeaning)]
     model.goal_model.hp.strategy = "hard"
-    out = {}
+    out, tracking = {}, model.goals.acting
     for who, weight in (("actor", None), ("matcher", 1.0)):
-        with model.goals.using(mix_weight=weight):
+        model.goals.acting = replace(tracking, mix_weight=weight)
+        try:
             trainer.validate(model, datamodule=cli.datamodule)
+        finally:
+            model.goals.acting = tracking
         model.to(trainer.strategy.root_device)
         for key, value in trainer.callback_metrics.items():
             if key.startswith("val/") and "/goal/" in key:

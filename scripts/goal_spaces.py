@@ -51,6 +51,7 @@ from dreamer.goals import GoalDreamer  # noqa: E402
 from dreamer.goals.hard import ACTOR_TRIES  # noqa: E402
 from dreamer.goals.matcher import GoalMatcher  # noqa: E402
 from dreamer.goals.model import MATCHER_REWARDS, GoalStateModel  # noqa: E402
+from dreamer.goals.pursuit import Acting  # noqa: E402
 from dreamer.goals.space import SPACES, make_goal_space  # noqa: E402
 from dreamer.migrations import GOAL_PREFIXES  # noqa: E402
 from scripts.goal_ablation import mean_over_replay, mean_se, replayed_posteriors  # noqa: E402
@@ -123,15 +124,18 @@ def real_game_pursuit(model, data: ReplayDataModule, episodes: int, greedy: bool
     ``greedy`` it takes its most likely actions, with ``plan`` > 0 it chooses them in that many
     dreams of ``plan_horizon`` steps; each goal is pursued for at most ``goal_steps`` steps
     (default the run's ``model.goals.steps``)."""
-    out = {}
+    out, before = {}, model.goals.acting
     for who, mix_weight in (("actor", None), ("matcher", weight)):
-        with model.goals.using(track=True, greedy=greedy, goal_steps=goal_steps or model.goals.goal_steps, plan=plan,
-                               plan_horizon=plan_horizon, mix_weight=mix_weight):
+        model.goals.acting = Acting(goal_steps or before.goal_steps, track=True, mix_weight=mix_weight, greedy=greedy,
+                                    plan=plan, plan_horizon=plan_horizon)
+        try:
             for split in ("train_levels", "unseen_levels"):
                 with model.goals.measuring(split) as summary:
                     game = data.evaluate(model, split, episodes)
                 out.update({f"real/{split}/{who}_{k.split('/')[-1]}": v for k, v in summary.items()})
                 out[f"real/{split}/{who}_return"] = game["return"]
+        finally:
+            model.goals.acting = before
     return out
 
 

@@ -14,7 +14,7 @@ from callbacks.goal_metrics import GoalEvaluation
 from dreamer.goals import hard
 from dreamer.goals.matcher import GoalMatcher
 from dreamer.goals.model import GoalStateModel, first_match
-from dreamer.goals.pursuit import GoalPursuit
+from dreamer.goals.pursuit import Acting, GoalPursuit
 
 P = 9  # positions 0..8 on a line; the state is the one-hot position
 
@@ -289,13 +289,13 @@ def test_the_hard_strategy_proposes_the_replayed_goal_the_actor_does_not_reach()
 
 
 def test_where_the_actor_reaches_every_candidate_goal_pursuit_scores_nothing():
-    from dreamer.goals.pursuit import GoalPursuit
+    from dreamer.goals.pursuit import Acting, GoalPursuit
 
     world, actor = LineWorld(), SimpleNamespace(sample=always_right)
     gm = replay_goal_model("hard", (6, 7))  # both on the actor's way
     proposed, usable = gm.propose_where(LineWorld.state(torch.tensor([4])), world, actor)
     assert usable.tolist() == [False] and proposed.argmax(-1).tolist() == [6]
-    pursuit = GoalPursuit(goal_steps=8, track=True)
+    pursuit = GoalPursuit(Acting(goal_steps=8, track=True))
     post = LineWorld.state(torch.tensor([4]))
     track = None
     for _ in range(3):  # the lane steers toward candidate 6 unscored, asking again each step
@@ -386,23 +386,23 @@ def test_planning_takes_the_first_action_of_the_dream_that_matches_the_goal_soon
     n = 32  # lanes at position 4: the first half toward 2 (two steps left), the rest toward 5 (one right)
     here = LineWorld.state(torch.full((2 * n,), 4))
     goal = agent.goal_model.goal_of(LineWorld.state(torch.tensor([2] * n + [5] * n)))
-    pursuit = GoalPursuit(goal_steps=32, plan=128, plan_horizon=4)
-    pursuit.mix_weight = 1.0  # the uniform matcher proposes; the always-right actor has no say
-    move = pursuit.planned(agent, here, goal) % 3  # 0 left, 1 right, 2 stay
+    pursuit = GoalPursuit()
+    acting = Acting(mix_weight=1.0, plan=128, plan_horizon=4)  # the uniform matcher proposes; the actor has no say
+    move = pursuit.planned(agent, here, goal, acting) % 3  # 0 left, 1 right, 2 stay
     # dreams such as (right, left, left, left) also end at 2, and (stay, right) at 5: only the
     # soonest match fixes the first step
     assert (move[:n] == 0).all() and (move[n:] == 1).all()
 
-    pursuit.plan = 1  # one dream: its first action is just a sample of the uniform matcher
-    move = pursuit.planned(agent, here, goal) % 3
+    acting = Acting(mix_weight=1.0, plan=1, plan_horizon=4)  # one dream: a sample of the uniform matcher
+    move = pursuit.planned(agent, here, goal, acting) % 3
     assert (move[:n] == 0).float().mean() < 0.7 and (move[n:] == 1).float().mean() < 0.7
 
-    pursuit.plan, pursuit.mix_weight = 128, 1e-3  # the actor's dreams all go right: 2 out of reach
-    move = pursuit.planned(agent, here, goal) % 3
+    acting = Acting(mix_weight=1e-3, plan=128, plan_horizon=4)  # the actor's dreams all go right: 2 out of reach
+    move = pursuit.planned(agent, here, goal, acting) % 3
     assert (move[n:] == 1).all() and (move[:n] == 1).float().mean() > 0.8
 
 
-def test_planning_can_pick_the_action_whose_dreams_do_best_on_average_not_the_luckiest_dream():
+def test_planning_takes_the_first_action_of_the_dream_that_matches_soonest():
     # four dreams of 4 steps from position 4 toward 2: action 3 reaches it at once in one dream and
     # never in the other; action 5 reaches it at step 2 in both
     positions = torch.tensor([[2, 2, 2, 2], [5, 6, 7, 8], [3, 2, 2, 2], [3, 2, 2, 2]]).T  # (H, P)
@@ -417,32 +417,24 @@ def test_planning_can_pick_the_action_whose_dreams_do_best_on_average_not_the_lu
     agent = SimpleNamespace(world_model=Scripted(), goal_model=goal_model(),
                             goal_matcher=SimpleNamespace(policy_logits=uniform_logits),
                             actor_critic=SimpleNamespace(policy_logits=right_logits))
-    pursuit = GoalPursuit(goal_steps=32, plan=4, plan_horizon=4)
-    pursuit.mix_weight = 1.0
     here, goal = LineWorld.state(torch.tensor([4])), agent.goal_model.goal_of(LineWorld.state(torch.tensor([2])))
-    assert pursuit.planned(agent, here, goal).tolist() == [3]  # the soonest single match (score 4)
+    assert GoalPursuit().planned(agent, here, goal, Acting(mix_weight=1.0, plan=4, plan_horizon=4)).tolist() == [3]  # the soonest single match (score 4)
 
 
-def test_goal_pursuit_settings_hold_inside_the_block_and_come_back_after_it_even_on_an_error():
-    pursuit = GoalPursuit(goal_steps=32, plan=4)
-    with pursuit.using(mix_weight=1.0, plan=16, greedy=True) as inside:
-        assert (inside.mix_weight, inside.plan, inside.greedy, inside.goal_steps) == (1.0, 16, True, 32)
-        assert inside.on
-    assert (pursuit.mix_weight, pursuit.plan, pursuit.greedy) == (None, 4, False) and not pursuit.on
-    with pytest.raises(RuntimeError, match="mid-episode"):
-        with pursuit.using(track=True, plan_horizon=3):
-            raise RuntimeError("mid-episode")
-    assert (pursuit.track, pursuit.plan_horizon) == (False, 8)
-    with pytest.raises(TypeError, match=r"unknown settings \['horizon'\]; allowed: track, mix_weight"):
-        with pursuit.using(horizon=3):
-            pass
-    assert not hasattr(pursuit, "horizon")
+def test_acting_is_one_value_replaced_whole_and_off_by_default():
+    pursuit = GoalPursuit()
+    assert pursuit.acting == Acting() and not pursuit.on
+    pursuit.acting = Acting(mix_weight=1.0, plan=16, greedy=True)
+    assert pursuit.on and pursuit.acting.goal_steps == 32
+    with pytest.raises(AttributeError):  # frozen: a change is a new Acting, never a flipped field
+        pursuit.acting.track = True
+    assert Acting(track=True).on and not Acting(plan=4).on
 
 
 def test_the_hard_sets_can_measure_the_matcher_choosing_in_dreams_and_leave_acting_as_it_was():
     torch.manual_seed(0)
     uniform = lambda feat: torch.randint(0, 15, feat.shape[:-1])  # noqa: E731
-    agent = SimpleNamespace(world_model=LineWorld(), goal_model=goal_model(), goals=GoalPursuit(goal_steps=32),
+    agent = SimpleNamespace(world_model=LineWorld(), goal_model=goal_model(), goals=GoalPursuit(),
                             hparams=SimpleNamespace(num_actions=15),
                             goal_matcher=SimpleNamespace(policy_logits=uniform_logits,
                                                          toward=lambda goal, space: uniform),
@@ -453,7 +445,7 @@ def test_the_hard_sets_can_measure_the_matcher_choosing_in_dreams_and_leave_acti
     measured = GoalEvaluation(hard_plan=64, hard_plan_horizon=4)._successes(agent, start, goal, 2, "goal_hard/k2")
     assert measured["goal_hard/k2_planned"] == 1.0  # at 4 and again at 3 some dream goes left at once
     assert measured["goal_hard/k2_actor"] == 0.0 and measured["goal_hard/k2_matcher"] < 0.3
-    assert agent.goals.mix_weight is None and agent.goals.plan == 0  # acting settings as they were
+    assert agent.goals.acting == Acting()  # acting as it was
     control = GoalEvaluation(hard_plan=64, hard_plan_horizon=4, hard_plan_weight=1e-3)  # the actor's dreams
     assert control._successes(agent, start, goal, 2, "goal_hard/k2")["goal_hard/k2_planned"] == 0.0  # all go right
     without = GoalEvaluation()._successes(agent, start, goal, 2, "goal_hard/k2")
@@ -469,7 +461,7 @@ def test_the_hard_sets_can_measure_the_matcher_choosing_in_dreams_and_leave_acti
 def test_the_matcher_learns_the_actions_of_its_best_dreams_and_then_reaches_what_the_actor_cannot():
     torch.manual_seed(0)
     matcher = GoalMatcher(feat_dim=P, goal_dim=P, units=64, layers=1, lr=3e-3)
-    agent = SimpleNamespace(world_model=LineWorld(), goal_model=goal_model(), goals=GoalPursuit(goal_steps=32),
+    agent = SimpleNamespace(world_model=LineWorld(), goal_model=goal_model(), goals=GoalPursuit(),
                             hparams=SimpleNamespace(num_actions=15),
                             goal_matcher=matcher, actor_critic=SimpleNamespace(policy_logits=right_logits))
     n = 64  # from position 4 to 2 in 2 steps: only (left, left), 1 in 9 for a uniform policy
@@ -493,7 +485,7 @@ def test_the_matcher_learns_the_actions_of_its_best_dreams_and_then_reaches_what
     left = matcher.policy_logits(start["deter"], goal_model().goal_of(start), goal).exp()[:, 0::3].sum(-1)
     assert before < 0.3 and after > 0.9 and agreement == 1.0 and (left > 0.95).all(), (before, after, agreement)
     assert not reached(agent, start, goal, always_right, 2).any()
-    assert agent.goals.mix_weight is None and agent.goals.plan == 0  # acting settings as they were
+    assert agent.goals.acting == Acting()  # acting as it was
     for kwargs, message in (({"plan_distill": -1}, r"plan_distill must be >= 0 \(0: off\), got -1"),
                             ({"plan_distill_goals": 0}, "plan_distill_goals must be >= 1, got 0"),
                             ({"plan_distill": 4, "plan_distill_weight": 0}, "plan_distill_weight must be > 0, got 0")):
@@ -513,7 +505,7 @@ def test_dream_generation_with_plan_distillation_trains_only_the_matcher_and_rep
     changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"goal_matcher"}
     assert 0.0 <= metrics["goal_matcher/plan_agreement"] <= 1.0
-    assert model.goals.mix_weight is None and model.goals.plan == 0
+    assert model.goals.acting == Acting(model.hparams.goals["steps"])
     assert "goal_matcher/plan_agreement" not in DreamGeneration(num_dreams=16, matcher_batch=32, rl_goals=8).generate(
         model, model.last_post, batch["is_first"])
 

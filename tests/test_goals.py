@@ -13,9 +13,9 @@ from datamodules.games import NUM_ACTIONS
 from dreamer.agent import Dreamer
 from dreamer.goals import GoalDreamer
 from dreamer.goals.matcher import GoalMatcher
-from dreamer.goals.model import GoalStateModel, cosine_max
-from dreamer.goals.pursuit import mixture_probs
 from dreamer.goals.metrics import GoalSuccess
+from dreamer.goals.model import GoalStateModel, cosine_max
+from dreamer.goals.pursuit import Acting, mixture_probs
 from dreamer.update import update
 
 DETER, STOCH, CLASSES = 64, 8, 8  # the tiny preset
@@ -117,14 +117,14 @@ def test_weaning_weight_falls_linearly_to_w_min(w_min, expected):
     assert got == pytest.approx(expected, abs=1e-12)
 
     # the callback hooks write the weight of the datamodule's env steps into the model
-    model = SimpleNamespace(goals=SimpleNamespace(mix_weight=None), logged={})
+    model = SimpleNamespace(goals=SimpleNamespace(acting=Acting(track=True)), logged={})
     model.log_dict = lambda metrics, **kwargs: model.logged.update(metrics)
     trainer = SimpleNamespace(datamodule=SimpleNamespace(total_env_steps=500))
     weaning.on_fit_start(trainer, model)
-    assert model.goals.mix_weight == pytest.approx(0.5)
+    assert model.goals.acting == Acting(track=True, mix_weight=pytest.approx(0.5))  # the rest kept
     trainer.datamodule.total_env_steps = 2000
     weaning.on_train_batch_end(trainer, model, None, None, 0)
-    assert model.goals.mix_weight == pytest.approx(w_min)
+    assert model.goals.acting.mix_weight == pytest.approx(w_min)
     assert model.logged == {"weaning/weight": pytest.approx(w_min)}
 
 
@@ -186,7 +186,7 @@ def test_act_with_zero_mix_weight_acts_like_the_plain_actor():
     plain, plain_state, plain_rng = _act_sequence(model, 7, frames, FIRSTS)
     assert plain_state.goals is None  # the plain path keeps no goal track
 
-    model.goals.mix_weight = 0.0
+    model.goals.acting = Acting(mix_weight=0.0)
     mixed, mixed_state, mixed_rng = _act_sequence(model, 7, frames, FIRSTS)
     assert mixed_state.goals is not None and mixed_state.goals.active.all()  # goals were pursued
     assert mixed == plain
@@ -207,23 +207,22 @@ def test_act_samples_from_the_weighted_mixture():
     n = 2000
     obs = _frames(2, n=1, steps=1)[0].expand(n, -1, -1, -1)
     first = torch.ones(n, dtype=torch.bool)
-    model.goals.mix_weight = 1.0
+    model.goals.acting = Acting(mix_weight=1.0)
     action, _ = model.act(obs, first)
     assert (action == target).all()
 
-    model.goals.mix_weight = 0.8
+    model.goals.acting = Acting(mix_weight=0.8)
     torch.manual_seed(3)
     action, (post, _, _) = model.act(obs, first)
     actor_p = model.actor_critic.policy_logits(model.world_model.rssm.features(post)).exp()[:, target]
     expected = (0.8 + 0.2 * actor_p).mean().item()  # weights swapped would give about 0.25
     assert (action == target).float().mean().item() == pytest.approx(expected, abs=0.03)
 
-    model.goals.greedy = True  # the mixture's most likely action, the matcher's at w = 0.8
+    model.goals.acting = Acting(mix_weight=0.8, greedy=True)  # the mixture's most likely action, the matcher's
     action, _ = model.act(obs, first)
     assert (action == target).all()
 
-    model.goals.greedy, model.goals.mix_weight = False, 1.0
-    model.goals.plan, model.goals.plan_horizon = 3, 2  # choosing in dreams among the matcher's own actions
+    model.goals.acting = Acting(mix_weight=1.0, plan=3, plan_horizon=2)  # choosing in dreams among the matcher's actions
     imagined = []
     imagine = model.world_model.rssm.imagine
     model.world_model.rssm.imagine = lambda start, policy, h, **kw: imagined.append(h) or imagine(start, policy, h, **kw)
@@ -233,8 +232,8 @@ def test_act_samples_from_the_weighted_mixture():
 
 def test_the_plan_knobs_reach_goal_pursuit_and_bad_values_are_refused():
     model = GoalDreamer(size="tiny", goals={"plan": 16, "plan_horizon": 4})
-    assert (model.goals.plan, model.goals.plan_horizon) == (16, 4)
-    assert GoalDreamer(size="tiny").goals.plan == 0  # acting alone by default
+    assert (model.goals.acting.plan, model.goals.acting.plan_horizon) == (16, 4)
+    assert GoalDreamer(size="tiny").goals.acting == Acting()  # acting alone by default
     for bad in ({"plan": -1}, {"plan_horizon": 0}):
         with pytest.raises(ValueError, match=f"model.goals.{next(iter(bad))} must"):
             GoalDreamer(size="tiny", goals=bad)

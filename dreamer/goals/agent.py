@@ -18,7 +18,7 @@ from dreamer.config import KNOBS, argument_problem, knob, module_args
 from dreamer.goals.hard import ACTOR_TRIES
 from dreamer.goals.matcher import GoalMatcher
 from dreamer.goals.model import MATCHER_REWARDS, STRATEGIES, GoalStateModel
-from dreamer.goals.pursuit import GoalPursuit, GoalTrack
+from dreamer.goals.pursuit import Acting, GoalPursuit, GoalTrack
 from dreamer.goals.space import SPACES, make_goal_space
 from dreamer.migrations import grouped
 from dreamer.rssm import State
@@ -92,7 +92,7 @@ class GoalDreamer(Dreamer):
         self.goal_model = GoalStateModel(arch["deter"], goal["strategy"], goal["threshold"], goal["rollouts"],
                                          ac["horizon"], goal["offset"], gamma=ac["gamma"], space=space,
                                          actor_tries=goal["actor_tries"])
-        self.goals = GoalPursuit(goal["steps"], goal["track"], goal["plan"], goal["plan_horizon"])
+        self.goals = GoalPursuit(Acting(goal["steps"], goal["track"], plan=goal["plan"], plan_horizon=goal["plan_horizon"]))
         # DDP leaves alone what trains outside its forward (averaging its own gradients) and each rank's goal bank
         ignore_in_ddp(self, ("goal_matcher.", "goal_model.space.", "goal_model.bank_"))
 
@@ -110,7 +110,7 @@ class GoalDreamer(Dreamer):
         super().setup(stage)
         trainer = trainer_of(self)
         if stage == "fit" and trainer is not None:  # the goal model follows training when goals are used
-            self.goals.learning = self.goals.track or any(getattr(cb, "uses_goals", False) for cb in trainer.callbacks)
+            self.goals.learning = self.goals.acting.track or any(getattr(cb, "uses_goals", False) for cb in trainer.callbacks)
 
     def configure_optimizers(self):
         return [*super().configure_optimizers(), self.goal_matcher.configure_optimizers()]

@@ -37,17 +37,36 @@ def mixture_probs(actor_logits: torch.Tensor, matcher_logits: torch.Tensor, weig
     return weight * matcher_logits.exp() + (1.0 - weight) * actor_logits.exp()
 
 
-class GoalPursuit(nn.Module):
-    """Goal pursuit while acting, in one of three modes: off (plain DreamerV3 acting), ``track``
-    (propose goals and measure goal success while the actor acts) or ``mix_weight`` set (DreamWeaning
-    acts with ``w * matcher + (1 - w) * actor``). Goals are proposed and scored only when on.
+@dataclass(frozen=True)
+class Acting:
+    """How goal pursuit acts, one value (``GoalPursuit.acting``) that its owner replaces whole:
+    off (plain DreamerV3 acting), ``track`` (propose goals and measure goal success while the
+    actor acts) or ``mix_weight`` w set (DreamWeaning: act with ``w * matcher + (1 - w) * actor``).
     With ``greedy`` the mixture's most likely action is taken instead of a sample (goal-reaching
-    evaluation; the actor acting alone still samples).
+    evaluation; the actor acting alone still samples). With ``plan`` P > 0 and w > 0 each action
+    is chosen in P dreams of ``plan_horizon`` steps (``GoalPursuit.planned``). A goal is dropped
+    after ``goal_steps`` steps without a match."""
 
-    With ``plan`` > 0 and a mixture weight above 0, acting is guided by dreams: each step imagines
-    ``plan`` rollouts of ``plan_horizon`` steps per lane with the mixture policy and takes the first
-    action of the rollout that matches the lane's goal soonest (or, where none matches, comes
-    closest to it); see ``planned``.
+    goal_steps: int = 32
+    track: bool = False
+    mix_weight: float | None = None
+    greedy: bool = False
+    plan: int = 0
+    plan_horizon: int = 8
+
+    @property
+    def on(self) -> bool:
+        return bool(self.track) or self.mix_weight is not None
+
+
+class GoalPursuit(nn.Module):
+    """Goal pursuit while acting, as ``acting`` (an ``Acting``) says. Goals are proposed and scored
+    only when it is on.
+
+    With planning, acting is guided by dreams: each step imagines ``plan`` rollouts of
+    ``plan_horizon`` steps per lane with the mixture policy and takes the first action of the
+    rollout that matches the lane's goal soonest (or, where none matches, comes closest to it);
+    see ``planned``.
 
     ``metrics`` hold goal success per split (``fit`` while collecting, and each validation split);
     ``split`` says which one acting updates. Proposals draw from their own random stream, so
@@ -55,89 +74,72 @@ class GoalPursuit(nn.Module):
     """
 
     SPLITS = ("fit", "train_levels", "unseen_levels")
-    SETTINGS = ("track", "mix_weight", "greedy", "goal_steps", "plan", "plan_horizon")  # see ``using``
 
-    def __init__(self, goal_steps: int, track: bool = False, plan: int = 0, plan_horizon: int = 8) -> None:
+    def __init__(self, acting: Acting = Acting()) -> None:
         super().__init__()
-        self.goal_steps, self.track = goal_steps, track
-        self.plan, self.plan_horizon = plan, plan_horizon
+        self.acting = acting
         self.metrics = nn.ModuleDict({split: GoalSuccess() for split in self.SPLITS})
         self.split = "fit"
-        self.mix_weight: float | None = None
-        self.greedy = False
         self.learning = False  # the goal model follows training (set at fit start)
         self._seed = 0
 
     @property
     def on(self) -> bool:
-        return bool(self.track) or self.mix_weight is not None
-
-    @contextlib.contextmanager
-    def using(self, **settings):
-        """Acting inside the block uses ``settings`` (names from ``SETTINGS``); the values found
-        before are restored after it, also on an error."""
-        unknown = sorted(set(settings) - set(self.SETTINGS))
-        if unknown:
-            raise TypeError(f"GoalPursuit.using: unknown settings {unknown}; allowed: {', '.join(self.SETTINGS)}")
-        before = {name: getattr(self, name) for name in settings}
-        for name, value in settings.items():
-            setattr(self, name, value)
-        try:
-            yield self
-        finally:
-            for name, value in before.items():
-                setattr(self, name, value)
+        return self.acting.on
 
     def act(self, agent, post: State, feat: torch.Tensor, is_first: torch.Tensor,
             reward: torch.Tensor | None, track: GoalTrack | None) -> tuple[torch.Tensor, GoalTrack]:
         """Actions (N,) of ``agent`` from its posteriors ``post`` (features ``feat``) while pursuing
         goals, and the goal track after scoring this step (``step``): the actor's samples, or
         DreamWeaning's mixture with the matcher toward each lane's goal."""
+        acting = self.acting
         reward = torch.zeros(len(feat)) if reward is None else reward
         track = self.step(post, is_first.bool(), reward.to(feat.device), track, agent.goal_model,
                           agent.world_model, agent.actor_critic)
-        if not self.mix_weight:
+        if not acting.mix_weight:
             return agent.actor_critic.sample(feat), track
-        if self.plan:
-            return self.planned(agent, post, track.goal), track
-        probs = self.probs(agent, feat, agent.goal_model.goal_of(post), track.goal)
-        return (probs.argmax(-1) if self.greedy else sample_index(probs)), track
+        if acting.plan:
+            return self.planned(agent, post, track.goal, acting), track
+        probs = self.probs(agent, feat, agent.goal_model.goal_of(post), track.goal, acting.mix_weight)
+        return (probs.argmax(-1) if acting.greedy else sample_index(probs)), track
 
-    def probs(self, agent, feat: torch.Tensor, here: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
-        """The acting mixture's action probabilities (N, A) at features ``feat`` (N, F) with goal
-        vector ``here`` (N, G), toward ``goal`` (N, G)."""
+    @staticmethod
+    def probs(agent, feat: torch.Tensor, here: torch.Tensor, goal: torch.Tensor, weight: float) -> torch.Tensor:
+        """The acting mixture's action probabilities (N, A) at matcher weight ``weight``, at
+        features ``feat`` (N, F) with goal vector ``here`` (N, G), toward ``goal`` (N, G)."""
         matcher_logits = agent.goal_matcher.policy_logits(feat, here, goal)
-        return mixture_probs(agent.actor_critic.policy_logits(feat), matcher_logits, self.mix_weight)
+        return mixture_probs(agent.actor_critic.policy_logits(feat), matcher_logits, weight)
 
-    def mixture(self, agent, goal: torch.Tensor):
+    def mixture(self, agent, goal: torch.Tensor, weight: float):
         """The acting policy ``feat -> actions`` toward ``goal`` (N, G), for ``rssm.imagine``."""
         space = agent.goal_model.space
-        return lambda feat: sample_index(self.probs(agent, feat, space.of_features(feat), goal))
+        return lambda feat: sample_index(self.probs(agent, feat, space.of_features(feat), goal, weight))
 
-    def planner(self, agent, goal: torch.Tensor):
+    def planner(self, agent, goal: torch.Tensor, acting: Acting):
         """The policy ``feat -> actions`` that chooses each action toward ``goal`` (N, G) in dreams
-        (``planned``), for ``rssm.imagine``: dreams planned inside a dream."""
+        as ``acting`` says (``planned``), for ``rssm.imagine``: dreams planned inside a dream."""
         rssm = agent.world_model.rssm
-        return lambda feat: self.planned(agent, rssm.state_from_features(feat), goal)
+        return lambda feat: self.planned(agent, rssm.state_from_features(feat), goal, acting)
 
-    def plans(self, agent, post: State, goal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """From each state (N, ...) imagine ``plan`` rollouts of ``plan_horizon`` steps with the
-        mixture toward the lane's ``goal`` (N, G). Returns their first actions (N, P) and scores
-        (N, P): ``1 + H - t`` for a first match at step t in 1..H (so at least 1), or else the
-        rollout's best similarity (below the threshold, so below any match)."""
-        n, p, h = len(goal), self.plan, self.plan_horizon
+    def plans(self, agent, post: State, goal: torch.Tensor, acting: Acting) -> tuple[torch.Tensor, torch.Tensor]:
+        """From each state (N, ...) imagine ``acting.plan`` rollouts of ``acting.plan_horizon`` steps
+        with the mixture at ``acting.mix_weight`` toward the lane's ``goal`` (N, G). Returns their
+        first actions (N, P) and scores (N, P): ``1 + H - t`` for a first match at step t in 1..H
+        (so at least 1), or else the rollout's best similarity (below the threshold, so below any
+        match)."""
+        n, p, h = len(goal), acting.plan, acting.plan_horizon
         start = {k: v.repeat_interleave(p, 0) for k, v in post.items()}  # (N * P, ...)
         goals = goal.repeat_interleave(p, 0)  # (N * P, G)
-        states, _, actions = agent.world_model.rssm.imagine(start, self.mixture(agent, goals), h)
+        states, _, actions = agent.world_model.rssm.imagine(start, self.mixture(agent, goals, acting.mix_weight), h)
         sim = agent.goal_model.similarity(goals.unsqueeze(0), {k: v[1:] for k, v in states.items()})  # (H, N * P)
         first, _ = first_match(sim, agent.goal_model.hp.threshold)
         steps_left = torch.arange(h, 0, -1, device=sim.device, dtype=sim.dtype).unsqueeze(-1)  # (H, 1): H..1
         score = torch.where(first.any(0), (first * steps_left).sum(0), sim.max(0).values).reshape(n, p)
         return actions[0].reshape(n, p), score
 
-    def planned(self, agent, post: State, goal: torch.Tensor) -> torch.Tensor:
+    def planned(self, agent, post: State, goal: torch.Tensor, acting: Acting) -> torch.Tensor:
         """Actions (N,) chosen in dreams (``plans``): the first action of each lane's best rollout."""
-        first_action, score = self.plans(agent, post, goal)
+        first_action, score = self.plans(agent, post, goal, acting)
         best = score.argmax(-1)  # (N,)
         return first_action[torch.arange(len(best), device=best.device), best]
 
@@ -176,7 +178,7 @@ class GoalPursuit(nn.Module):
             metric.update(matched=matched[active], reward=reward[active], age=track.age[active] + 1)
             track.matches += matched.long()
             track.age += active.long()
-            track.active &= ~matched & (track.age < self.goal_steps)
+            track.active &= ~matched & (track.age < self.acting.goal_steps)
         need = ~track.active
         if need.any():
             self._seed += 1
