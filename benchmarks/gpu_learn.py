@@ -6,7 +6,7 @@ and unseen levels. ``benchmarks/gpu_learn.sh`` runs it on the device (its carry 
 Prints: env steps, updates, env steps/s and updates/s over the whole fit (start-up and graph
 capture included) and in its last minute, the share of wall time in the update, the training
 return per 10k env steps, and validation's return +- SE beside the random policy and the best
-constant action (measured here with ``scripts/policy_baselines.py``) and PPO's 250k-step point (published, labelled). No
+constant action (measured here with ``benchmarks/policy_baselines.py``) and PPO's 250k-step point (published, labelled). No
 threshold: an early curve and a throughput figure. Writes under ``--out``: ``episodes.csv`` (every
 training episode), ``summary.json``, ``fit.log``, ``validate.log``; the picture is drawn elsewhere
 from the CSV (``--plot``).
@@ -81,7 +81,7 @@ DRY_RUN_FIT_S = 15
 
 # Figures to compare with (coinrun, easy, 200 training levels):
 # the uniformly random policy and the best constant action (action 8), 256 episodes per split with
-# scripts/policy_baselines.py (benchmarks/results/policy_baselines/coinrun-easy-200.txt): mean, SE
+# benchmarks/policy_baselines.py (benchmarks/results/policy_baselines/coinrun-easy-200.txt): mean, SE
 RANDOM = {"train_levels": (2.85, 0.28), "unseen_levels": (2.58, 0.27)}
 BEST_CONSTANT = {"train_levels": (7.42, 0.27), "unseen_levels": (6.95, 0.29)}
 # PPO on training levels after 250k env steps (openai/train-procgen, 3 seeds; ../shared/LEARNING_ANCHORS.md)
@@ -206,7 +206,7 @@ def report(summary: dict, gpu_line: str) -> str:
         se = f"{v['se']:.2f}" if v.get("se") is not None else "?"
         lines.append(f"  {split}: {v['return']:.2f} +- {se} ({int(v['episodes'] or 0)} episodes); random "
                      f"{r_mean:.2f} +- {r_se:.2f}, best constant action {c_mean:.2f} +- {c_se:.2f} "
-                     "(scripts/policy_baselines.py)")
+                     "(benchmarks/policy_baselines.py)")
     lines.append(f"  PPO on training levels at 250k env steps (published, openai/train-procgen): {PPO_250K_TRAIN}")
     return "\n".join(lines)
 

@@ -162,7 +162,7 @@ def lines_per_package() -> dict[str, int]:
     counts: dict[str, int] = defaultdict(int)
     for path in installed_files():
         counts[module_name(path).split(".")[0]] += len(path.read_text().splitlines())
-    for folder in ("benchmarks", "experiments", "scripts", "tests"):
+    for folder in ("benchmarks", "experiments", "tests"):
         for path in (ROOT / folder).rglob("*.py") if (ROOT / folder).is_dir() else ():
             counts[folder] += len(path.read_text().splitlines())
     return dict(counts)

@@ -126,10 +126,10 @@ def test_dreams_search_config_is_dreams_yaml_with_the_matcher_learning_from_its_
     import yaml
 
     def callbacks(name):
-        out = cli(tmp_path, "fit", "--config", SMOKE, "--config", str(ROOT / "configs" / name), "--print_config")
+        out = cli(tmp_path, "fit", "--config", SMOKE, "--config", str(ROOT / name), "--print_config")
         return {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in yaml.safe_load(out.stdout)["trainer"]["callbacks"]}
 
-    dreams, search = callbacks("dreams.yaml"), callbacks("dreams_search.yaml")
+    dreams, search = callbacks("configs/dreams.yaml"), callbacks("experiments/configs/dreams_search.yaml")
     assert list(search) == list(dreams) == ["GoalEvaluation", "DreamGeneration", "BridgeDistillation", "DreamWeaning"]
     assert dreams["DreamGeneration"]["plan_distill"] == 0 and dreams["DreamGeneration"]["rl_real_fraction"] == 0
     changed = {k: v for k, v in search["DreamGeneration"].items() if dreams["DreamGeneration"][k] != v}
@@ -239,7 +239,7 @@ def test_fit_with_dreams_logs_dream_goal_and_weaning_metrics(tmp_path):
 def test_world_model_probe_reads_a_checkpoint_and_its_replay(smoke_run, tmp_path):
     cwd, _ = smoke_run
     ckpt = cwd / "runs" / "coinrun-tiny-seed0" / "checkpoints" / "last.ckpt"
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "world_model_probe.py"), str(ckpt),
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "world_model_probe.py"), str(ckpt),
                           "--batches", "2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "real reward" in out.stdout and "continue probability" in out.stdout
@@ -247,7 +247,7 @@ def test_world_model_probe_reads_a_checkpoint_and_its_replay(smoke_run, tmp_path
     assert sum(int(r[1]) for r in rows if len(r) == 3) == 2 * 16 * 32  # every sampled step counted
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "world_model_probe.py"), str(bad)],
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "world_model_probe.py"), str(bad)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and f"cannot read checkpoint {bad}" in out.stderr and "Traceback" not in out.stderr
 

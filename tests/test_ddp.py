@@ -76,7 +76,7 @@ def test_validation_plays_both_level_sets_split_over_ranks(ddp_run):
 
 def test_world_model_probe_reads_rank_0s_replay_of_a_ddp_checkpoint(ddp_run):
     cwd, _ = ddp_run
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "world_model_probe.py"), str(SMOKE_CKPT),
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "world_model_probe.py"), str(SMOKE_CKPT),
                           "--batches", "2"], capture_output=True, text=True, timeout=300, cwd=cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.splitlines()[1:] if line and line[0] in " -0123456789"]

@@ -1,4 +1,4 @@
-"""scripts/goal_ablation.py: the table it prints, finished arms reused and interrupted ones resumed,
+"""experiments/goal_ablation.py: the table it prints, finished arms reused and interrupted ones resumed,
 and (slow) both arms end to end on the smoke config."""
 
 import json
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 import goal_ablation  # noqa: E402
 
 

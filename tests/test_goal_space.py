@@ -129,7 +129,7 @@ def test_the_goal_space_comparison_reads_a_run_and_prints_every_space(smoke_run,
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
     import goal_spaces
 
     cwd, _ = smoke_run
@@ -173,7 +173,7 @@ def test_the_goal_space_comparison_pursues_hard_goals_in_the_real_game(smoke_run
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
     import goal_spaces
 
     cwd, _ = smoke_run

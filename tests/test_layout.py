@@ -3,6 +3,7 @@
 the CLI wiring import ``dreamer.goals`` (``benchmarks/layout_survey.py`` holds the rules); each
 rule is shown to fail on a planted case."""
 
+import os
 import sys
 import textwrap
 
@@ -49,3 +50,19 @@ def test_imports_inside_functions_and_relative_imports_count(tmp_path, monkeypat
     monkeypatch.setattr(layout_survey, "ROOT", tmp_path)
     known = {"dreamer", "dreamer.a", "dreamer.b", "callbacks.training"}
     assert layout_survey.imported_modules(package / "a.py", known) == {"callbacks.training", "dreamer.b"}
+
+
+def test_a_non_editable_install_holds_every_package_and_imports_the_goal_extension(tmp_path):
+    import subprocess
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(ROOT)], check=True, capture_output=True, timeout=300)
+    probe = ("import dreamer, dreamer.goals, callbacks.goal_metrics, cli; "
+             "from dreamer.goals import GoalDreamer; print(dreamer.__file__); print(GoalDreamer.__module__)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(target)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    where, module = out.stdout.split()
+    assert where.startswith(str(target)) and module == "dreamer.goals.agent"
+    assert not (target / "experiments").exists() and not (target / "tests").exists()  # the lab stays out

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dreamer.agent import Dreamer
-from scripts import policy_baselines as pb
+from benchmarks import policy_baselines as pb
 
 
 def test_mean_standard_error_and_margin_by_hand():

@@ -1,8 +1,8 @@
 """What a learning agent must beat: the random policy and the best constant action.
 
-    python scripts/policy_baselines.py --game coinrun --num-levels 10 --episodes 128
-    python scripts/policy_baselines.py --config configs/learn_starpilot.yaml
-    python scripts/policy_baselines.py --checkpoint runs/starpilot-1M-seed*/checkpoints/last.ckpt
+    python benchmarks/policy_baselines.py --game coinrun --num-levels 10 --episodes 128
+    python benchmarks/policy_baselines.py --config configs/learn_starpilot.yaml
+    python benchmarks/policy_baselines.py --checkpoint runs/starpilot-1M-seed*/checkpoints/last.ckpt
 
 Plays ``--episodes`` episodes per policy on the training levels and on unseen levels, with the
 same envs and episode counting as validation (``ReplayDataModule.evaluate``), and prints mean

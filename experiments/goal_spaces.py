@@ -1,7 +1,7 @@
 """Which goal space makes reaching a goal mean controlling something? Compares goal spaces on one
 trained checkpoint's world model, actor and replay, everything else fixed.
 
-    python scripts/goal_spaces.py runs/<name>/checkpoints/last.ckpt [--spaces deter stoch inverse]
+    python experiments/goal_spaces.py runs/<name>/checkpoints/last.ckpt [--spaces deter stoch inverse]
         [--updates 150] [--space-steps 300] [--seeds 0 1]
 
 For each space and seed: a fresh goal model and goal matcher. A learned space first trains on
@@ -54,8 +54,8 @@ from dreamer.goals.model import MATCHER_REWARDS, GoalStateModel  # noqa: E402
 from dreamer.goals.pursuit import Acting  # noqa: E402
 from dreamer.goals.space import SPACES, make_goal_space  # noqa: E402
 from dreamer.migrations import GOAL_PREFIXES  # noqa: E402
-from scripts.goal_ablation import mean_over_replay, mean_se, replayed_posteriors  # noqa: E402
-from scripts.world_model_probe import load  # noqa: E402
+from experiments.goal_ablation import mean_over_replay, mean_se, replayed_posteriors  # noqa: E402
+from experiments.world_model_probe import load  # noqa: E402
 
 COLUMNS = ("matcher", "actor", "random", "replay", "lift", "kept", "planned")
 SETS = ("hard", "control")

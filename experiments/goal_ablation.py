@@ -1,10 +1,10 @@
 """Plain DreamerV3 against DreamerV3 with dreams, same game, seeds and budget; prints one table
 of means with standard errors over the seeds.
 
-    python scripts/goal_ablation.py --config configs/learn_bigfish.yaml --seeds 0 1 2 --max-env-steps 40000
+    python experiments/goal_ablation.py --config configs/learn_bigfish.yaml --seeds 0 1 2 --max-env-steps 40000
 
 Each arm and seed trains with ``cli.py fit`` in ``runs/ablation/<arm>-seed<seed>`` (the dreams arm
-adds ``configs/dreams.yaml``, the optional search arm ``configs/dreams_search.yaml``), then
+adds ``configs/dreams.yaml``, the optional search arm ``experiments/configs/dreams_search.yaml``), then
 validates on training and unseen levels, and keeps its measurements in ``ablation.json`` there.
 Running the script again reuses finished arms and resumes interrupted ones from their last
 checkpoint, so seeds can be added over several sittings.
@@ -42,7 +42,7 @@ from callbacks.goal_metrics import GoalEvaluation  # noqa: E402
 from cli import fail, main  # noqa: E402
 from datamodules.replay import replay_batch  # noqa: E402
 
-ARM_CONFIGS = {"plain": [], "dreams": ["configs/dreams.yaml"], "search": ["configs/dreams_search.yaml"]}
+ARM_CONFIGS = {"plain": [], "dreams": ["configs/dreams.yaml"], "search": ["experiments/configs/dreams_search.yaml"]}
 
 ROWS = [
     ("goal step success", "goal/step_success"),
@@ -254,7 +254,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--max-env-steps", type=int, default=40_000)
     parser.add_argument("--arms", nargs="+", default=["plain", "dreams"], choices=list(ARM_CONFIGS),
-                        help="plain: DreamerV3; dreams: + configs/dreams.yaml; search: + configs/dreams_search.yaml "
+                        help="plain: DreamerV3; dreams: + configs/dreams.yaml; search: + experiments/configs/dreams_search.yaml "
                              "(the matcher also learns from its own search); default: plain dreams")
     parser.add_argument("--results", type=Path, default=None,
                         help="also keep finished arms' measurements in DIR/<arm>-seed<seed>.json and "

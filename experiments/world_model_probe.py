@@ -1,6 +1,6 @@
 """Does the world model see the game's rewards and episode ends? Reads a checkpoint and its replay.
 
-    python scripts/world_model_probe.py runs/<name>/checkpoints/last.ckpt [--batches 20]
+    python experiments/world_model_probe.py runs/<name>/checkpoints/last.ckpt [--batches 20]
 
 On replayed sequences it prints the reward the world model predicts from the posterior, grouped by
 the real reward, its continue probability on terminal and other steps, and how well each separates
