@@ -4,6 +4,7 @@ the CLI wiring import ``dreamer.goals`` (``benchmarks/layout_survey.py`` holds t
 rule is shown to fail on a planted case."""
 
 import os
+import shutil
 import sys
 import textwrap
 
@@ -55,9 +56,11 @@ def test_imports_inside_functions_and_relative_imports_count(tmp_path, monkeypat
 def test_a_non_editable_install_holds_every_package_and_imports_the_goal_extension(tmp_path):
     import subprocess
 
-    target = tmp_path / "site"
+    source, target = tmp_path / "source", tmp_path / "site"  # built from a copy: setuptools writes build/ there
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info",
+                                                                "__pycache__", "test-artifacts", "gpu_carry"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
     probe = ("import dreamer, dreamer.goals, callbacks.goal_metrics, cli; "
              "from dreamer.goals import GoalDreamer; print(dreamer.__file__); print(GoalDreamer.__module__)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300,
