@@ -168,11 +168,17 @@ def lines_per_package() -> dict[str, int]:
     return dict(counts)
 
 
-def leaves(tree, prefix: str = "") -> dict[str, object]:
+def leaves(tree, prefix: str = "", lists: bool = False) -> dict[str, object]:
+    """``{"a.b": value}`` of a nested mapping; with ``lists`` the mappings inside lists too."""
     if isinstance(tree, dict):
         out: dict[str, object] = {}
         for key, value in tree.items():
-            out.update(leaves(value, f"{prefix}{key}."))
+            out.update(leaves(value, f"{prefix}{key}.", lists))
+        return out
+    if lists and isinstance(tree, list):
+        out = {}
+        for i, value in enumerate(tree):
+            out.update(leaves(value, f"{prefix}{i}.", lists))
         return out
     return {prefix[:-1]: tree}
 
@@ -183,6 +189,7 @@ SECTIONS = {"checkpoint": "callbacks.training.EnvStepCheckpoint",
             "progress_bar": "callbacks.training.EnvStepProgressBar",
             "dream_pictures": "callbacks.visualize.DreamVisualizer"}
 NOT_KNOBS = ("__default_config__", "ckpt_path", "weights_only", "optimizer", "lr_scheduler")  # LightningCLI's
+SET_BY_THE_CLI = ("model.num_actions", "model.obs_shape")  # the env's sizes (cli.py ENV_SPACES)
 
 
 def own_parameters(class_path: str) -> set[str]:
@@ -214,12 +221,29 @@ def knobs(configs: list[str]) -> set[str]:
         if section in SECTIONS:
             own = own_parameters(SECTIONS[section])
             keys = {k for k in keys if k.split(".")[1] in own}
-        found |= keys
+        found |= keys - set(SET_BY_THE_CLI)
     for callback in tree.get("trainer", {}).get("callbacks") or []:
         name = callback.get("class_path", "")
         if name.split(".")[0] == "callbacks":
             found |= {f"{name}.{k}" for k in (callback.get("init_args") or {})}
     return found
+
+
+def unset_knobs(found: set[str]) -> list[str]:
+    """The knobs no shipped config (``configs/``) and no test (``tests/``) sets: by the knob's last
+    name, as a YAML key in a config, or in a test as a flag (``.name``), keyword (``name=``) or key."""
+    configs = [yaml.safe_load(p.read_text()) or {} for p in (ROOT / "configs").rglob("*.yaml")]
+    keys: set[str] = set()
+    for tree in configs:
+        keys |= {part for k in leaves(tree, lists=True) for part in k.split(".")}
+    tests = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("*.py"))
+    unset = []
+    for knob in sorted(found):
+        name = knob.rsplit(".", 1)[-1]
+        if name in keys or any(f"{pattern}" in tests for pattern in (f".{name}", f"--{name}", f"{name}=", f'"{name}"')):
+            continue
+        unset.append(knob)
+    return unset
 
 
 def installed_knobs() -> set[str]:
@@ -251,6 +275,8 @@ def main() -> None:
             head = key.split(".")
             groups[".".join(head[:2]) if head[0] == "model" and len(head) > 2 else head[0]] += 1
         print(f"installed knobs: {len(found)} ({', '.join(f'{g} {n}' for g, n in sorted(groups.items()))})")
+        unset = unset_knobs(found)
+        print(f"set by no shipped config or test: {len(unset)}{': ' if unset else ''}{', '.join(unset)}")
 
 
 if __name__ == "__main__":
