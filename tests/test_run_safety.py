@@ -351,7 +351,7 @@ def test_a_checkpoint_of_the_flat_arguments_restores_into_the_groups():
     state = GoalDreamer(size="tiny").state_dict()  # one class held the goal modules then
     agent = restore_agent({"hyper_parameters": old, "state_dict": state})
     assert isinstance(agent, GoalDreamer)  # it tracked goals
-    assert agent.actor_critic.hp.horizon == 9 and agent.goals.track and agent.world_model.hp.unimix == 0.05
+    assert agent.actor_critic.hp.horizon == 9 and agent.goals.acting.track and agent.world_model.hp.unimix == 0.05
     assert grouped(agent.hparams) == dict(agent.hparams)  # today's arguments pass unchanged
 
 
